@@ -1,0 +1,70 @@
+"""What every federated method is made of, as data the engine can run.
+
+A method says what state it has (shared by all clients, or private to one), how a model is
+evaluated from that state, which local training phases a client runs, what it uploads and what
+the server does with the sum of uploads. It never sees ranks, files or devices: the engine runs
+its phases, the round sums its uploads with one Allreduce.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stage of a client's local training: which tensors move, and the SGD that moves them.
+
+    Each group is gradient-norm clipped separately (clip_norm > 0), as the official code calls
+    clip_grad_norm_ once per parameter group. SGD follows torch.optim.SGD: weight decay added to
+    the clipped gradient, momentum buffer started from the first gradient, a fresh optimizer
+    (zero momentum) every round.
+    """
+    groups: tuple[tuple[str, ...], ...]
+    lr: float
+    momentum: float
+    weight_decay: float
+    epochs: int = 1
+    steps: int = 0          # > 0: this many minibatch steps instead of epochs
+    clip_norm: float = 0.0  # 0: no clipping
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for g in self.groups for n in g)
+
+
+class Algorithm:
+    """Base of every method: shared state averaged by sample count, private state per client."""
+
+    name = "base"
+
+    def init_shared(self) -> Params:
+        """The initial shared state (identical on every rank: built from the run's seed)."""
+        raise NotImplementedError
+
+    def init_client(self, cid: int) -> Params:
+        """The initial private state of client `cid`."""
+        raise NotImplementedError
+
+    def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the model that `params` (shared + one client's private state) describe."""
+        raise NotImplementedError
+
+    def phases(self) -> list[Phase]:
+        raise NotImplementedError
+
+    def upload(self, shared: Params, trained: Params) -> Params:
+        """What a client sends to the server: the change of the shared state."""
+        return {k: trained[k] - v for k, v in shared.items()}
+
+    def server_step(self, shared: Params, upload_sum: Params, weight: float) -> None:
+        """Apply the sample-weighted mean of the cohort's uploads (FedAvg aggregation)."""
+        for k, v in shared.items():
+            v.add_(upload_sum[k], alpha=1.0 / weight)
+
+
+def clone(params: Params) -> Params:
+    return {k: v.detach().clone() for k, v in params.items()}

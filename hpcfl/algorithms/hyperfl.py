@@ -1,0 +1,72 @@
+"""HyperFL (Guo et al., "A New Federated Learning Framework Against Gradient Inversion Attacks",
+AAAI 2025, https://arxiv.org/abs/2412.07187; official code github.com/Pengxin-Guo/HyperFL, cnn/).
+
+Client i keeps a private embedding v_i and a private classifier head; the shared hypernetwork
+h(.; phi) generates its feature extractor theta_i = h(v_i; phi). Per round a client
+  1. trains only its head for `head_epochs` epoch(s) (SGD, lr = head_lr),
+  2. trains its copy of phi together with v_i for `local_epochs` epochs (SGD, lr = train.lr,
+     gradient norms of phi and of v_i clipped to clip_norm separately), theta_i regenerated from
+     h(v_i; phi) at every step,
+and uploads only the change of phi; the server averages it weighted by training-set size.
+v_i, the head and theta_i never leave the client.
+"""
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+from ..config import RunConfig
+from ..models import HyperNetwork, build_model
+from .base import Algorithm, Params, Phase, clone
+
+HYPER = "hypernet."
+
+
+class HyperFL(Algorithm):
+    name = "hyperfl"
+
+    def __init__(self, cfg: RunConfig, shape, num_classes: int):
+        a, t = cfg.algorithm, cfg.train
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            model = build_model(cfg.model.name, shape, num_classes)
+            targets = {k: p.shape for k, p in model.named_parameters()
+                       if k.startswith("extractor.")}
+            hypernet = HyperNetwork(targets, a.embed_dim, a.hidden_dim)
+            # Every client starts from the same embedding (nn.Embedding init, N(0, 1)) and the
+            # same head, as the official code deep-copies one model for all clients.
+            embedding = torch.randn(a.embed_dim)
+        self.initial_shared = {HYPER + k: v.detach().clone()
+                               for k, v in hypernet.named_parameters()}
+        self.initial_private = {"embedding": embedding,
+                                **clone(dict(model.head.named_parameters(prefix="head")))}
+        self.model, self.hypernet = model.to("meta"), hypernet.to("meta")
+        head = tuple(k for k in self.initial_private if k.startswith("head."))
+        self._phases = [
+            Phase(groups=(head,), lr=a.head_lr, momentum=t.momentum,
+                  weight_decay=t.weight_decay, epochs=a.head_epochs),
+            Phase(groups=(tuple(self.initial_shared), ("embedding",)), lr=t.lr,
+                  momentum=t.momentum, weight_decay=t.weight_decay, epochs=t.local_epochs,
+                  steps=t.local_steps, clip_norm=a.clip_norm),
+        ]
+        if a.head_epochs == 0:
+            self._phases.pop(0)
+
+    def init_shared(self) -> Params:
+        return clone(self.initial_shared)
+
+    def init_client(self, cid: int) -> Params:
+        return clone(self.initial_private)
+
+    def extractor_weights(self, params: Params) -> Params:
+        """theta = h(v; phi): the client's generated feature-extractor weights."""
+        phi = {k[len(HYPER):]: v for k, v in params.items() if k.startswith(HYPER)}
+        return functional_call(self.hypernet, phi, (params["embedding"],))
+
+    def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        weights = self.extractor_weights(params)
+        weights["head.weight"], weights["head.bias"] = params["head.weight"], params["head.bias"]
+        return functional_call(self.model, weights, (x,))
+
+    def phases(self) -> list[Phase]:
+        return self._phases

@@ -1,0 +1,243 @@
+"""Every option of a run: typed dataclasses, YAML files, `a.b=value` overrides, validation.
+
+This module is the single source of option names, defaults and help text (`python -m hpcfl.main
+--help` prints them). A run is configured by an optional YAML file whose sections mirror the
+dataclasses below, then by command-line overrides; anything unknown, mistyped or out of range
+raises ConfigError with one line naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: reported as one line, exit code 2."""
+
+
+def opt(default, help: str, choices: tuple = (), min: float | None = None,
+        max: float | None = None, min_exclusive: bool = False):
+    """A config field with its help text and the values it allows."""
+    return field(default=default, metadata=dict(help=help, choices=choices, min=min, max=max,
+                                                min_exclusive=min_exclusive))
+
+
+DATASETS = ("digits", "synthetic-cifar10", "synthetic-mnist")
+MODELS = ("auto", "digits_cnn", "mnist_cnn", "cifar_cnn")
+ALGORITHMS = ("hyperfl", "fedavg", "local")
+
+
+@dataclass
+class DataConfig:
+    name: str = opt("digits", "dataset", choices=DATASETS)
+    root: str = opt("data", "directory of downloaded / converted datasets")
+    num_clients: int = opt(20, "number of simulated clients", min=1)
+    partition: str = opt("shards", "how samples are spread over clients: iid; shards (each "
+                         "client gets classes_per_client classes); dirichlet (label mix "
+                         "~ Dirichlet(dirichlet_alpha))", choices=("iid", "shards", "dirichlet"))
+    classes_per_client: int = opt(3, "classes per client with partition=shards", min=1)
+    dirichlet_alpha: float = opt(0.5, "concentration with partition=dirichlet (small = skewed)",
+                                 min=0, min_exclusive=True)
+    test_fraction: float = opt(0.25, "share of each client's samples held out as its test split",
+                               min=0, max=1, min_exclusive=True)
+    synthetic_samples: int = opt(6000, "total samples of a synthetic-* dataset", min=10)
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("auto", "network; auto picks the paper's CNN for the dataset's shape",
+                    choices=MODELS)
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = opt("hyperfl", "federated method", choices=ALGORITHMS)
+    embed_dim: int = opt(64, "hyperfl: size of each client's private embedding", min=1)
+    hidden_dim: int = opt(128, "hyperfl: hidden width of the hypernetwork", min=1)
+    head_lr: float = opt(0.1, "hyperfl: learning rate of the head phase (official lr_g)", min=0,
+                         min_exclusive=True)
+    head_epochs: int = opt(1, "hyperfl: epochs training only the head before the hypernetwork",
+                           min=0)
+    clip_norm: float = opt(50.0, "hyperfl: gradient-norm clip of hypernetwork and embedding "
+                           "(each separately); 0 = off", min=0)
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = opt(30, "communication rounds", min=1)
+    local_epochs: int = opt(5, "local epochs per round (ignored when local_steps > 0)", min=1)
+    local_steps: int = opt(0, "local SGD steps per round instead of epochs; 0 = use epochs", min=0)
+    batch_size: int = opt(50, "local minibatch size", min=1)
+    lr: float = opt(0.05, "client learning rate (hyperfl: hypernetwork + embedding; the paper's "
+                    "CNN runs use 0.02)", min=0, min_exclusive=True)
+    momentum: float = opt(0.5, "SGD momentum (reset every round, as the official code)", min=0,
+                          max=1)
+    weight_decay: float = opt(5e-4, "SGD weight decay", min=0)
+    frac: float = opt(1.0, "fraction of clients sampled each round", min=0, max=1,
+                      min_exclusive=True)
+    seed: int = opt(0, "seed of partition, cohorts, init and batch order", min=0)
+    eval_every: int = opt(1, "evaluate every k rounds (and after the last)", min=1)
+    device: str = opt("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N")
+
+
+@dataclass
+class EngineConfig:
+    mode: str = opt("sequential", "how a cohort is trained: one client after another",
+                    choices=("sequential",))
+
+
+@dataclass
+class OutputConfig:
+    dir: str = opt("runs", "directory of results files")
+    name: str = opt("", "results file is <dir>/<name>.h5; empty = <algorithm>-<data>-<time>")
+    overwrite: bool = opt(False, "replace an existing results file of the same name")
+    progress: str = opt("auto", "progress display: bar (tqdm), log (a line per evaluation), "
+                        "none, or auto (bar on a terminal, else log)",
+                        choices=("auto", "bar", "log", "none"))
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _sections(cfg: RunConfig) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _fields(section) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(section)}
+
+
+def _unknown(kind: str, name: str, known) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown {kind} '{name}'{hint}; known: {', '.join(known)}")
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    """Check a YAML-parsed value against the field's type (ints are accepted as floats)."""
+    want = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str,
+                                                   "bool": bool}[f.type]
+    ok = (isinstance(value, want) and not (want is int and isinstance(value, bool))) or (
+        want is float and isinstance(value, int) and not isinstance(value, bool))
+    if want is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value, ok = str(value), True
+    if not ok:
+        raise ConfigError(f"{key}: expected {want.__name__}, got {value!r}")
+    return float(value) if want is float else value
+
+
+def _check(key: str, f: dataclasses.Field, value: Any) -> None:
+    m = f.metadata
+    if m["choices"] and value not in m["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, m['choices']))}")
+    lo, hi = m["min"], m["max"]
+    if lo is not None and (value < lo or (m["min_exclusive"] and value == lo)):
+        rel = ">" if m["min_exclusive"] else ">="
+        raise ConfigError(f"{key}: {value!r} is out of range; must be {rel} {lo}"
+                          + (f" and <= {hi}" if hi is not None else ""))
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: {value!r} is out of range; must be <= {hi}")
+
+
+def set_value(cfg: RunConfig, key: str, value: Any) -> None:
+    """Set `section.field` to an already-parsed value, with type and range checks."""
+    parts = key.split(".")
+    sections = _sections(cfg)
+    if len(parts) != 2:
+        raise ConfigError(f"bad key '{key}': keys look like section.field, sections: "
+                          f"{', '.join(sections)}")
+    sec_name, name = parts
+    if sec_name not in sections:
+        raise _unknown("section", sec_name, list(sections))
+    section = sections[sec_name]
+    fields = _fields(section)
+    if name not in fields:
+        raise _unknown("key", key, [f"{sec_name}.{n}" for n in fields])
+    value = _coerce(key, fields[name], value)
+    _check(key, fields[name], value)
+    setattr(section, name, value)
+
+
+def apply_dict(cfg: RunConfig, tree: Any, source: str) -> None:
+    if tree is None:
+        return
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(tree).__name__}")
+    for sec_name, body in tree.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: section '{sec_name}' must be a mapping of keys")
+        for name, value in body.items():
+            set_value(cfg, f"{sec_name}.{name}", value)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"bad argument '{text}': expected CONFIG.yaml or key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | None = None, overrides: list[str] = (),
+                base_yaml: str | None = None) -> RunConfig:
+    """Defaults <- base_yaml (e.g. from a results file) <- YAML file <- key=value overrides."""
+    cfg = RunConfig()
+    if base_yaml is not None:
+        apply_dict(cfg, yaml.safe_load(base_yaml), "stored config")
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        apply_dict(cfg, tree, path)
+    for text in overrides:
+        set_value(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that involve more than one field (single fields are checked when set)."""
+    # Checks that need the dataset (class count, sizes) are made where it is loaded.
+    dev = cfg.train.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"train.device: {dev!r} is not one of auto, cpu, cuda, cuda:N")
+    name = cfg.output.name
+    if name and (any(c in name for c in "/\\") or name.startswith(".")):
+        raise ConfigError(f"output.name: {name!r} must be a plain file name without '/'")
+
+
+def describe() -> str:
+    """Every key with its default and help, for --help."""
+    lines = []
+    for sec_name, section in _sections(RunConfig()).items():
+        for name, f in _fields(section).items():
+            m = f.metadata
+            extra = f" [{'|'.join(map(str, m['choices']))}]" if m["choices"] else ""
+            lines.append(f"  {sec_name}.{name} = {getattr(section, name)!r}{extra}\n"
+                         f"      {m['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""Spread a dataset's samples over clients, then split each client's samples into train and test.
+
+Every function depends on its arguments and the seed only, never on ranks: each rank computes
+the same partition. The parts are disjoint and together cover every sample.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import ConfigError
+
+
+def rng(*key: int) -> np.random.Generator:
+    """An independent random stream for a tuple of integers, e.g. (seed, round, client)."""
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+
+
+# Stream tags so that different uses of one seed never share random numbers.
+PARTITION, SPLIT = 101, 102
+
+
+def iid(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
+    perm = rng(seed, PARTITION).permutation(len(labels))
+    return [np.sort(p) for p in np.array_split(perm, num_clients)]
+
+
+def shards(labels: np.ndarray, num_clients: int, classes_per_client: int,
+           seed: int) -> list[np.ndarray]:
+    """Each client holds exactly `classes_per_client` classes; each class is split evenly among
+    the clients that hold it (classes are dealt round-robin over a seeded class order, so every
+    class has the same number of holders, give or take one)."""
+    num_classes = int(labels.max()) + 1
+    if classes_per_client > num_classes:
+        raise ConfigError(f"data.classes_per_client: {classes_per_client} is more than the "
+                          f"{num_classes} classes of the dataset")
+    if num_clients * classes_per_client < num_classes:
+        raise ConfigError(f"data.classes_per_client: num_clients * classes_per_client = "
+                          f"{num_clients * classes_per_client} leaves some of the {num_classes} "
+                          "classes to no client; raise either")
+    g = rng(seed, PARTITION)
+    order = g.permutation(num_classes)
+    deal = np.resize(order, num_clients * classes_per_client).reshape(num_clients, -1)
+    holders = {c: np.nonzero((deal == c).any(axis=1))[0] for c in range(num_classes)}
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in range(num_classes):
+        idx = g.permutation(np.nonzero(labels == c)[0])
+        for client, chunk in zip(holders[c], np.array_split(idx, len(holders[c]))):
+            parts[client].append(chunk)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
+              min_size: int = 2, max_tries: int = 1000) -> list[np.ndarray]:
+    """Per class, proportions over clients ~ Dirichlet(alpha) (Hsu et al. 2019); redrawn until
+    every client has at least `min_size` samples."""
+    num_classes = int(labels.max()) + 1
+    g = rng(seed, PARTITION)
+    by_class = [g.permutation(np.nonzero(labels == c)[0]) for c in range(num_classes)]
+    for _ in range(max_tries):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for idx in by_class:
+            p = g.dirichlet(np.full(num_clients, alpha))
+            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
+            for client, chunk in enumerate(np.split(idx, cuts)):
+                parts[client].append(chunk)
+        sizes = [sum(len(c) for c in p) for p in parts]
+        if min(sizes) >= min_size:
+            return [np.sort(np.concatenate(p)) for p in parts]
+    raise ConfigError(f"data.dirichlet_alpha: {alpha} leaves some client with fewer than "
+                      f"{min_size} samples; use a larger alpha or fewer clients")
+
+
+def partition(labels: np.ndarray, name: str, num_clients: int, seed: int, *,
+              classes_per_client: int = 2, alpha: float = 0.5) -> list[np.ndarray]:
+    if num_clients * 2 > len(labels):
+        raise ConfigError(f"data.num_clients: {num_clients} clients need at least "
+                          f"{2 * num_clients} samples (one train, one test each); the dataset "
+                          f"has {len(labels)}")
+    if name == "iid":
+        return iid(labels, num_clients, seed)
+    if name == "shards":
+        return shards(labels, num_clients, classes_per_client, seed)
+    if name == "dirichlet":
+        return dirichlet(labels, num_clients, alpha, seed)
+    raise ConfigError(f"data.partition: unknown partition {name!r}")
+
+
+def split_train_test(parts: list[np.ndarray], test_fraction: float,
+                     seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each client's own test split, drawn from its own samples (same label mix as its train
+    split in expectation); at least one sample on each side."""
+    out = []
+    for cid, idx in enumerate(parts):
+        if len(idx) < 2:
+            raise ConfigError(f"data: client {cid} has {len(idx)} sample(s), too few to split "
+                              "into train and test; use fewer clients")
+        perm = rng(seed, SPLIT, cid).permutation(idx)
+        n_test = min(max(1, round(len(idx) * test_fraction)), len(idx) - 1)
+        out.append((np.sort(perm[n_test:]), np.sort(perm[:n_test])))
+    return out

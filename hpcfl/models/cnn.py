@@ -1,0 +1,82 @@
+"""The CNNs of the HyperFL paper (official code: cnn/models/cnn.py, from FedPAC), each split into a
+feature extractor and a classifier head, plus a small variant for 8x8 digits."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SplitModel(nn.Module):
+    """`extractor` maps an image to a feature vector; `head` maps it to class logits.
+
+    HyperFL generates the extractor's weights and keeps the head private, so every model here
+    names its parameters `extractor.*` and `head.*`.
+    """
+
+    def __init__(self, extractor: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.extractor = extractor
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.extractor(x))
+
+
+class CifarExtractor(nn.Module):
+    """conv5x5(3->16) pool conv5x5(16->32, pad 1) pool conv3x3(32->64, pad 1) pool fc(576->128);
+    leaky ReLU after every layer (official CifarCNN for CIFAR-10 and CINIC-10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 5)
+        self.conv2 = nn.Conv2d(16, 32, 5, padding=1)
+        self.conv3 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc1 = nn.Linear(576, 128)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.leaky_relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.leaky_relu(self.conv2(x)), 2)
+        x = F.max_pool2d(F.leaky_relu(self.conv3(x)), 2)
+        return F.leaky_relu(self.fc1(x.flatten(1)))
+
+
+class MnistExtractor(nn.Module):
+    """conv5x5(1->16) pool conv5x5(16->32, pad 1) pool fc(800->128); leaky ReLU (official CNN_FMNIST
+    for FMNIST and EMNIST)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 5)
+        self.conv2 = nn.Conv2d(16, 32, 5, padding=1)
+        self.fc1 = nn.Linear(800, 128)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.leaky_relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.leaky_relu(self.conv2(x)), 2)
+        return F.leaky_relu(self.fc1(x.flatten(1)))
+
+
+class DigitsExtractor(nn.Module):
+    """The same recipe sized for 8x8 digits: conv3x3(1->16, pad 1) pool conv3x3(16->32, pad 1)
+    pool fc(128->64). Kept small (13k parameters, so a 1.7M-parameter hypernetwork) so that the
+    default run takes about a minute on two CPU cores."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc1 = nn.Linear(128, 64)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.leaky_relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.leaky_relu(self.conv2(x)), 2)
+        return F.leaky_relu(self.fc1(x.flatten(1)))
+
+
+# name -> (extractor class, feature dim, input shape it expects)
+CNNS = {
+    "digits_cnn": (DigitsExtractor, 64, (1, 8, 8)),
+    "mnist_cnn": (MnistExtractor, 128, (1, 28, 28)),
+    "cifar_cnn": (CifarExtractor, 128, (3, 32, 32)),
+}

@@ -1,0 +1,109 @@
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from hpcfl.algorithms import Phase, build_algorithm
+from hpcfl.config import load_config
+from hpcfl.data import load_federated
+from hpcfl.engine import clip_, client_generator, minibatches, sgd_, train_client, train_cohort
+
+
+def test_minibatches_cover_each_epoch_once_and_count_steps():
+    g = torch.Generator().manual_seed(0)
+    batches = list(minibatches(23, 5, Phase(groups=(), lr=1, momentum=0, weight_decay=0,
+                                             epochs=2), g))
+    assert [len(b) for b in batches] == [5, 5, 5, 5, 3] * 2
+    assert sorted(torch.cat(batches[:5]).tolist()) == list(range(23))
+    steps = list(minibatches(23, 5, Phase(groups=(), lr=1, momentum=0, weight_decay=0,
+                                           epochs=9, steps=7), g))
+    assert len(steps) == 7
+
+
+@pytest.mark.parametrize("momentum, wd, clip", [(0.5, 5e-4, 0.3), (0.9, 0.0, 0.0), (0.0, 1e-2, 5.0)])
+def test_functional_sgd_and_clip_match_torch_optim(momentum, wd, clip):
+    torch.manual_seed(0)
+    groups = [[torch.randn(7, 3), torch.randn(3)], [torch.randn(4, 4)]]
+    ref = [[torch.nn.Parameter(p.clone()) for p in g] for g in groups]
+    opt = torch.optim.SGD([{"params": g} for g in ref], lr=0.1, momentum=momentum,
+                          weight_decay=wd)
+    phase = Phase(groups=(), lr=0.1, momentum=momentum, weight_decay=wd, clip_norm=clip)
+    params = [p.clone() for g in groups for p in g]
+    buf: list[torch.Tensor] = []
+    for _ in range(4):
+        grads = [torch.randn_like(p) for p in params]
+        for p, gr in zip([p for g in ref for p in g], grads):
+            p.grad = gr.clone()
+        if clip:
+            for g in ref:
+                torch.nn.utils.clip_grad_norm_(g, clip)
+            clip_(grads[:2], clip)
+            clip_(grads[2:], clip)
+        opt.step()
+        sgd_(params, grads, buf, phase)
+    for mine, theirs in zip(params, [p for g in ref for p in g]):
+        assert torch.allclose(mine, theirs.detach(), atol=1e-6)
+
+
+def official_hyperfl_client(algo, shared, private, data, cfg, seed, rnd, cid):
+    """The official LocalUpdate_HyperFL.local_training (research digest §4), with torch modules
+    and optimizers: one head epoch, then hypernetwork + embedding epochs with separate clips."""
+    hyper = copy.deepcopy(algo.hypernet).to_empty(device="cpu")
+    hyper.load_state_dict({k[len("hypernet."):]: v for k, v in shared.items()})
+    emb = torch.nn.Parameter(private["embedding"].clone())
+    head = torch.nn.Linear(*reversed(private["head.weight"].shape))
+    head.load_state_dict({"weight": private["head.weight"], "bias": private["head.bias"]})
+    model = copy.deepcopy(algo.model)
+
+    def logits(x):
+        theta = hyper(emb)
+        return functional_call(model, {**theta, "head.weight": head.weight,
+                                       "head.bias": head.bias}, (x,))
+    a, t = cfg.algorithm, cfg.train
+    opt = torch.optim.SGD(head.parameters(), lr=a.head_lr, momentum=t.momentum,
+                          weight_decay=t.weight_decay)
+    for k, phase in enumerate(algo.phases()):
+        if k == 1:
+            opt = torch.optim.SGD([{"params": hyper.parameters()}, {"params": [emb]}], lr=t.lr,
+                                  momentum=t.momentum, weight_decay=t.weight_decay)
+        for idx in minibatches(data.num_train, t.batch_size, phase,
+                               client_generator(seed, rnd, cid, k)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(logits(data.x_train[idx]),
+                                              data.y_train[idx]).backward()
+            if k == 1:
+                torch.nn.utils.clip_grad_norm_(hyper.parameters(), a.clip_norm)
+                torch.nn.utils.clip_grad_norm_([emb], a.clip_norm)
+            opt.step()
+    return hyper, emb, head
+
+
+def test_hyperfl_local_training_matches_the_official_update_order():
+    cfg = load_config(None, ["data.num_clients=4", "train.local_epochs=2",
+                             "algorithm.clip_norm=5"])  # a clip that bites
+    data = load_federated(cfg.data, seed=0)
+    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    shared, private = algo.init_shared(), algo.init_client(2)
+    mine, _ = train_client(algo, {**shared, **private}, data.clients[2], 50, 0, 1, 2)
+    hyper, emb, head = official_hyperfl_client(algo, shared, private, data.clients[2], cfg, 0, 1, 2)
+    for k, v in hyper.state_dict().items():
+        assert torch.allclose(mine["hypernet." + k], v, atol=1e-5, rtol=1e-4), k
+    assert torch.allclose(mine["embedding"], emb.detach(), atol=1e-5)
+    assert torch.allclose(mine["head.weight"], head.weight.detach(), atol=1e-5)
+
+
+def test_a_clients_training_does_not_depend_on_its_cohort():
+    cfg = load_config(None, ["data.num_clients=6", "train.local_epochs=1"])
+    data = load_federated(cfg.data, seed=0)
+    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    shared = algo.init_shared()
+    alone = {3: algo.init_client(3)}
+    crowd = {c: algo.init_client(c) for c in (1, 3, 5)}
+    w = [float(n) for n in data.num_train]
+    b1 = train_cohort(algo, shared, alone, data.clients, [3], [w[3]], 50, 0, 7)
+    train_cohort(algo, shared, crowd, data.clients, [1, 3, 5], [w[1], w[3], w[5]], 50, 0, 7)
+    for k in alone[3]:
+        assert torch.equal(alone[3][k], crowd[3][k])
+    b3 = train_cohort(algo, shared, {3: algo.init_client(3)}, data.clients, [3], [w[3]], 50, 0, 7)
+    assert torch.equal(b1, b3)  # and it is deterministic

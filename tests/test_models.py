@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from hpcfl.algorithms import build_algorithm
+from hpcfl.config import ConfigError, load_config
+from hpcfl.models import HyperNetwork, build_model, resolve_name
+
+
+@pytest.mark.parametrize("name, shape, extractor, hyper", [
+    # Counts of the official code (research digest §3): 106,400 / 13,733,920 and 115,776 / 14,943,424.
+    ("cifar_cnn", (3, 32, 32), 106_400, 13_733_920),
+    ("mnist_cnn", (1, 28, 28), 115_776, 14_943_424),
+    ("digits_cnn", (1, 8, 8), 13_056, 1_692_544),
+])
+def test_paper_cnns_and_hypernetwork_sizes(name, shape, extractor, hyper):
+    model = build_model(name, shape, 10)
+    assert model(torch.randn(3, *shape)).shape == (3, 10)
+    assert sum(p.numel() for p in model.extractor.parameters()) == extractor
+    targets = {k: p.shape for k, p in model.named_parameters() if k.startswith("extractor.")}
+    assert sum(p.numel() for p in HyperNetwork(targets).parameters()) == hyper
+
+
+def test_emnist_head_has_62_classes():
+    assert build_model("mnist_cnn", (1, 28, 28), 62)(torch.randn(2, 1, 28, 28)).shape == (2, 62)
+
+
+def test_model_must_fit_the_data():
+    assert resolve_name("auto", (3, 32, 32)) == "cifar_cnn"
+    with pytest.raises(ConfigError, match="mnist_cnn expects 1x28x28"):
+        resolve_name("mnist_cnn", (1, 8, 8))
+
+
+def test_hyperfl_gradients_flow_from_the_loss_to_hypernetwork_and_embedding():
+    cfg = load_config(None, [])
+    algo = build_algorithm(cfg, (1, 8, 8), 10)
+    params = {**algo.init_shared(), **algo.init_client(0)}
+    for v in params.values():
+        v.requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(algo.forward(params, torch.randn(4, 1, 8, 8)),
+                                             torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    for name, v in params.items():
+        assert v.grad is not None and v.grad.abs().sum() > 0, name
+
+
+def test_generated_weights_are_the_extractor_of_the_target_model():
+    cfg = load_config(None, ["data.name=synthetic-cifar10"])
+    algo = build_algorithm(cfg, (3, 32, 32), 10)
+    theta = algo.extractor_weights({**algo.init_shared(), **algo.init_client(0)})
+    model = build_model("cifar_cnn", (3, 32, 32), 10)
+    assert {k: v.shape for k, v in theta.items()} == {
+        k: p.shape for k, p in model.named_parameters() if k.startswith("extractor.")}
