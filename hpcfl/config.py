@@ -95,7 +95,13 @@ class EngineConfig:
 class OutputConfig:
     dir: str = opt("runs", "directory of results files")
     name: str = opt("", "results file is <dir>/<name>.h5; empty = <algorithm>-<data>-<time>")
-    overwrite: bool = opt(False, "replace an existing results file of the same name")
+    overwrite: bool = opt(False, "start over, replacing an existing results file and checkpoint "
+                          "of the same name")
+    checkpoint_every: int = opt(10, "write <name>.ckpt.h5 every k rounds (also after the last "
+                                "round and on SIGTERM/SIGUSR1/SIGUSR2); 0 = only then", min=0)
+    resume: str = opt("auto", "auto: go on from <name>.ckpt.h5 if it exists; never: start "
+                      "fresh; must: fail unless there is a checkpoint",
+                      choices=("auto", "never", "must"))
     progress: str = opt("auto", "progress display: bar (tqdm), log (a line per evaluation), "
                         "none, or auto (bar on a terminal, else log)",
                         choices=("auto", "bar", "log", "none"))

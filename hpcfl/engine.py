@@ -19,7 +19,8 @@ from .algorithms import Algorithm, Params, Phase
 from .data import ClientData
 
 BATCH_ORDER = 103  # stream tag, see data.partition.rng
-EXTRA_SLOTS = 3    # loss sum, client count, weight sum: at the end of the round's buffer
+# The round's buffer ends with: loss sum, client count, stop votes (set by the caller), weights.
+EXTRA_SLOTS, STOP_SLOT = 4, -2
 
 
 def client_generator(seed: int, rnd: int, cid: int, phase: int) -> torch.Generator:
@@ -27,7 +28,8 @@ def client_generator(seed: int, rnd: int, cid: int, phase: int) -> torch.Generat
     return torch.Generator().manual_seed(int(state[0]))
 
 
-def minibatches(n: int, batch_size: int, phase: Phase, gen: torch.Generator) -> Iterator[torch.Tensor]:
+def minibatches(n: int, batch_size: int, phase: Phase,
+                gen: torch.Generator) -> Iterator[torch.Tensor]:
     """Index batches: reshuffled every epoch, last batch of an epoch possibly smaller (as a
     DataLoader with shuffle=True); `phase.steps` batches if set, else `phase.epochs` epochs."""
     steps = phase.steps or phase.epochs * math.ceil(n / batch_size)
@@ -107,22 +109,22 @@ def unflatten(flat: torch.Tensor, like: Params) -> Params:
 
 def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
                  data: dict[int, ClientData], cohort: list[int], weights: list[float],
-                 batch_size: int, seed: int, rnd: int) -> torch.Tensor:
+                 batch_size: int, seed: int, rnd: int, device: torch.device) -> torch.Tensor:
     """Train `cohort` (clients hosted here) from `shared`; update their private state in place.
 
-    Returns ONE flat float32 buffer, ready for the round's Allreduce:
-    [sum of weight * upload | sum of training losses | number of clients | sum of weights].
+    Returns ONE flat float64 buffer, ready for the round's Allreduce:
+    [sum of weight * upload | sum of training losses | number of clients | 0 | sum of weights].
     """
     numel = sum(v.numel() for v in shared.values())
-    device = next(iter(data.values())).y_train.device if data else torch.device("cpu")
-    buf = torch.zeros(numel + EXTRA_SLOTS, dtype=torch.float32, device=device)
+    # float64: the sum must not depend on how clients are spread over ranks (see README)
+    buf = torch.zeros(numel + EXTRA_SLOTS, dtype=torch.float64, device=device)
     for cid, w in zip(cohort, weights):
         trained, loss = train_client(algo, {**shared, **private[cid]}, data[cid],
                                             batch_size, seed, rnd, cid)
         private[cid] = {n: trained[n].detach() for n in private[cid]}
         up = algo.upload(shared, trained)
         buf[:numel].add_(flatten(up, shared.keys()).detach(), alpha=w)
-        buf[-3:] += torch.tensor([loss, 1.0, w], device=device)
+        buf[-EXTRA_SLOTS:] += torch.tensor([loss, 1.0, 0.0, w], device=device)
     return buf
 
 

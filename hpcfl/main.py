@@ -1,18 +1,20 @@
 """`python -m hpcfl.main [CONFIG.yaml] [key=value ...]`: one federated run.
 
-    mpiexec -n 4 python -m hpcfl.main jobs/quickstart.yaml train.rounds=50
-    srun python -m hpcfl.main jobs/quickstart.yaml
+    python -m hpcfl.main jobs/quickstart.yaml train.rounds=50
+    mpiexec -n 4 python -m hpcfl.main jobs/quickstart.yaml
+    srun --mpi=pmi2 python -m hpcfl.main jobs/quickstart.yaml
 
 The run reads as the round of DESIGN §1: config -> world -> data -> clients hosted here -> for each
-round: cohort, local training, one Allreduce, server step, evaluation -> results file.
-Exit codes: 0 done; 2 bad input (one line on stderr, no results file written); 1 a crash.
+round: cohort, local training, one Allreduce, server step, evaluation -> results file, and a
+checkpoint every few rounds that a rerun with the same output.name resumes from.
+Exit codes: 0 done (or stopped by a signal after checkpointing: status `preempted`); 2 bad input
+(one line on stderr, no results file written); 1 a crash (every rank is aborted).
 """
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -24,8 +26,9 @@ from .algorithms import build_algorithm
 from .config import ConfigError, RunConfig, describe, load_config
 from .data import load_federated
 from .data.partition import rng
-from .engine import EXTRA_SLOTS, evaluate_client, train_cohort, unflatten
-from .store import TIMING, ResultsFile, git_commit
+from .engine import EXTRA_SLOTS, STOP_SLOT, evaluate_client, train_cohort, unflatten
+from .resume import checkpoint, plan_or_error
+from .store import TIMING, ResultsFile, git_commit, load_checkpoint
 from .world import World, balanced_blocks
 
 log = logging.getLogger("hpcfl")
@@ -72,20 +75,9 @@ def sample_cohort(seed: int, rnd: int, num_clients: int, frac: float) -> list[in
     return sorted(rng(seed, COHORT, rnd).choice(num_clients, m, replace=False).tolist())
 
 
-def results_path(cfg: RunConfig) -> Path:
-    if not cfg.output.name:
-        cfg.output.name = (f"{cfg.algorithm.name}-{cfg.data.name}-"
-                           f"{time.strftime('%Y%m%d-%H%M%S')}")
-    path = Path(cfg.output.dir) / f"{cfg.output.name}.h5"
-    if path.exists() and not cfg.output.overwrite:
-        raise ConfigError(f"output.name: {path} exists; choose another output.name or set "
-                          "output.overwrite=true")
-    return path
-
-
 def provenance(cfg: RunConfig, world: World) -> dict:
     return dict(hpcfl_version=__version__, git_commit=git_commit(), config=cfg.to_yaml(),
-                seed=cfg.train.seed, world_size=world.size, 
+                seed=cfg.train.seed, world_size=world.size,
                 hostnames=",".join(world.hostnames()),
                 device=str(world.device), torch_version=str(torch.__version__),
                 cuda_version=torch.version.cuda or "none", mpi_version=world.mpi_version())
@@ -100,72 +92,140 @@ def evaluate(algo, shared, private, data, num_clients: int) -> np.ndarray:
     return table
 
 
+class Recorder:
+    """Brings evaluations and every rank's timings to rank 0 and writes them (rank 0 only)."""
+
+    def __init__(self, world: World, store: ResultsFile | None, nbytes: int):
+        self.world, self.store, self.nbytes = world, store, nbytes
+        self.rows: list[tuple[int, list[float]]] = []  # (round, [compute, allreduce, eval])
+
+    def time_round(self, rnd: int, compute: float, allreduce: float) -> None:
+        self.rows.append((rnd, [compute, allreduce, 0.0]))
+
+    def _reduce(self, table: np.ndarray):
+        """One Reduce for the client table and the timing rows since the last call."""
+        w = self.world
+        timing = np.zeros((len(self.rows), w.size, 3))
+        timing[:, w.rank] = [r for _, r in self.rows]
+        rounds, self.rows = [rnd for rnd, _ in self.rows], []
+        total = w.reduce_sum_to_main(np.concatenate([table.ravel(), timing.ravel()]))
+        if total is None:
+            return None, None, rounds
+        return (total[:table.size].reshape(table.shape),
+                total[table.size:].reshape(timing.shape), rounds)
+
+    def _write_timing(self, timing: np.ndarray, rounds: list[int], io_s: float) -> None:
+        io = np.zeros(timing.shape[:2])
+        io[-1, 0] = io_s
+        self.store.append_timing(rounds, self.nbytes,
+                                 dict(zip(TIMING, [*np.moveaxis(timing, 2, 0), io])))
+        self.store.flush()
+
+    def evaluation(self, rnd: int, table: np.ndarray, eval_s: float, train_loss: float,
+                   t0: float, start: float) -> dict | None:
+        self.rows[-1][1][2] = eval_s
+        table, timing, rounds = self._reduce(table)
+        if table is None:
+            return None
+        acc, loss = table[:, 0] / table[:, 2], table[:, 1] / table[:, 2]
+        now = time.perf_counter()
+        row = dict(round=rnd, test_acc_mean=acc.mean(),
+                   test_acc_weighted=table[:, 0].sum() / table[:, 2].sum(),
+                   test_loss_mean=loss.mean(), train_loss=train_loss, round_time_s=now - t0,
+                   elapsed_s=now - start)
+        self.store.append_eval(row, dict(test_acc=acc, test_loss=loss))
+        self.store.flush()
+        self._write_timing(timing, rounds, time.perf_counter() - now)
+        return row
+
+    def flush_timing(self) -> None:
+        """Timing rows of rounds after the last evaluation (before a checkpoint)."""
+        if self.rows:
+            _, timing, rounds = self._reduce(np.zeros(0))
+            if timing is not None:
+                self._write_timing(timing, rounds, 0.0)
+
+
 def run(cfg: RunConfig, world: World) -> dict:
     t, n = cfg.train, cfg.data.num_clients
+    if not cfg.output.name:  # one name for all ranks: rank 0's clock decides
+        cfg.output.name = world.from_main(
+            f"{cfg.algorithm.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     data = load_federated(cfg.data, t.seed, world.device,
                           hosted=lambda sizes: balanced_blocks(sizes, world.size)[world.rank])
+    blocks = balanced_blocks(data.num_train, world.size)
     algo = build_algorithm(cfg, data.shape, data.num_classes)
-    path = results_path(cfg)
-    to_dev = lambda p: {k: v.to(world.device) for k, v in p.items()}  # noqa: E731
-    shared = to_dev(algo.init_shared())
-    private = {cid: to_dev(algo.init_client(cid)) for cid in data.clients}
-    weights = [float(s) for s in data.num_train]
+    start = plan_or_error(cfg, world)
+    if start.done:
+        return dict(done=True, path=str(start.path), round=start.round)
 
-    store = ResultsFile(path, provenance(cfg, world), data.num_train, data.num_test,
-                        world.size) if world.is_main else None
+    to_dev = lambda p: {k: torch.as_tensor(v).to(world.device) for k, v in p.items()}  # noqa
+    template = algo.init_client(0)
+    if start.checkpoint is None:
+        shared = to_dev(algo.init_shared())
+        private = {cid: to_dev(algo.init_client(cid)) for cid in data.clients}
+        elapsed = 0.0
+    else:
+        ck = load_checkpoint(start.checkpoint, blocks[world.rank])
+        shared = to_dev(ck.shared)
+        private = {cid: to_dev({k: v[i] for k, v in ck.private.items()})
+                   for i, cid in enumerate(blocks[world.rank])}
+        elapsed = ck.elapsed_s
+        if world.is_main:
+            log.info("resuming %s from round %d (%s)", start.path, start.round, start.checkpoint)
+    weights = [float(s) for s in data.num_train]
+    numel = sum(v.numel() for v in shared.values())
+
+    store, attrs = None, provenance(cfg, world)  # collective: every rank takes part
+    if world.is_main:
+        store = (ResultsFile.resume(start.path, start.round, attrs)
+                 if start.checkpoint else
+                 ResultsFile.create(start.path, attrs, data.num_train,
+                                    data.num_test, world.size))
+    rec = Recorder(world, store, 4 * (numel + EXTRA_SLOTS))
     mode = cfg.output.progress
     if mode == "auto":
         mode = "bar" if sys.stderr.isatty() else "log"
-    bar = tqdm(total=t.rounds, unit="round", disable=not (world.is_main and mode == "bar"))
-    timing_rows: list[list[float]] = []  # this rank's [compute, allreduce, eval] per round
-    start, final = time.perf_counter(), {}
+    bar = tqdm(total=t.rounds, initial=start.round, unit="round",
+               disable=not (world.is_main and mode == "bar"))
+    world.catch_stop_signals()
+    t_start, final, stop, rnd = time.perf_counter() - elapsed, {}, False, start.round
     try:
-        for rnd in range(1, t.rounds + 1):
+        for rnd in range(start.round + 1, t.rounds + 1):
             t0 = time.perf_counter()
             mine = [c for c in sample_cohort(t.seed, rnd, n, t.frac) if c in private]
             buf = train_cohort(algo, shared, private, data.clients, mine,
-                               [weights[c] for c in mine], t.batch_size, t.seed, rnd)
+                               [weights[c] for c in mine], t.batch_size, t.seed, rnd,
+                               world.device)
+            buf[STOP_SLOT] = float(world.stop_requested)  # agreed on in the same Allreduce
             t1 = time.perf_counter()
             world.allreduce_sum_(buf)
             t2 = time.perf_counter()
-            loss_sum, trained, weight = buf[-EXTRA_SLOTS:].tolist()
+            loss_sum, trained, stops, weight = buf[-EXTRA_SLOTS:].tolist()
             algo.server_step(shared, unflatten(buf[:-EXTRA_SLOTS], shared), weight)
-            timing_rows.append([t1 - t0, t2 - t1, 0.0])
+            rec.time_round(rnd, t1 - t0, t2 - t1)
             bar.update()
-            if rnd % t.eval_every and rnd != t.rounds:
-                continue
-            t3 = time.perf_counter()
-            table = evaluate(algo, shared, private, data, n)
-            timing_rows[-1][2] = time.perf_counter() - t3
-            # One Reduce per evaluation brings every client's results and every rank's timings
-            # of the rounds since the last evaluation to rank 0.
-            timing = np.zeros((len(timing_rows), world.size, 3))
-            timing[:, world.rank] = timing_rows
-            total = world.reduce_sum_to_main(np.concatenate([table.ravel(), timing.ravel()]))
-            first = rnd - len(timing_rows) + 1
-            timing_rows = []
-            if not world.is_main:
-                continue
-            table, timing = total[:table.size].reshape(table.shape), total[table.size:]
-            acc, loss = table[:, 0] / table[:, 2], table[:, 1] / table[:, 2]
-            now = time.perf_counter()
-            final = dict(round=rnd, test_acc_mean=acc.mean(),
-                         test_acc_weighted=table[:, 0].sum() / table[:, 2].sum(),
-                         test_loss_mean=loss.mean(), train_loss=loss_sum / trained,
-                         round_time_s=now - t0, elapsed_s=now - start)
-            store.append_eval(final, dict(test_acc=acc, test_loss=loss))
-            store.flush()
-            timing = timing.reshape(-1, world.size, 3)
-            io = np.zeros((len(timing), world.size))
-            io[-1, 0] = time.perf_counter() - now
-            store.append_timing(list(range(first, rnd + 1)),
-                                dict(zip(TIMING, [*np.moveaxis(timing, 2, 0), io])))
-            store.flush()
-            bar.set_postfix(acc=f"{final['test_acc_mean']:.3f}", loss=f"{final['train_loss']:.3f}")
-            if mode == "log":
-                log.info("round %d/%d  test_acc_mean %.4f  train_loss %.4f  %.2f s/round",
-                         rnd, t.rounds, final["test_acc_mean"], final["train_loss"],
-                         final["elapsed_s"] / rnd)
+            stop = stops > 0
+            if rnd % t.eval_every == 0 or rnd == t.rounds:
+                t3 = time.perf_counter()
+                table = evaluate(algo, shared, private, data, n)
+                row = rec.evaluation(rnd, table, time.perf_counter() - t3, loss_sum / trained,
+                                     t0, t_start)
+                if row:
+                    final = row
+                    bar.set_postfix(acc=f"{row['test_acc_mean']:.3f}",
+                                    loss=f"{row['train_loss']:.3f}")
+                    if mode == "log":
+                        log.info("round %d/%d  test_acc_mean %.4f  train_loss %.4f  %.2f s/round",
+                                 rnd, t.rounds, row["test_acc_mean"], row["train_loss"],
+                                 row["round_time_s"])
+            every = cfg.output.checkpoint_every
+            if stop or rnd == t.rounds or (every and rnd % every == 0):
+                rec.flush_timing()
+                checkpoint(world, start.path, cfg, rnd, time.perf_counter() - t_start, shared,
+                           private, template, blocks)
+            if stop:
+                break
     except BaseException:
         bar.close()
         if store:
@@ -173,9 +233,10 @@ def run(cfg: RunConfig, world: World) -> dict:
         raise
     bar.close()
     if store:
-        store.close("completed", elapsed_s=time.perf_counter() - start)
-    final["path"] = str(path)
-    return final
+        store.close("preempted" if stop else "completed",
+                    elapsed_s=time.perf_counter() - t_start)
+    return dict(final, path=str(start.path), round=rnd, stopped=stop,
+                elapsed_s=time.perf_counter() - t_start)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,15 +255,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hpcfl: error: {e}", file=sys.stderr)
         return 2
     except BaseException as exc:
-        if world is not None and world.size > 1:  # one failing rank must end the job, not hang the others
+        if world is not None and world.size > 1:  # one failing rank must end the job, not hang
             import mpi4py.run
             mpi4py.run.set_abort_status(exc)
         raise
-    if world.is_main:
-        print(f"{cfg.algorithm.name} on {cfg.data.name}: {cfg.data.num_clients} clients, "
-              f"{final['round']} rounds in {final['elapsed_s']:.1f} s; final test_acc_mean "
-              f"{final['test_acc_mean']:.4f} (weighted {final['test_acc_weighted']:.4f}) "
-              f"-> {final['path']}")
+    if not world.is_main:
+        return 0
+    head = f"{cfg.algorithm.name} on {cfg.data.name}: {cfg.data.num_clients} clients"
+    if final.get("done"):
+        print(f"{head}: already completed ({final['round']} rounds) -> {final['path']}")
+    elif final.get("stopped"):
+        print(f"{head}: stopped by a signal after round {final['round']}, checkpointed; rerun "
+              f"the same command to resume -> {final['path']}")
+    else:
+        print(f"{head}, {final['round']} rounds in {final['elapsed_s']:.1f} s; final "
+              f"test_acc_mean {final['test_acc_mean']:.4f} (weighted "
+              f"{final['test_acc_weighted']:.4f}) -> {final['path']}")
     return 0
 
 

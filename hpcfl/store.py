@@ -1,14 +1,20 @@
-"""The results file `<output.dir>/<output.name>.h5` (schema in README.md, "Results file").
+"""The results file `<name>.h5` and the checkpoint `<name>.ckpt.h5` (schemas in README.md).
 
-Written by rank 0 alone, appended one evaluation at a time and flushed after each, so a crash
-leaves every finished row readable. The file is opened without HDF5 file locking so that
-analysis scripts can read it while the run writes it.
+Both are written by rank 0 alone. The results file is appended one evaluation at a time and
+flushed after each, so a crash leaves every finished row readable; it is opened without HDF5
+file locking so that analysis scripts can read it while the run writes it. A checkpoint is
+written whole to a temporary file, fsynced and renamed over the last one (which is kept as
+`<name>.ckpt.prev.h5`), and carries a SHA-256 of its contents, so a damaged file is detected
+instead of trained on.
 """
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import os
 import platform
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -36,6 +42,12 @@ def git_commit() -> str:
 
 def _append(ds: h5py.Dataset, rows) -> None:
     rows = np.asarray(rows, dtype=ds.dtype)
+    if rows.ndim == 2 and rows.shape[1] != ds.shape[1]:
+        if rows.shape[1] > ds.shape[1]:
+            ds.resize(rows.shape[1], axis=1)
+        else:
+            rows = np.pad(rows, ((0, 0), (0, ds.shape[1] - rows.shape[1])),
+                          constant_values=np.nan)
     n = ds.shape[0]
     ds.resize(n + len(rows), axis=0)
     ds[n:] = rows
@@ -44,11 +56,29 @@ def _append(ds: h5py.Dataset, rows) -> None:
 class ResultsFile:
     """One run's results: root attrs, /metrics, /clients, /timing."""
 
-    def __init__(self, path: Path, attrs: dict, num_train: list[int], num_test: list[int],
-                 world_size: int):
+    def __init__(self, f: h5py.File):
+        self.f = f
+
+    @classmethod
+    def resume(cls, path: Path, rnd: int, attrs: dict) -> "ResultsFile":
+        """Reopen a run's file to go on after round `rnd`: rows of later rounds (written after
+        the checkpoint) are dropped, so no round is ever recorded twice."""
+        f = h5py.File(path, "r+", locking=False)
+        keep = int((f["metrics/round"][:] <= rnd).sum())
+        for ds in [*f["metrics"].values(), f["clients/test_acc"], f["clients/test_loss"]]:
+            ds.resize(keep, axis=0)
+        keep = int((f["timing/round"][:] <= rnd).sum())
+        for ds in f["timing"].values():
+            ds.resize(keep, axis=0)
+        f.attrs.update(status="running", resumed_from_round=rnd, **attrs)
+        f.flush()
+        return cls(f)
+
+    @classmethod
+    def create(cls, path: Path, attrs: dict, num_train: list[int], num_test: list[int],
+               world_size: int) -> "ResultsFile":
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.f = h5py.File(path, "w", locking=False)
+        self = cls(h5py.File(path, "w", locking=False))
         self.f.attrs.update(schema="hpcfl-results", schema_version=SCHEMA_VERSION,
                             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                             status="running", python_version=platform.python_version(),
@@ -66,10 +96,14 @@ class ResultsFile:
                                    chunks=(max(1, min(64, 2 ** 16 // n)), n))
         timing = self.f.create_group("timing")
         timing.create_dataset("round", shape=(0,), maxshape=(None,), chunks=(1024,), dtype="i8")
+        timing.create_dataset("allreduce_bytes", shape=(0,), maxshape=(None,), chunks=(1024,),
+                              dtype="i8")
         for name in TIMING:
-            timing.create_dataset(f"{name}_s", shape=(0, world_size), maxshape=(None, world_size),
-                                  chunks=(256, world_size), dtype="f8")
+            # Columns are ranks; a run resumed with more ranks widens it (NaN where no rank was).
+            timing.create_dataset(f"{name}_s", shape=(0, world_size), maxshape=(None, None),
+                                  chunks=(256, 1), dtype="f8", fillvalue=np.nan)
         self.f.flush()
+        return self
 
     def append_eval(self, metrics: dict, per_client: dict[str, np.ndarray]) -> None:
         for name in METRICS:
@@ -77,9 +111,11 @@ class ResultsFile:
         for name in CLIENT_METRICS:
             _append(self.f["clients"][name], per_client[name][None, :])
 
-    def append_timing(self, rounds: list[int], per_phase: dict[str, np.ndarray]) -> None:
+    def append_timing(self, rounds: list[int], nbytes: int,
+                      per_phase: dict[str, np.ndarray]) -> None:
         """per_phase[name]: (len(rounds), world_size) seconds."""
         _append(self.f["timing"]["round"], rounds)
+        _append(self.f["timing"]["allreduce_bytes"], [nbytes] * len(rounds))
         for name in TIMING:
             _append(self.f["timing"][f"{name}_s"], per_phase[name])
 
@@ -90,3 +126,86 @@ class ResultsFile:
         if self.f.id.valid:
             self.f.attrs.update(status=status, **attrs)
             self.f.close()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be trusted (truncated, corrupted, or not ours)."""
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    config: str          # the YAML of the run that wrote it
+    elapsed_s: float
+    shared: dict[str, np.ndarray]
+    private: dict[str, np.ndarray]  # name -> (clients read, *shape), rows in client-id order
+
+
+def checkpoint_paths(results: Path) -> tuple[Path, Path]:
+    stem = results.with_suffix("")
+    return stem.with_name(stem.name + ".ckpt.h5"), stem.with_name(stem.name + ".ckpt.prev.h5")
+
+
+def _digest(f: h5py.File) -> str:
+    h = hashlib.sha256()
+    h.update(f"{int(f.attrs['round'])}|{f.attrs['config']}|".encode())
+    for group in ("shared", "private"):
+        for name in sorted(f[group]):
+            h.update(f"{group}/{name}".encode())
+            h.update(np.ascontiguousarray(f[group][name][...]).tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, prev: Path, rnd: int, config: str, elapsed_s: float,
+                    shared: dict[str, np.ndarray], private: dict[str, np.ndarray]) -> None:
+    """Write `path`, keeping the checkpoint it replaces as `prev`. `private[name]` holds one row
+    per client id (every client of the run). Plain arrays, no pickle. Atomic: a crash at any
+    point leaves the last good checkpoint in place."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with h5py.File(tmp, "w", locking=False) as f:
+        f.attrs.update(round=rnd, config=config, elapsed_s=elapsed_s, format="hpcfl-checkpoint",
+                       schema_version=SCHEMA_VERSION,
+                       rng="none stored: every random draw derives from (seed, round, client)")
+        for group, arrays in (("shared", shared), ("private", private)):
+            g = f.create_group(group)
+            for name, a in arrays.items():
+                g.create_dataset(name, data=a)
+        f.attrs["sha256"] = _digest(f)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    if path.exists():
+        os.replace(path, prev)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def verify_checkpoint(path: Path) -> int:
+    """The round of a checkpoint whose contents match its checksum; CheckpointError if not."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            if f.attrs.get("format") != "hpcfl-checkpoint":
+                raise CheckpointError(f"{path} is not an hpcfl checkpoint")
+            if f.attrs["sha256"] != _digest(f):
+                raise CheckpointError(f"{path} is corrupted (checksum mismatch)")
+            return int(f.attrs["round"])
+    except CheckpointError:
+        raise
+    except Exception as e:  # h5py raises OSError, KeyError, ValueError on damaged files
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def load_checkpoint(path: Path, clients: range) -> Checkpoint:
+    """The shared state and the private rows of `clients` (a contiguous block of ids)."""
+    with h5py.File(path, "r", locking=False) as f:
+        return Checkpoint(
+            round=int(f.attrs["round"]), config=str(f.attrs["config"]),
+            elapsed_s=float(f.attrs["elapsed_s"]),
+            shared={k: v[...] for k, v in f["shared"].items()},
+            private={k: v[clients.start:clients.stop] for k, v in f["private"].items()})

@@ -1,11 +1,13 @@
 """The processes of a run: mpi4py COMM_WORLD, or a single process with the same interface.
 
-The world knows ranks, devices and buffers; it never sees a model. Collectives take contiguous
-host buffers (numpy, or CPU tensors copied from the device), never pickled objects.
+The world knows ranks, devices, signals and buffers; it never sees a model. Collectives take
+contiguous host buffers (numpy, or CPU tensors copied from the device), never pickled tensors.
 """
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 
 import numpy as np
@@ -14,6 +16,9 @@ import torch
 from .config import ConfigError
 
 log = logging.getLogger("hpcfl")
+
+# Slurm sends SIGTERM at the time limit and on preemption, and --signal=USR1/USR2@T before it.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def _import_mpi():
@@ -34,14 +39,33 @@ class World:
         self.MPI, why = _import_mpi()
         if self.MPI is None:
             log.info("MPI unavailable (%s): running as a single process", why)
-            self.comm, self.rank, self.size, self.local_rank = None, 0, 1, 0
+            self.comm, self.rank, self.size, self.local_rank, self.local_size = None, 0, 1, 0, 1
         else:
             self.comm = self.MPI.COMM_WORLD
             self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
             local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
-            self.local_rank = local.Get_rank()
+            self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
             local.Free()
+        self._check_slurm()
+        self._set_threads()
         self.device = self._pick_device(device)
+        self.stop_requested = False
+
+    def _check_slurm(self) -> None:
+        # srun starting N tasks that each see a world of 1 means srun and the MPI library
+        # disagree on how to start ranks: every task would run the whole job alone.
+        step_tasks = os.environ.get("SLURM_STEP_NUM_TASKS")
+        if step_tasks and step_tasks.isdigit() and int(step_tasks) != self.size:
+            raise ConfigError(f"srun started {step_tasks} tasks but MPI sees {self.size}: use "
+                              "srun --mpi=pmi2 (MPICH, Intel MPI) or --mpi=pmix (Open MPI)")
+
+    def _set_threads(self) -> None:
+        """Share the cores among the ranks of a node, unless Slurm or OMP_NUM_THREADS says."""
+        per_task = os.environ.get("SLURM_CPUS_PER_TASK")
+        if per_task and per_task.isdigit():
+            torch.set_num_threads(int(per_task))
+        elif "OMP_NUM_THREADS" not in os.environ and self.local_size > 1:
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // self.local_size))
 
     def _pick_device(self, want: str) -> torch.device:
         if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
@@ -59,8 +83,19 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def catch_stop_signals(self) -> None:
+        """SIGTERM / SIGUSR1 / SIGUSR2 only set a flag: the round in flight finishes, then the
+        ranks agree (in the round's Allreduce) to checkpoint and stop."""
+        def handler(signum, frame):
+            if not self.stop_requested:
+                log.info("rank %d got %s: stopping after this round", self.rank,
+                         signal.Signals(signum).name)
+            self.stop_requested = True
+        for s in STOP_SIGNALS:
+            signal.signal(s, handler)
+
     def allreduce_sum_(self, buf: torch.Tensor) -> None:
-        """Sum `buf` (float32, contiguous) over all ranks, in place. The one collective of a
+        """Sum `buf` (float32, contiguous) over all ranks, in place: the one collective of a
         round. Staged through host memory: the pip MPI wheels are not CUDA-aware and segfault on
         device pointers."""
         if self.comm is None:
@@ -70,13 +105,30 @@ class World:
         if buf.is_cuda:
             buf.copy_(host)
 
-    def reduce_sum_to_main(self, arr: np.ndarray) -> np.ndarray:
-        """Elementwise sum of `arr` over ranks, valid on rank 0 (ranks fill disjoint entries)."""
+    def reduce_sum_to_main(self, arr: np.ndarray) -> np.ndarray | None:
+        """Elementwise sum of `arr` over ranks, on rank 0 (ranks fill disjoint entries)."""
         if self.comm is None:
             return arr
+        arr = np.ascontiguousarray(arr)
         out = np.empty_like(arr) if self.is_main else None
-        self.comm.Reduce(np.ascontiguousarray(arr), out, op=self.MPI.SUM, root=0)
+        self.comm.Reduce(arr, out, op=self.MPI.SUM, root=0)
         return out
+
+    def gather_rows_to_main(self, rows: np.ndarray, counts: list[int]) -> np.ndarray | None:
+        """Stack every rank's rows (rank r has counts[r] rows of equal width) on rank 0."""
+        if self.comm is None:
+            return rows
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        width = rows.shape[1]
+        out = np.empty((sum(counts), width), np.float32) if self.is_main else None
+        sizes = [c * width for c in counts]
+        self.comm.Gatherv(rows, [out, sizes, None, self.MPI.FLOAT] if self.is_main else None,
+                          root=0)
+        return out
+
+    def from_main(self, value):
+        """Rank 0's value of a small Python object (a name, a decision) on every rank."""
+        return value if self.comm is None else self.comm.bcast(value, root=0)
 
     def hostnames(self) -> list[str]:
         name = socket.gethostname()
@@ -96,4 +148,3 @@ def balanced_blocks(sizes: list[int], parts: int) -> list[range]:
     bounds.append(len(sizes))
     bounds = [min(b, len(sizes)) for b in bounds]
     return [range(bounds[r], bounds[r + 1]) for r in range(parts)]
-

@@ -1,7 +1,12 @@
 import os
+import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
 from hpcfl.config import load_config
@@ -12,9 +17,9 @@ TINY = ["data.num_clients=6", "data.classes_per_client=3", "train.rounds=2",
         "train.device=cpu"]
 
 
-def run_cli(*args: str, cwd=None, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd=None, timeout: float = 240, env=None) -> subprocess.CompletedProcess:
     """`python -m hpcfl.main ARGS` in a fresh process, as a user runs it."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "hpcfl.main", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -24,3 +29,83 @@ def tiny_cfg():
     def make(*overrides: str):
         return load_config(None, [*TINY, *overrides])
     return make
+
+
+def mpiexec() -> str:
+    """The mpiexec beside this Python (the `mpich` wheel of the [test] extra), or on PATH."""
+    here = Path(sys.executable).parent / "mpiexec"
+    found = str(here) if here.exists() else shutil.which("mpiexec")
+    if found is None:
+        pytest.fail("no mpiexec: install the test extra, pip install -e '.[test]'")
+    return found
+
+
+def launch(ranks: int | None, *args: str, **popen) -> subprocess.Popen:
+    """`mpiexec -n RANKS python -m hpcfl.main ARGS` (plain `python -m hpcfl.main ARGS` if RANKS
+    is None) in its own session, so that the whole job can be killed at once. One CPU thread
+    per rank: results are bitwise reproducible only at a fixed thread count."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "hpcfl.main", *args]
+    if ranks is not None:
+        cmd = [mpiexec(), "-n", str(ranks), *cmd]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, **popen)
+
+
+def run_mpi(ranks: int | None, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = launch(ranks, *args)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def wait_for_rows(path, rows: int, proc, timeout=180):
+    """Read the results file while the run writes it, until it has `rows` evaluations."""
+    end = time.time() + timeout
+    while time.time() < end:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            with h5py.File(path, "r") as f:
+                if len(f["metrics/round"]) >= rows:
+                    return
+        except (OSError, KeyError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(path)
+
+
+RESULT_METRICS = ("round", "test_acc_mean", "test_acc_weighted", "test_loss_mean", "train_loss")
+
+
+def results(path) -> dict[str, np.ndarray]:
+    """The numbers of a run that must not depend on ranks or interruptions (no wall times), and
+    its final shared state, from the checkpoint written after the last round."""
+    with h5py.File(path, "r") as f:
+        out = {k: f["metrics"][k][:] for k in RESULT_METRICS}
+        out["clients/test_acc"] = f["clients/test_acc"][:]
+        out["status"] = f.attrs["status"]
+    ckpt = Path(str(path).replace(".h5", ".ckpt.h5"))
+    with h5py.File(ckpt, "r") as f:
+        for group in ("shared", "private"):
+            for k in f[group]:
+                out[f"{group}/{k}"] = f[group][k][:]
+    return out
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a["status"] == b["status"] == "completed"
+    assert np.array_equal(a["round"], b["round"])
+    return max(float(np.abs(a[k].astype(float) - b[k].astype(float)).max())
+               for k in a if k != "status")
+
+
+def rank_pids(marker: str) -> list[int]:
+    """PIDs of the Python ranks (not mpiexec or its proxies) whose arguments contain `marker`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            argv = (d / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue
+        if argv[1:3] == ["-m", "hpcfl.main"] and any(marker in a for a in argv):
+            pids.append(int(d.name))
+    return pids

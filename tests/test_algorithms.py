@@ -44,7 +44,7 @@ def test_hyperfl_uploads_only_the_hypernetwork(tiny_cfg):
     assert set(algo.upload(shared, trained)) == hyper_names  # nothing private in the upload
 
     w = [float(data.num_train[c]) for c in (0, 1)]
-    buf = train_cohort(algo, shared, private, data.clients, [0, 1], w, 50, 0, 1)
+    buf = train_cohort(algo, shared, private, data.clients, [0, 1], w, 50, 0, 1, "cpu")
     numel = sum(v.numel() for v in shared.values())
     assert buf.numel() == numel + EXTRA_SLOTS and buf[-1] == sum(w)
     for k in shared:  # the shared state moves only in the server step
@@ -63,7 +63,7 @@ def test_server_step_is_the_sample_weighted_average_of_client_models(tiny_cfg):
     models = [train_client(algo, {**shared, **algo.init_client(c)}, data.clients[c], 50, 0, 1,
                            c)[0] for c in cohort]
     buf = train_cohort(algo, shared, {c: algo.init_client(c) for c in cohort}, data.clients,
-                       cohort, w, 50, 0, 1)
+                       cohort, w, 50, 0, 1, "cpu")
     algo.server_step(shared, unflatten(buf[:-EXTRA_SLOTS], shared), float(buf[-1]))
     for k in shared:  # official average_weights_weighted
         expect = sum(wi * m[k] for wi, m in zip(w, models)) / sum(w)

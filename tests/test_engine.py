@@ -21,7 +21,8 @@ def test_minibatches_cover_each_epoch_once_and_count_steps():
     assert len(steps) == 7
 
 
-@pytest.mark.parametrize("momentum, wd, clip", [(0.5, 5e-4, 0.3), (0.9, 0.0, 0.0), (0.0, 1e-2, 5.0)])
+@pytest.mark.parametrize("momentum, wd, clip",
+                         [(0.5, 5e-4, 0.3), (0.9, 0.0, 0.0), (0.0, 1e-2, 5.0)])
 def test_functional_sgd_and_clip_match_torch_optim(momentum, wd, clip):
     torch.manual_seed(0)
     groups = [[torch.randn(7, 3), torch.randn(3)], [torch.randn(4, 4)]]
@@ -101,9 +102,11 @@ def test_a_clients_training_does_not_depend_on_its_cohort():
     alone = {3: algo.init_client(3)}
     crowd = {c: algo.init_client(c) for c in (1, 3, 5)}
     w = [float(n) for n in data.num_train]
-    b1 = train_cohort(algo, shared, alone, data.clients, [3], [w[3]], 50, 0, 7)
-    train_cohort(algo, shared, crowd, data.clients, [1, 3, 5], [w[1], w[3], w[5]], 50, 0, 7)
+    b1 = train_cohort(algo, shared, alone, data.clients, [3], [w[3]], 50, 0, 7, "cpu")
+    train_cohort(algo, shared, crowd, data.clients, [1, 3, 5], [w[1], w[3], w[5]], 50, 0, 7,
+                 "cpu")
     for k in alone[3]:
         assert torch.equal(alone[3][k], crowd[3][k])
-    b3 = train_cohort(algo, shared, {3: algo.init_client(3)}, data.clients, [3], [w[3]], 50, 0, 7)
+    b3 = train_cohort(algo, shared, {3: algo.init_client(3)}, data.clients, [3], [w[3]], 50, 0,
+                      7, "cpu")
     assert torch.equal(b1, b3)  # and it is deterministic

@@ -1,6 +1,5 @@
 """End to end: `python -m hpcfl.main` writes the documented results file, and only a run that
 completed says so."""
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from hpcfl.config import load_config
 from hpcfl.main import main
 from hpcfl.store import CLIENT_METRICS, METRICS, TIMING
 
-from .conftest import TINY, run_cli
+from .conftest import TINY, run_cli, wait_for_rows
 
 ROOT_ATTRS = ("hpcfl_version", "git_commit", "config", "created", "status", "world_size",
               "hostnames", "torch_version", "cuda_version", "mpi_version", "seed", "device")
@@ -68,27 +67,16 @@ def test_same_seed_same_numbers_and_from_results_file(tmp_path):
     assert not (a[cols].values == c[cols].values).all()
 
 
-def test_existing_results_file_is_not_overwritten_unless_asked(tmp_path):
+def test_rerun_of_a_finished_run_changes_nothing_unless_asked(tmp_path):
     args = [*TINY, "train.rounds=1", f"output.dir={tmp_path}", "output.name=same"]
     assert main(args) == 0
+    before = (tmp_path / "same.h5").read_bytes()
     r = run_cli(*args)
+    assert r.returncode == 0 and "already completed" in r.stdout
+    assert (tmp_path / "same.h5").read_bytes() == before
+    r = run_cli(*args, "output.resume=never")
     assert r.returncode == 2 and "exists" in r.stderr and len(r.stderr.splitlines()) == 1
     assert main([*args, "output.overwrite=true"]) == 0
-
-
-def wait_for_rows(path, rows: int, proc, timeout=120):
-    """Read the results file while the run writes it, until it has `rows` evaluations."""
-    end = time.time() + timeout
-    while time.time() < end:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            with h5py.File(path, "r") as f:
-                if len(f["metrics/round"]) >= rows:
-                    return
-        except (OSError, KeyError):
-            pass
-        time.sleep(0.2)
-    raise TimeoutError
 
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGKILL, "running"), (signal.SIGINT, "failed")])

@@ -7,7 +7,7 @@ from hpcfl.models import HyperNetwork, build_model, resolve_name
 
 
 @pytest.mark.parametrize("name, shape, extractor, hyper", [
-    # Counts of the official code (research digest §3): 106,400 / 13,733,920 and 115,776 / 14,943,424.
+    # Counts of the official code (research digest §3).
     ("cifar_cnn", (3, 32, 32), 106_400, 13_733_920),
     ("mnist_cnn", (1, 28, 28), 115_776, 14_943_424),
     ("digits_cnn", (1, 8, 8), 13_056, 1_692_544),

@@ -1,4 +1,5 @@
-"""Datasets that need no download: real 8x8 digits and seeded synthetic images of the paper's shapes."""
+"""Datasets that need no download: real 8x8 digits, and seeded synthetic images of the
+paper's shapes."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,0 +1,117 @@
+"""Checkpoints and resume in one process: a run stopped in any way and rerun gives the numbers of
+a run that never stopped, bit for bit, and never trains on a damaged checkpoint."""
+import os
+import signal
+
+import h5py
+import numpy as np
+import pytest
+
+from .conftest import TINY, launch, max_diff, results, run_mpi, wait_for_rows
+
+ARGS = [*TINY, "train.rounds=8", "train.local_epochs=2", "output.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    r = run_mpi(None, *ARGS, f"output.dir={out}", "output.name=ref")
+    assert r.returncode == 0, r.stderr
+    return results(out / "ref.h5")
+
+
+def test_kill9_then_rerun_gives_identical_results(tmp_path, reference):
+    args = [*ARGS, f"output.dir={tmp_path}", "output.name=k"]
+    proc = launch(None, *args)
+    wait_for_rows(tmp_path / "k.h5", 4, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with h5py.File(tmp_path / "k.h5") as f:
+        assert f.attrs["status"] == "running"
+    r = run_mpi(None, *args)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr
+    assert max_diff(results(tmp_path / "k.h5"), reference) == 0.0
+
+
+def test_sigterm_checkpoints_exits_0_preempted_then_resumes(tmp_path, reference):
+    args = [*ARGS, f"output.dir={tmp_path}", "output.name=t"]
+    proc = launch(None, *args)
+    wait_for_rows(tmp_path / "t.h5", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "got SIGTERM" in err and "stopped by a signal" in out
+    with h5py.File(tmp_path / "t.h5") as f, h5py.File(tmp_path / "t.ckpt.h5") as c:
+        assert f.attrs["status"] == "preempted"
+        assert c.attrs["round"] == f["timing/round"][-1] >= f["metrics/round"][-1] >= 2
+    r = run_mpi(None, *args)
+    assert r.returncode == 0, r.stderr
+    assert max_diff(results(tmp_path / "t.h5"), reference) == 0.0
+
+
+def damage(path, how: str) -> None:
+    if how == "truncate":
+        os.truncate(path, os.path.getsize(path) // 2)
+    else:  # flip bytes inside the largest array: only the checksum can tell
+        with h5py.File(path, "r") as f:
+            ds = max((f["shared"][k] for k in f["shared"]), key=lambda d: d.size)
+            offset = ds.id.get_offset() + ds.nbytes // 2
+        with open(path, "r+b") as fh:
+            fh.seek(offset)
+            b = fh.read(4)
+            fh.seek(offset)
+            fh.write(bytes(x ^ 0x5A for x in b))
+
+
+@pytest.mark.parametrize("how, message", [("truncate", "unreadable"),
+                                          ("flip", "checksum mismatch")])
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, how, message):
+    args = [*ARGS, f"output.dir={tmp_path}", "output.name=d"]
+    assert run_mpi(None, *args, "train.rounds=4").returncode == 0
+    damage(tmp_path / "d.ckpt.h5", how)
+    r = run_mpi(None, *args)  # train.rounds=8: go on, from the checkpoint of round 2
+    assert r.returncode == 0, r.stderr
+    assert message in r.stderr and "resuming" in r.stderr and "from round 2" in r.stderr
+    assert max_diff(results(tmp_path / "d.h5"), reference) == 0.0  # rows 1..8, once each
+
+
+def test_no_usable_checkpoint_stops_with_exit_2(tmp_path):
+    args = [*ARGS, "train.rounds=4", f"output.dir={tmp_path}", "output.name=b"]
+    assert run_mpi(None, *args).returncode == 0
+    for p in ("b.ckpt.h5", "b.ckpt.prev.h5"):
+        damage(tmp_path / p, "truncate")
+    before = (tmp_path / "b.h5").read_bytes()
+    r = run_mpi(None, *args[:-2], "train.rounds=6", *args[-2:])
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("hpcfl: error: no usable checkpoint") and "Traceback" not in r.stderr
+    assert (tmp_path / "b.h5").read_bytes() == before
+
+
+@pytest.mark.parametrize("change, message", [
+    ("train.lr=0.1", "train.lr: 0.1 differs from 0.05"),
+    ("algorithm.name=fedavg", "algorithm.name: 'fedavg' differs from 'hyperfl'"),
+])
+def test_resume_refuses_another_experiment(tmp_path, change, message):
+    args = [*ARGS, "train.rounds=2", f"output.dir={tmp_path}", "output.name=e"]
+    assert run_mpi(None, *args).returncode == 0
+    r = run_mpi(None, *args, change)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_resume_must_needs_a_checkpoint(tmp_path):
+    r = run_mpi(None, *TINY, f"output.dir={tmp_path}", "output.resume=must")
+    assert r.returncode == 2 and "no checkpoint" in r.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_checkpoint_holds_every_client_keyed_by_id(tmp_path):
+    assert run_mpi(None, *TINY, f"output.dir={tmp_path}", "output.name=c").returncode == 0
+    with h5py.File(tmp_path / "c.ckpt.h5") as f:
+        assert f.attrs["round"] == 2 and "sha256" in f.attrs
+        assert f["private/embedding"].shape == (6, 64)
+        assert f["private/head.weight"].shape == (6, 10, 64)
+        assert set(f["shared"]) == {k for k in f["shared"] if k.startswith("hypernet.")}
+        emb = f["private/embedding"][:]
+    assert not np.allclose(emb[0], emb[1])  # trained apart

@@ -1,0 +1,24 @@
+import numpy as np
+import pytest
+
+from hpcfl.world import balanced_blocks
+
+from .conftest import TINY, run_cli
+
+
+@pytest.mark.parametrize("sizes, parts", [([68] * 20, 1), ([68] * 20, 3), ([5, 90, 3, 40, 7, 60], 4),
+                                          (list(range(1, 30)), 7), ([10, 10], 5)])
+def test_blocks_are_contiguous_cover_all_clients_and_balance_samples(sizes, parts):
+    blocks = balanced_blocks(sizes, parts)
+    assert len(blocks) == parts
+    assert [c for b in blocks for c in b] == list(range(len(sizes)))
+    loads = [sum(sizes[c] for c in b) for b in blocks]
+    if len(sizes) >= parts:  # no block exceeds its fair share by more than one client
+        assert max(loads) <= sum(sizes) / parts + max(sizes)
+
+
+def test_without_an_mpi_library_the_run_is_single_process(tmp_path):
+    r = run_cli(*TINY, "train.rounds=1", f"output.dir={tmp_path}", "output.name=x",
+                env={"MPI4PY_LIBMPI": "/nonexistent/libmpi.so"})
+    assert r.returncode == 0, r.stderr
+    assert "MPI unavailable" in r.stderr and "running as a single process" in r.stderr
