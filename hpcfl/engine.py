@@ -21,6 +21,8 @@ from .data import ClientData
 BATCH_ORDER = 103  # stream tag, see data.partition.rng
 # The round's buffer ends with: loss sum, client count, stop votes (set by the caller), weights.
 EXTRA_SLOTS, STOP_SLOT = 4, -2
+# float64: the sum must not depend on how clients are spread over ranks (see README, MPI).
+ROUND_DTYPE = torch.float64
 
 
 def client_generator(seed: int, rnd: int, cid: int, phase: int) -> torch.Generator:
@@ -116,8 +118,7 @@ def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
     [sum of weight * upload | sum of training losses | number of clients | 0 | sum of weights].
     """
     numel = sum(v.numel() for v in shared.values())
-    # float64: the sum must not depend on how clients are spread over ranks (see README)
-    buf = torch.zeros(numel + EXTRA_SLOTS, dtype=torch.float64, device=device)
+    buf = torch.zeros(numel + EXTRA_SLOTS, dtype=ROUND_DTYPE, device=device)
     for cid, w in zip(cohort, weights):
         trained, loss = train_client(algo, {**shared, **private[cid]}, data[cid],
                                             batch_size, seed, rnd, cid)

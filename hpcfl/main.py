@@ -26,9 +26,10 @@ from .algorithms import build_algorithm
 from .config import ConfigError, RunConfig, describe, load_config
 from .data import load_federated
 from .data.partition import rng
-from .engine import EXTRA_SLOTS, STOP_SLOT, evaluate_client, train_cohort, unflatten
+from .engine import (EXTRA_SLOTS, ROUND_DTYPE, STOP_SLOT, evaluate_client, train_cohort,
+                     unflatten)
 from .resume import checkpoint, plan_or_error
-from .store import TIMING, ResultsFile, git_commit, load_checkpoint
+from .store import TIMING, ResultsFile, git_commit, load_checkpoint, mark_completed
 from .world import World, balanced_blocks
 
 log = logging.getLogger("hpcfl")
@@ -157,6 +158,8 @@ def run(cfg: RunConfig, world: World) -> dict:
     algo = build_algorithm(cfg, data.shape, data.num_classes)
     start = plan_or_error(cfg, world)
     if start.done:
+        if world.is_main:
+            mark_completed(start.path)
         return dict(done=True, path=str(start.path), round=start.round)
 
     to_dev = lambda p: {k: torch.as_tensor(v).to(world.device) for k, v in p.items()}  # noqa
@@ -182,7 +185,7 @@ def run(cfg: RunConfig, world: World) -> dict:
                  if start.checkpoint else
                  ResultsFile.create(start.path, attrs, data.num_train,
                                     data.num_test, world.size))
-    rec = Recorder(world, store, 4 * (numel + EXTRA_SLOTS))
+    rec = Recorder(world, store, (numel + EXTRA_SLOTS) * ROUND_DTYPE.itemsize)
     mode = cfg.output.progress
     if mode == "auto":
         mode = "bar" if sys.stderr.isatty() else "log"
@@ -205,7 +208,7 @@ def run(cfg: RunConfig, world: World) -> dict:
             algo.server_step(shared, unflatten(buf[:-EXTRA_SLOTS], shared), weight)
             rec.time_round(rnd, t1 - t0, t2 - t1)
             bar.update()
-            stop = stops > 0
+            stop = stops > 0 and rnd < t.rounds  # a signal in the last round changes nothing
             if rnd % t.eval_every == 0 or rnd == t.rounds:
                 t3 = time.perf_counter()
                 table = evaluate(algo, shared, private, data, n)

@@ -128,6 +128,12 @@ class ResultsFile:
             self.f.close()
 
 
+def mark_completed(path: Path) -> None:
+    with h5py.File(path, "r+", locking=False) as f:
+        if f.attrs.get("status") != "completed":
+            f.attrs["status"] = "completed"
+
+
 # ---------------------------------------------------------------- checkpoints
 
 class CheckpointError(Exception):

@@ -48,6 +48,8 @@ def test_results_file_holds_the_documented_schema(tmp_path):
         for k in TIMING:
             assert f["timing"][f"{k}_s"].shape == (5, 1)
         assert (f["timing/compute_s"][:] > 0).all()
+        # the hypernetwork of digits_cnn and 4 bookkeeping slots, in float64
+        assert (f["timing/allreduce_bytes"][:] == 8 * (1_692_544 + 4)).all()
         acc = f["clients/test_acc"][-1]
         w = f["clients/num_test_samples"][:]
         assert np.isclose(f["metrics/test_acc_mean"][-1], acc.mean(), atol=1e-6)
@@ -105,7 +107,7 @@ def test_default_run_reaches_090(tmp_path):
     r = run_cli(cwd=tmp_path, timeout=400)
     assert r.returncode == 0, r.stderr
     assert "final test_acc_mean" in r.stdout
-    (path,) = (tmp_path / "runs").glob("hyperfl-digits-*.h5")
+    (path,) = [p for p in (tmp_path / "runs").glob("hyperfl-digits-*.h5") if ".ckpt" not in p.name]
     with h5py.File(path, "r") as f:
         assert f.attrs["status"] == "completed"
         assert f["metrics/test_acc_mean"][-1] >= 0.90

@@ -115,3 +115,15 @@ def test_checkpoint_holds_every_client_keyed_by_id(tmp_path):
         assert set(f["shared"]) == {k for k in f["shared"] if k.startswith("hypernet.")}
         emb = f["private/embedding"][:]
     assert not np.allclose(emb[0], emb[1])  # trained apart
+
+
+def test_killed_after_its_last_checkpoint_a_rerun_marks_it_completed(tmp_path):
+    args = [*TINY, f"output.dir={tmp_path}", "output.name=last"]
+    assert run_mpi(None, *args).returncode == 0
+    with h5py.File(tmp_path / "last.h5", "r+") as f:  # as if killed before closing the file
+        f.attrs["status"] = "running"
+        rows = len(f["metrics/round"])
+    r = run_mpi(None, *args)
+    assert r.returncode == 0 and "already completed" in r.stdout
+    with h5py.File(tmp_path / "last.h5") as f:
+        assert f.attrs["status"] == "completed" and len(f["metrics/round"]) == rows

@@ -1,0 +1,87 @@
+"""Under a real `mpiexec`: results do not depend on the number of ranks, a killed or preempted
+job resumes (with the same or another number of ranks) to the numbers of an uninterrupted one,
+and one failing rank ends the whole job."""
+import os
+import signal
+import time
+
+import h5py
+import pytest
+
+from .conftest import (TINY, launch, max_diff, rank_pids, results, run_mpi, wait_for_rows)
+
+SMALL = ["data.num_clients=20", "train.rounds=3", "train.local_epochs=1",
+         "output.progress=none", "train.device=cpu"]
+
+
+@pytest.mark.parametrize("algorithm", ["hyperfl", "fedavg"])
+def test_one_two_and_three_ranks_give_the_same_results(tmp_path, algorithm):
+    runs = {}
+    for ranks in (1, 2, 3):
+        name = f"n{ranks}"
+        r = run_mpi(ranks, *SMALL, f"algorithm.name={algorithm}", f"output.dir={tmp_path}",
+                    f"output.name={name}")
+        assert r.returncode == 0, r.stderr
+        runs[ranks] = results(tmp_path / f"{name}.h5")
+        with h5py.File(tmp_path / f"{name}.h5") as f:
+            assert f.attrs["world_size"] == ranks
+            assert f["timing/compute_s"].shape == (3, ranks)
+    assert max_diff(runs[1], runs[2]) <= 1e-5
+    assert max_diff(runs[1], runs[3]) <= 1e-5
+
+
+ARGS = [*TINY, "train.rounds=8", "train.local_epochs=2", "output.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    r = run_mpi(2, *ARGS, f"output.dir={out}", "output.name=ref")
+    assert r.returncode == 0, r.stderr
+    return results(out / "ref.h5")
+
+
+@pytest.mark.parametrize("resume_ranks, tolerance", [(2, 0.0), (1, 1e-5)])
+def test_kill9_of_the_job_then_rerun_matches_an_uninterrupted_run(tmp_path, reference,
+                                                                   resume_ranks, tolerance):
+    args = [*ARGS, f"output.dir={tmp_path}", "output.name=k"]
+    proc = launch(2, *args)
+    wait_for_rows(tmp_path / "k.h5", 4, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # mpiexec, its proxies and every rank
+    proc.wait()
+    r = run_mpi(resume_ranks, *args)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr
+    assert max_diff(results(tmp_path / "k.h5"), reference) <= tolerance
+    with h5py.File(tmp_path / "k.h5") as f:  # exactly one row per round, old and new ranks
+        assert list(f["timing/round"][:]) == list(range(1, 9))
+
+
+def test_sigterm_to_every_rank_checkpoints_and_resumes_on_three_ranks(tmp_path, reference):
+    args = [*ARGS, f"output.dir={tmp_path}", "output.name=sigterm"]
+    proc = launch(2, *args)
+    wait_for_rows(tmp_path / "sigterm.h5", 2, proc)
+    pids = rank_pids("output.name=sigterm")
+    assert len(pids) == 2
+    for pid in pids:  # as Slurm does at the time limit: every task gets the signal
+        os.kill(pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped by a signal" in out
+    with h5py.File(tmp_path / "sigterm.h5") as f:
+        assert f.attrs["status"] == "preempted"
+    r = run_mpi(3, *args)
+    assert r.returncode == 0, r.stderr
+    assert max_diff(results(tmp_path / "sigterm.h5"), reference) <= 1e-5
+
+
+def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
+    # Rank 0 cannot create its results file (a directory is in the way); rank 1 is already in
+    # the round's Allreduce and would wait forever without the abort.
+    (tmp_path / "x.h5").mkdir()
+    t0 = time.time()
+    r = run_mpi(2, *TINY, f"output.dir={tmp_path}", "output.name=x", "output.overwrite=true",
+                timeout=60)
+    assert r.returncode != 0
+    assert time.time() - t0 < 30
+    assert "Traceback" in r.stderr
