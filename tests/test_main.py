@@ -3,7 +3,6 @@ completed says so."""
 import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np

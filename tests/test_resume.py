@@ -85,7 +85,8 @@ def test_no_usable_checkpoint_stops_with_exit_2(tmp_path):
     r = run_mpi(None, *args[:-2], "train.rounds=6", *args[-2:])
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert lines[-1].startswith("hpcfl: error: no usable checkpoint") and "Traceback" not in r.stderr
+    assert lines[-1].startswith("hpcfl: error: no usable checkpoint")
+    assert "Traceback" not in r.stderr
     assert (tmp_path / "b.h5").read_bytes() == before
 
 

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from hpcfl.world import balanced_blocks
@@ -6,8 +5,9 @@ from hpcfl.world import balanced_blocks
 from .conftest import TINY, run_cli
 
 
-@pytest.mark.parametrize("sizes, parts", [([68] * 20, 1), ([68] * 20, 3), ([5, 90, 3, 40, 7, 60], 4),
-                                          (list(range(1, 30)), 7), ([10, 10], 5)])
+@pytest.mark.parametrize("sizes, parts", [
+    ([68] * 20, 1), ([68] * 20, 3), ([5, 90, 3, 40, 7, 60], 4), (list(range(1, 30)), 7),
+    ([10, 10], 5)])
 def test_blocks_are_contiguous_cover_all_clients_and_balance_samples(sizes, parts):
     blocks = balanced_blocks(sizes, parts)
     assert len(blocks) == parts
