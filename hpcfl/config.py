@@ -28,7 +28,7 @@ def opt(default, help: str, choices: tuple = (), min: float | None = None,
 
 
 DATASETS = ("digits", "synthetic-cifar10", "synthetic-mnist")
-MODELS = ("auto", "digits_cnn", "mnist_cnn", "cifar_cnn")
+MODELS = ("auto", "digits_cnn", "mnist_cnn", "cifar_cnn", "pfl_cnn")
 ALGORITHMS = ("hyperfl", "fedavg", "local")
 
 
@@ -87,8 +87,12 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    mode: str = opt("sequential", "how a cohort is trained: one client after another",
-                    choices=("sequential",))
+    mode: str = opt("auto", "how a rank trains its clients: sequential (one after another), "
+                    "vectorized (many at once with torch.func.vmap), auto (the faster on this "
+                    "device type, measured with python -m hpcfl.bench)",
+                    choices=("auto", "sequential", "vectorized"))
+    max_clients_in_memory: int = opt(0, "vectorized: train at most this many clients at once "
+                                     "(same results, less memory); 0 = the whole cohort", min=0)
 
 
 @dataclass

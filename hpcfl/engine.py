@@ -1,9 +1,16 @@
 """Trains a cohort of clients and evaluates clients, for any Algorithm.
 
-Sequential path: one client after another, each a plain loop of functional SGD steps
-(torch.func.grad on the algorithm's forward), with its data already on the device. Every random
-choice (batch order) comes from (seed, round, client, phase), never from the rank or from which
-clients trained before, so results do not depend on how clients are spread over ranks.
+Two paths with the same semantics (tested to agree within float32 rounding):
+- sequential: one client after another, each a plain loop of functional SGD steps
+  (torch.func.grad on the algorithm's forward), its data already on the device;
+- vectorized: a group of clients at once: their parameters stacked along a client axis, one
+  torch.func.vmap(grad) per step. Clients train for different numbers of steps and their last
+  batch of an epoch is smaller, exactly as in the sequential path: every client's batch schedule
+  is padded to the group's longest, padded samples carry zero weight in the loss, and a client
+  whose schedule has ended takes zero-size steps.
+Every random choice (batch order) comes from (seed, round, client, phase), never from the rank
+or from which clients trained before, so results do not depend on how clients are spread over
+ranks or groups.
 """
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import grad_and_value
+from torch.func import grad_and_value, vmap
 
 from .algorithms import Algorithm, Params, Phase
 from .data import ClientData
@@ -23,6 +30,7 @@ BATCH_ORDER = 103  # stream tag, see data.partition.rng
 EXTRA_SLOTS, STOP_SLOT = 4, -2
 # float64: the sum must not depend on how clients are spread over ranks (see README, MPI).
 ROUND_DTYPE = torch.float64
+AUTO_MODE = {"cpu": "sequential", "cuda": "vectorized"}  # see resolve_mode
 
 
 def client_generator(seed: int, rnd: int, cid: int, phase: int) -> torch.Generator:
@@ -45,16 +53,30 @@ def minibatches(n: int, batch_size: int, phase: Phase,
                 return
 
 
-def clip_(grads: list[torch.Tensor], max_norm: float) -> None:
-    """torch.nn.utils.clip_grad_norm_ on one group of gradients, in place."""
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+def per_client(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (clients,) vector shaped to broadcast against a stacked (clients, ...) tensor."""
+    return v.view(-1, *[1] * (like.dim() - 1))
+
+
+def clip_(grads: list[torch.Tensor], max_norm: float, stacked: bool = False) -> None:
+    """torch.nn.utils.clip_grad_norm_ on one group of gradients, in place; `stacked`: dim 0
+    indexes clients, each clipped by its own norm."""
+    if stacked:
+        norm = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(per_client(scale, g))
+    else:
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
 def sgd_(params: list[torch.Tensor], grads: list[torch.Tensor],
-         momentum_buf: list[torch.Tensor], phase: Phase) -> None:
+         momentum_buf: list[torch.Tensor], phase: Phase,
+         active: torch.Tensor | None = None) -> None:
     """torch.optim.SGD's update (dampening 0, no Nesterov), in place on params and grads; an
-    empty `momentum_buf` is filled from the first gradient, as torch does."""
+    empty `momentum_buf` is filled from the first gradient, as torch does. `active`: per-client
+    0/1 for stacked params; a client at 0 does not move (its schedule has ended)."""
     if phase.weight_decay:
         torch._foreach_add_(grads, params, alpha=phase.weight_decay)
     if phase.momentum:
@@ -64,6 +86,8 @@ def sgd_(params: list[torch.Tensor], grads: list[torch.Tensor],
             torch._foreach_mul_(momentum_buf, phase.momentum)
             torch._foreach_add_(momentum_buf, grads)
         grads = momentum_buf
+    if active is not None:
+        grads = [g * per_client(active, g) for g in grads]
     torch._foreach_add_(params, grads, alpha=-phase.lr)
 
 
@@ -109,23 +133,105 @@ def unflatten(flat: torch.Tensor, like: Params) -> Params:
     return out
 
 
+def schedules(data: dict[int, ClientData], cids: list[int], batch_size: int, phase: Phase,
+              seed: int, rnd: int, k: int, device) -> tuple[torch.Tensor, ...]:
+    """The sequential path's batches of every client, padded to a common shape:
+    index (clients, steps, batch), sample weight (same, 0 for padding), active (clients, steps)."""
+    lists = [list(minibatches(data[c].num_train, batch_size, phase,
+                              client_generator(seed, rnd, c, k))) for c in cids]
+    steps = max(len(b) for b in lists)
+    idx = torch.zeros(len(cids), steps, batch_size, dtype=torch.long)
+    weight = torch.zeros(len(cids), steps, batch_size)
+    active = torch.zeros(len(cids), steps)
+    for i, batches in enumerate(lists):
+        active[i, :len(batches)] = 1
+        for s, b in enumerate(batches):
+            idx[i, s, :len(b)], weight[i, s, :len(b)] = b, 1
+    return idx.to(device), weight.to(device), active.to(device)
+
+
+def train_group(algo: Algorithm, shared: Params, private: dict[int, Params],
+                data: dict[int, ClientData], cids: list[int], batch_size: int, seed: int,
+                rnd: int) -> tuple[Params, torch.Tensor]:
+    """The vectorized path: train clients `cids` together. Returns their trained state stacked
+    along dim 0 (every tensor that training changed) and each client's last-phase mean loss."""
+    x = torch.cat([data[c].x_train for c in cids])
+    y = torch.cat([data[c].y_train for c in cids])
+    offsets = torch.tensor([0] + [data[c].num_train for c in cids[:-1]],
+                           device=y.device).cumsum(0)
+    stacked = {n: torch.stack([private[c][n] for c in cids]) for n in private[cids[0]]}
+
+    def loss_fn(trainable, frozen, x, y, w):
+        ce = F.cross_entropy(algo.forward({**frozen, **trainable}, x), y, reduction="none")
+        # The mean over the batch's real samples (a finished client's padded step has none).
+        return (ce * w).sum() / w.sum().clamp(min=1)
+
+    losses = torch.zeros(len(cids), device=y.device)
+    for k, phase in enumerate(algo.phases()):
+        idx, weight, active = schedules(data, cids, batch_size, phase, seed, rnd, k, y.device)
+        # A shared tensor gets one copy per client once it is trained; until then all clients
+        # read the same one (vmap in_dims None).
+        trainable = {n: (stacked[n] if n in stacked else
+                         shared[n].expand(len(cids), *shared[n].shape)).clone()
+                     for n in phase.names}
+        frozen = {n: v for n, v in {**shared, **stacked}.items() if n not in trainable}
+        step = vmap(grad_and_value(loss_fn),
+                    in_dims=(0, {n: 0 if n in stacked else None for n in frozen}, 0, 0, 0))
+        momentum: list[torch.Tensor] = []
+        losses = torch.zeros(len(cids), device=y.device)
+        for s in range(idx.shape[1]):
+            rows = offsets[:, None] + idx[:, s]
+            grads, loss = step(trainable, frozen, x[rows], y[rows], weight[:, s])
+            if phase.clip_norm > 0:
+                for group in phase.groups:
+                    clip_([grads[n] for n in group], phase.clip_norm, stacked=True)
+            sgd_(list(trainable.values()), [grads[n] for n in trainable], momentum, phase,
+                 active=active[:, s])
+            losses += loss.detach() * active[:, s]
+        losses /= active.sum(1)
+        stacked.update(trainable)
+    return stacked, losses
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """engine.mode=auto: the path `python -m hpcfl.bench digits-hyperfl` measured faster on this
+    device type (README, Performance)."""
+    if mode != "auto":
+        return mode
+    return AUTO_MODE[torch.device(device).type]
+
+
 def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
                  data: dict[int, ClientData], cohort: list[int], weights: list[float],
-                 batch_size: int, seed: int, rnd: int, device: torch.device) -> torch.Tensor:
+                 batch_size: int, seed: int, rnd: int, device: torch.device,
+                 mode: str = "sequential", group_size: int = 0) -> torch.Tensor:
     """Train `cohort` (clients hosted here) from `shared`; update their private state in place.
+    mode "vectorized" trains `group_size` clients at a time (0: all at once).
 
     Returns ONE flat float64 buffer, ready for the round's Allreduce:
     [sum of weight * upload | sum of training losses | number of clients | 0 | sum of weights].
+    Uploads are added one client at a time in cohort order, whatever the mode.
     """
     numel = sum(v.numel() for v in shared.values())
     buf = torch.zeros(numel + EXTRA_SLOTS, dtype=ROUND_DTYPE, device=device)
-    for cid, w in zip(cohort, weights):
-        trained, loss = train_client(algo, {**shared, **private[cid]}, data[cid],
-                                            batch_size, seed, rnd, cid)
+
+    def add(cid: int, w: float, trained: Params, loss: float) -> None:
         private[cid] = {n: trained[n].detach() for n in private[cid]}
         up = algo.upload(shared, trained)
         buf[:numel].add_(flatten(up, shared.keys()).detach(), alpha=w)
         buf[-EXTRA_SLOTS:] += torch.tensor([loss, 1.0, 0.0, w], device=device)
+
+    if mode == "sequential":
+        for cid, w in zip(cohort, weights):
+            add(cid, w, *train_client(algo, {**shared, **private[cid]}, data[cid], batch_size,
+                                      seed, rnd, cid))
+        return buf
+    size = group_size or len(cohort)
+    for g in range(0, len(cohort), size):
+        cids = cohort[g:g + size]
+        stacked, losses = train_group(algo, shared, private, data, cids, batch_size, seed, rnd)
+        for i, (cid, w) in enumerate(zip(cids, weights[g:g + size])):
+            add(cid, w, {**shared, **{n: v[i] for n, v in stacked.items()}}, float(losses[i]))
     return buf
 
 

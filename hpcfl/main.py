@@ -26,8 +26,8 @@ from .algorithms import build_algorithm
 from .config import ConfigError, RunConfig, describe, load_config
 from .data import load_federated
 from .data.partition import rng
-from .engine import (EXTRA_SLOTS, ROUND_DTYPE, STOP_SLOT, evaluate_client, train_cohort,
-                     unflatten)
+from .engine import (EXTRA_SLOTS, ROUND_DTYPE, STOP_SLOT, evaluate_client, resolve_mode,
+                     train_cohort, unflatten)
 from .resume import checkpoint, plan_or_error
 from .store import TIMING, ResultsFile, git_commit, load_checkpoint, mark_completed
 from .world import World, balanced_blocks
@@ -186,11 +186,12 @@ def run(cfg: RunConfig, world: World) -> dict:
                  ResultsFile.create(start.path, attrs, data.num_train,
                                     data.num_test, world.size))
     rec = Recorder(world, store, (numel + EXTRA_SLOTS) * ROUND_DTYPE.itemsize)
-    mode = cfg.output.progress
-    if mode == "auto":
-        mode = "bar" if sys.stderr.isatty() else "log"
+    mode = resolve_mode(cfg.engine.mode, world.device)
+    show = cfg.output.progress
+    if show == "auto":
+        show = "bar" if sys.stderr.isatty() else "log"
     bar = tqdm(total=t.rounds, initial=start.round, unit="round",
-               disable=not (world.is_main and mode == "bar"))
+               disable=not (world.is_main and show == "bar"))
     world.catch_stop_signals()
     t_start, final, stop, rnd = time.perf_counter() - elapsed, {}, False, start.round
     try:
@@ -199,7 +200,7 @@ def run(cfg: RunConfig, world: World) -> dict:
             mine = [c for c in sample_cohort(t.seed, rnd, n, t.frac) if c in private]
             buf = train_cohort(algo, shared, private, data.clients, mine,
                                [weights[c] for c in mine], t.batch_size, t.seed, rnd,
-                               world.device)
+                               world.device, mode, cfg.engine.max_clients_in_memory)
             buf[STOP_SLOT] = float(world.stop_requested)  # agreed on in the same Allreduce
             t1 = time.perf_counter()
             world.allreduce_sum_(buf)
@@ -218,7 +219,7 @@ def run(cfg: RunConfig, world: World) -> dict:
                     final = row
                     bar.set_postfix(acc=f"{row['test_acc_mean']:.3f}",
                                     loss=f"{row['train_loss']:.3f}")
-                    if mode == "log":
+                    if show == "log":
                         log.info("round %d/%d  test_acc_mean %.4f  train_loss %.4f  %.2f s/round",
                                  rnd, t.rounds, row["test_acc_mean"], row["train_loss"],
                                  row["round_time_s"])

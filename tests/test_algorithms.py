@@ -10,9 +10,11 @@ from hpcfl.main import evaluate, run
 from hpcfl.world import World
 
 
-@pytest.mark.parametrize("name", ["hyperfl", "fedavg", "local"])
-def test_each_algorithm_reduces_its_loss_and_learns(name, tiny_cfg, tmp_path):
+@pytest.mark.parametrize("name, engine", [("hyperfl", "sequential"), ("fedavg", "sequential"),
+                                          ("local", "sequential"), ("hyperfl", "vectorized")])
+def test_each_algorithm_reduces_its_loss_and_learns(name, engine, tiny_cfg, tmp_path):
     cfg = tiny_cfg(f"algorithm.name={name}", "train.rounds=10", "train.local_epochs=2",
+                   f"engine.mode={engine}", "engine.max_clients_in_memory=4",
                    f"output.dir={tmp_path}", "output.name=r")
     data = load_federated(cfg.data, cfg.train.seed)
     algo = build_algorithm(cfg, data.shape, data.num_classes)

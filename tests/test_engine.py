@@ -7,7 +7,8 @@ from torch.func import functional_call
 from hpcfl.algorithms import Phase, build_algorithm
 from hpcfl.config import load_config
 from hpcfl.data import load_federated
-from hpcfl.engine import clip_, client_generator, minibatches, sgd_, train_client, train_cohort
+from hpcfl.engine import (EXTRA_SLOTS, clip_, client_generator, minibatches, sgd_, train_client,
+                          train_cohort, train_group, unflatten)
 
 
 def test_minibatches_cover_each_epoch_once_and_count_steps():
@@ -110,3 +111,61 @@ def test_a_clients_training_does_not_depend_on_its_cohort():
     b3 = train_cohort(algo, shared, {3: algo.init_client(3)}, data.clients, [3], [w[3]], 50, 0,
                       7, "cpu")
     assert torch.equal(b1, b3)  # and it is deterministic
+
+
+def settle(algo, shared, private, data, cids, rounds):
+    """HyperFL's first rounds from the official init (loss ~1e4, clipped gradients) amplify any
+    rounding (a different CPU thread count moves uploads by up to 1e-4): compare the engine's
+    paths from the state a few sequential rounds reach."""
+    w = [float(data.num_train[c]) for c in cids]
+    for rnd in range(1, rounds + 1):
+        buf = train_cohort(algo, shared, private, data.clients, cids, w, 50, 0, rnd, "cpu")
+        algo.server_step(shared, unflatten(buf[:-EXTRA_SLOTS].float(), shared), float(buf[-1]))
+
+
+@pytest.mark.parametrize("name", ["hyperfl", "fedavg", "local"])
+def test_vectorized_and_sequential_paths_give_the_same_uploads(name):
+    # Dirichlet sizes: clients run different numbers of steps and have partial last batches.
+    cfg = load_config(None, [f"algorithm.name={name}", "data.num_clients=8",
+                             "data.partition=dirichlet", "data.dirichlet_alpha=0.3",
+                             "train.local_epochs=2"])
+    data = load_federated(cfg.data, seed=0)
+    assert len({n % 50 for n in data.num_train}) > 1 and len(set(data.num_train)) > 4
+    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    shared = algo.init_shared()
+    cids = list(range(8))
+    private = {c: algo.init_client(c) for c in cids}
+    rounds = 2 if name == "hyperfl" else 0
+    settle(algo, shared, private, data, cids, rounds)
+    r = rounds + 1
+    stacked, losses = train_group(algo, shared, private, data.clients, cids, 50, 0, r)
+    for i, c in enumerate(cids):
+        ref, ref_loss = train_client(algo, {**shared, **private[c]}, data.clients[c], 50, 0, r, c)
+        mine = {**shared, **{n: v[i] for n, v in stacked.items()}}
+        up, ref_up = algo.upload(shared, mine), algo.upload(shared, ref)
+        for n in [*up, *private[c]]:
+            got = up[n] if n in up else mine[n]
+            want = ref_up[n] if n in up else ref[n]
+            assert (got - want).abs().max() <= 1e-5, (c, n)
+        assert abs(float(losses[i]) - ref_loss) <= 1e-4 * max(1.0, ref_loss)
+
+
+@pytest.mark.parametrize("name", ["hyperfl", "fedavg"])
+def test_micro_cohorts_give_the_same_round(name):
+    cfg = load_config(None, [f"algorithm.name={name}", "data.num_clients=7",
+                             "train.local_epochs=1"])
+    data = load_federated(cfg.data, seed=0)
+    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    shared, cids = algo.init_shared(), list(range(7))
+    w = [float(data.num_train[c]) for c in cids]
+    start = {c: algo.init_client(c) for c in cids}
+    settle(algo, shared, start, data, cids, 2 if name == "hyperfl" else 0)
+    bufs = {}
+    for mode, size in [("sequential", 0), ("vectorized", 0), ("vectorized", 3),
+                       ("vectorized", 1)]:
+        private = {c: dict(p) for c, p in start.items()}
+        bufs[mode, size] = train_cohort(algo, shared, private, data.clients, cids, w, 50, 0, 3,
+                                        "cpu", mode, size)
+    mean = {k: b[:-4] / b[-1] for k, b in bufs.items()}
+    for key in mean:
+        assert (mean[key] - mean["vectorized", 0]).abs().max() <= 1e-5, key

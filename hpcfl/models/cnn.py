@@ -74,9 +74,26 @@ class DigitsExtractor(nn.Module):
         return F.leaky_relu(self.fc1(x.flatten(1)))
 
 
+class PflExtractor(nn.Module):
+    """The CNN of pfl-research's CIFAR-10 benchmark: conv3x3(3->32) conv3x3(32->64) maxpool
+    fc(12544->128), ReLU (1,626,442 parameters with its head). Its dropout layers are left out:
+    the benchmark measures speed, and random masks would differ between the engine's paths."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3)
+        self.conv2 = nn.Conv2d(32, 64, 3)
+        self.fc1 = nn.Linear(12544, 128)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        return F.relu(self.fc1(x.flatten(1)))
+
+
 # name -> (extractor class, feature dim, input shape it expects)
 CNNS = {
     "digits_cnn": (DigitsExtractor, 64, (1, 8, 8)),
     "mnist_cnn": (MnistExtractor, 128, (1, 28, 28)),
     "cifar_cnn": (CifarExtractor, 128, (3, 32, 32)),
+    "pfl_cnn": (PflExtractor, 128, (3, 32, 32)),
 }

@@ -1,0 +1,164 @@
+"""`python -m hpcfl.bench WORKLOAD [--modes M,M] [--rounds N] [--dtype D] [--out F.h5] [key=value]`
+
+Times the rounds of a run, per engine mode, with the run's own code (data on the device, the
+engine, the Allreduce, the server step, the evaluation), and writes a table and an HDF5 file:
+
+    /                       attrs: workload, config (YAML), device, torch_version, world_size, ...
+    /bench/<mode>/round_s   seconds per timed round (after one warm-up round), on rank 0
+    /bench/<mode>/compute_s, allreduce_s, eval_s   the same rounds split by phase (rank 0)
+    /bench/<mode>           attrs: client_updates_per_s, peak_mem_bytes, max_abs_diff, cohort
+
+`max_abs_diff`: largest difference between this mode's and the sequential mode's averaged
+upload (the server step's input) of the warm-up round, which all modes start from the same
+state. Runs under mpiexec/srun like a run; key=value overrides set cohort size and the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import sys
+import time
+
+import h5py
+import numpy as np
+import torch
+
+from .algorithms import build_algorithm
+from .config import ConfigError, load_config
+from .data import load_federated
+from .engine import EXTRA_SLOTS, train_cohort, unflatten
+from .main import evaluate, provenance, sample_cohort
+from .world import World, balanced_blocks
+
+WORKLOADS = {
+    # The default run's round: HyperFL on digits, 20 clients.
+    "digits-hyperfl": [],
+    # pfl-research's CIFAR-10 benchmark shape: 1,000 clients x 50 images, cohort 50, batch 10,
+    # 5 local steps, lr 0.1, plain SGD, the 1.63M-parameter CNN; synthetic CIFAR-shaped data.
+    "pfl-cifar10-fedavg": [
+        "data.name=synthetic-cifar10", "data.synthetic_samples=62500", "data.num_clients=1000",
+        "data.partition=iid", "data.test_fraction=0.2", "model.name=pfl_cnn",
+        "algorithm.name=fedavg", "train.frac=0.05", "train.batch_size=10", "train.local_steps=5",
+        "train.lr=0.1", "train.momentum=0", "train.weight_decay=0"],
+    # The official HyperFL CIFAR-10 settings: 20 clients x 600 train / 300 test images, one head
+    # epoch then 5 hypernetwork epochs at batch 50 (no augmentation yet).
+    "hyperfl-cifar10": [
+        "data.name=synthetic-cifar10", "data.synthetic_samples=18000", "data.num_clients=20",
+        "data.test_fraction=0.3333333", "model.name=cifar_cnn", "algorithm.name=hyperfl",
+        "train.lr=0.02"],
+}
+DTYPES = ("fp32", "tf32", "bf16")
+
+
+def precision(dtype: str, device: torch.device):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_mode(cfg, world: World, data, mode: str, rounds: int, dtype: str) -> dict:
+    t, n = cfg.train, cfg.data.num_clients
+    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    to_dev = lambda p: {k: v.to(world.device) for k, v in p.items()}  # noqa: E731
+    shared = to_dev(algo.init_shared())
+    private = {c: to_dev(algo.init_client(c)) for c in data.clients}
+    weights = [float(s) for s in data.num_train]
+    if world.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(world.device)
+    times, first_update, cohort_size = [], None, 0
+    for rnd in range(1, rounds + 2):  # round 1 warms up (and is compared across modes)
+        cohort = sample_cohort(t.seed, rnd, n, t.frac)
+        mine = [c for c in cohort if c in private]
+        t0 = time.perf_counter()
+        with precision(dtype, world.device):
+            buf = train_cohort(algo, shared, private, data.clients, mine,
+                               [weights[c] for c in mine], t.batch_size, t.seed, rnd,
+                               world.device, mode, cfg.engine.max_clients_in_memory)
+        sync(world.device)
+        t1 = time.perf_counter()
+        world.allreduce_sum_(buf)
+        update = unflatten((buf[:-EXTRA_SLOTS] / buf[-1]).float(), shared)
+        algo.server_step(shared, update, 1.0)
+        sync(world.device)
+        t2 = time.perf_counter()
+        evaluate(algo, shared, private, data, n)
+        t3 = time.perf_counter()
+        if rnd == 1:
+            first_update = torch.cat([v.reshape(-1) for v in update.values()]).cpu() \
+                if update else torch.zeros(0)
+        else:
+            times.append((t2 - t0, t1 - t0, t2 - t1, t3 - t2))
+            cohort_size = len(cohort)
+    peak = (torch.cuda.max_memory_allocated(world.device) if world.device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    round_s, compute_s, allreduce_s, eval_s = (np.array(c) for c in zip(*times))
+    return dict(round_s=round_s, compute_s=compute_s, allreduce_s=allreduce_s, eval_s=eval_s,
+                update=first_update, peak_mem_bytes=int(peak), cohort=cohort_size,
+                client_updates_per_s=cohort_size / round_s.mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hpcfl.bench", description=__doc__.split("\n")[2])
+    p.add_argument("workload", nargs="?", default="digits-hyperfl", choices=list(WORKLOADS))
+    p.add_argument("--modes", default="sequential,vectorized")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per mode (after warm-up)")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES)
+    p.add_argument("--out", default="", help="HDF5 file (default: bench-<workload>.h5)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, as for hpcfl.main")
+    a = p.parse_intermixed_args(argv)
+    modes = a.modes.split(",")
+    try:
+        bad = [m for m in modes if m not in ("sequential", "vectorized")]
+        if bad:
+            raise ConfigError(f"--modes: {','.join(bad)} is not one of sequential, vectorized")
+        if a.rounds < 1:
+            raise ConfigError("--rounds: must be >= 1")
+        cfg = load_config(None, [*WORKLOADS[a.workload], *a.overrides])
+        world = World(cfg.train.device)
+        data = load_federated(cfg.data, cfg.train.seed, world.device,
+                              hosted=lambda s: balanced_blocks(s, world.size)[world.rank])
+    except ConfigError as e:
+        print(f"hpcfl.bench: error: {e}", file=sys.stderr)
+        return 2
+    results = {}
+    for mode in (["sequential"] if "sequential" not in modes else []) + modes:
+        results[mode] = bench_mode(cfg, world, data, mode, a.rounds, a.dtype)
+    ref = results["sequential"]["update"]
+    for r in results.values():
+        r["max_abs_diff"] = float((r["update"] - ref).abs().max()) if ref.numel() else 0.0
+    attrs = provenance(cfg, world)
+    if not world.is_main:
+        return 0
+    print(f"{a.workload}: {cfg.data.num_clients} clients, cohort {results[modes[0]]['cohort']}, "
+          f"{world.size} rank(s), {world.device}, {a.dtype}, torch {torch.__version__}")
+    print(f"{'mode':<11} {'s/round':>8} {'compute':>8} {'allreduce':>9} {'eval':>7} "
+          f"{'updates/s':>10} {'peak MiB':>9} {'max_abs_diff':>12}")
+    for mode in modes:
+        r = results[mode]
+        print(f"{mode:<11} {r['round_s'].mean():8.3f} {r['compute_s'].mean():8.3f} "
+              f"{r['allreduce_s'].mean():9.4f} {r['eval_s'].mean():7.3f} "
+              f"{r['client_updates_per_s']:10.1f} {r['peak_mem_bytes'] / 2**20:9.0f} "
+              f"{r['max_abs_diff']:12.2e}")
+    out = a.out or f"bench-{a.workload}.h5"
+    with h5py.File(out, "w") as f:
+        f.attrs.update(workload=a.workload, dtype=a.dtype, rounds=a.rounds, **attrs)
+        for mode in modes:
+            r = results[mode]
+            g = f.create_group(f"bench/{mode}")
+            for k in ("round_s", "compute_s", "allreduce_s", "eval_s"):
+                g[k] = r[k]
+            g.attrs.update({k: r[k] for k in ("client_updates_per_s", "peak_mem_bytes",
+                                              "max_abs_diff", "cohort")})
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
