@@ -226,7 +226,7 @@ def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
             add(cid, w, *train_client(algo, {**shared, **private[cid]}, data[cid], batch_size,
                                       seed, rnd, cid))
         return buf
-    size = group_size or len(cohort)
+    size = group_size or max(1, len(cohort))  # a rank may host no member of this cohort
     for g in range(0, len(cohort), size):
         cids = cohort[g:g + size]
         stacked, losses = train_group(algo, shared, private, data, cids, batch_size, seed, rnd)

@@ -169,3 +169,14 @@ def test_micro_cohorts_give_the_same_round(name):
     mean = {k: b[:-4] / b[-1] for k, b in bufs.items()}
     for key in mean:
         assert (mean[key] - mean["vectorized", 0]).abs().max() <= 1e-5, key
+
+
+@pytest.mark.parametrize("mode", ["sequential", "vectorized"])
+def test_a_rank_without_cohort_members_contributes_zeros(mode):
+    cfg = load_config(None, ["data.num_clients=4", "train.local_epochs=1"])
+    data = load_federated(cfg.data, seed=0)
+    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    shared = algo.init_shared()
+    buf = train_cohort(algo, shared, {}, data.clients, [], [], 50, 0, 1, "cpu", mode)
+    assert buf.numel() == sum(v.numel() for v in shared.values()) + EXTRA_SLOTS
+    assert not buf.any()
