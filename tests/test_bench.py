@@ -33,3 +33,13 @@ def test_bench_writes_a_table_and_the_documented_file(tmp_path):
 def test_bench_rejects_an_unknown_mode(tmp_path):
     r = bench("--modes", "sequential,turbo", cwd=tmp_path)
     assert r.returncode == 2 and "turbo" in r.stderr and not any(tmp_path.iterdir())
+
+
+def test_bench_under_bf16_autocast(tmp_path):
+    r = bench("--rounds", "1", "--dtype", "bf16", "--out", "b.h5", "algorithm.name=fedavg",
+              "data.num_clients=6", "train.local_epochs=1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    with h5py.File(tmp_path / "b.h5") as f:
+        assert f.attrs["dtype"] == "bf16"
+        # both paths autocast: they agree to bf16 precision, not float32's
+        assert 0 <= f["bench/vectorized"].attrs["max_abs_diff"] <= 1e-2
