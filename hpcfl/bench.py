@@ -106,15 +106,21 @@ def bench_mode(cfg, world: World, data, mode: str, rounds: int, dtype: str) -> d
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hpcfl.bench", description=__doc__.split("\n")[2])
-    p.add_argument("workload", nargs="?", default="digits-hyperfl", choices=list(WORKLOADS))
+    p.add_argument("workload", nargs="?", default="digits-hyperfl",
+                   help=f"one of {', '.join(WORKLOADS)} (default digits-hyperfl)")
     p.add_argument("--modes", default="sequential,vectorized")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per mode (after warm-up)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
     p.add_argument("--out", default="", help="HDF5 file (default: bench-<workload>.h5)")
     p.add_argument("overrides", nargs="*", help="section.key=value, as for hpcfl.main")
     a = p.parse_intermixed_args(argv)
+    if "=" in a.workload:  # no workload given: the first argument is an override
+        a.overrides.insert(0, a.workload)
+        a.workload = "digits-hyperfl"
     modes = a.modes.split(",")
     try:
+        if a.workload not in WORKLOADS:
+            raise ConfigError(f"workload {a.workload!r} is not one of {', '.join(WORKLOADS)}")
         bad = [m for m in modes if m not in ("sequential", "vectorized")]
         if bad:
             raise ConfigError(f"--modes: {','.join(bad)} is not one of sequential, vectorized")

@@ -30,9 +30,11 @@ def test_bench_writes_a_table_and_the_documented_file(tmp_path):
         assert f["bench/vectorized"].attrs["max_abs_diff"] <= 1e-5  # FedAvg: no chaotic start
 
 
-def test_bench_rejects_an_unknown_mode(tmp_path):
+def test_bench_rejects_an_unknown_mode_or_workload(tmp_path):
     r = bench("--modes", "sequential,turbo", cwd=tmp_path)
     assert r.returncode == 2 and "turbo" in r.stderr and not any(tmp_path.iterdir())
+    r = bench("cifar100", cwd=tmp_path)
+    assert r.returncode == 2 and "'cifar100' is not one of" in r.stderr
 
 
 def test_bench_under_bf16_autocast(tmp_path):
