@@ -105,7 +105,9 @@ def bench_mode(cfg, world: World, data, mode: str, rounds: int, dtype: str) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hpcfl.bench", description=__doc__.split("\n")[2])
+    p = argparse.ArgumentParser(prog="python -m hpcfl.bench",
+                                description="Time the rounds of a run per engine mode; print a "
+                                "table and write an HDF5 file (see the module docstring).")
     p.add_argument("workload", nargs="?", default="digits-hyperfl",
                    help=f"one of {', '.join(WORKLOADS)} (default digits-hyperfl)")
     p.add_argument("--modes", default="sequential,vectorized")

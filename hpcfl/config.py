@@ -35,7 +35,8 @@ ALGORITHMS = ("hyperfl", "fedavg", "local")
 @dataclass
 class DataConfig:
     name: str = opt("digits", "dataset", choices=DATASETS)
-    root: str = opt("data", "directory of downloaded / converted datasets")
+    root: str = opt("data", "directory of dataset files (for the file-based datasets to come; "
+                    "digits and synthetic-* need none)")
     num_clients: int = opt(20, "number of simulated clients", min=1)
     partition: str = opt("shards", "how samples are spread over clients: iid; shards (each "
                          "client gets classes_per_client classes); dirichlet (label mix "
