@@ -42,10 +42,11 @@ WORKLOADS = {
         "algorithm.name=fedavg", "train.frac=0.05", "train.batch_size=10", "train.local_steps=5",
         "train.lr=0.1", "train.momentum=0", "train.weight_decay=0"],
     # The official HyperFL CIFAR-10 settings: 20 clients x 600 train / 300 test images, one head
-    # epoch then 5 hypernetwork epochs at batch 50 (no augmentation yet).
+    # epoch then 5 hypernetwork epochs at batch 50, random crop + flip.
     "hyperfl-cifar10": [
         "data.name=synthetic-cifar10", "data.synthetic_samples=18000", "data.num_clients=20",
-        "data.test_fraction=0.3333333", "model.name=cifar_cnn", "algorithm.name=hyperfl",
+        "data.test_fraction=0.3333333", "data.augment=true", "model.name=cifar_cnn",
+        "algorithm.name=hyperfl",
         "train.lr=0.02"],
 }
 DTYPES = ("fp32", "tf32", "bf16")
@@ -80,7 +81,8 @@ def bench_mode(cfg, world: World, data, mode: str, rounds: int, dtype: str) -> d
         with precision(dtype, world.device):
             buf = train_cohort(algo, shared, private, data.clients, mine,
                                [weights[c] for c in mine], t.batch_size, t.seed, rnd,
-                               world.device, mode, cfg.engine.max_clients_in_memory)
+                               world.device, mode, cfg.engine.max_clients_in_memory,
+                               cfg.data.augment)
         sync(world.device)
         t1 = time.perf_counter()
         world.allreduce_sum_(buf)

@@ -47,6 +47,8 @@ class DataConfig:
     test_fraction: float = opt(0.25, "share of each client's samples held out as its test split",
                                min=0, max=1, min_exclusive=True)
     synthetic_samples: int = opt(6000, "total samples of a synthetic-* dataset", min=10)
+    augment: bool = opt(False, "random crop (padding 4) + horizontal flip of training batches, "
+                        "as the official CIFAR-10/CINIC-10 transforms")
 
 
 @dataclass

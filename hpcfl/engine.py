@@ -25,7 +25,8 @@ from torch.func import grad_and_value, vmap
 from .algorithms import Algorithm, Params, Phase
 from .data import ClientData
 
-BATCH_ORDER = 103  # stream tag, see data.partition.rng
+BATCH_ORDER, AUGMENT = 103, 105  # stream tags, see data.partition.rng
+CROP_PAD = 4  # official CIFAR/CINIC transform: RandomCrop(32, padding=4) + RandomHorizontalFlip
 # The round's buffer ends with: loss sum, client count, stop votes (set by the caller), weights.
 EXTRA_SLOTS, STOP_SLOT = 4, -2
 # float64: the sum must not depend on how clients are spread over ranks (see README, MPI).
@@ -33,9 +34,30 @@ ROUND_DTYPE = torch.float64
 AUTO_MODE = {"cpu": "sequential", "cuda": "vectorized"}  # see resolve_mode
 
 
-def client_generator(seed: int, rnd: int, cid: int, phase: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, BATCH_ORDER, rnd, cid, phase]).generate_state(1)
+def client_generator(seed: int, rnd: int, cid: int, phase: int,
+                     stream: int = BATCH_ORDER) -> torch.Generator:
+    state = np.random.SeedSequence([seed, stream, rnd, cid, phase]).generate_state(1)
     return torch.Generator().manual_seed(int(state[0]))
+
+
+def crop_flip_draws(gen: torch.Generator, n: int) -> torch.Tensor:
+    """(n, 3): crop offsets dy, dx in [0, 2 * CROP_PAD] and a flip bit, for n samples."""
+    return torch.cat([torch.randint(0, 2 * CROP_PAD + 1, (n, 2), generator=gen),
+                      torch.randint(0, 2, (n, 1), generator=gen)], dim=1)
+
+
+def crop_flip(x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Random crop with zero padding, then horizontal flip, of a batch (N, C, H, W) on its
+    device. The data is already normalized, so padding is the mean colour (torchvision pads the
+    raw image with black before normalizing)."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (CROP_PAD,) * 4)
+    draws = draws.to(x.device)
+    rows = (draws[:, 0, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (draws[:, 1, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    out = padded[torch.arange(n, device=x.device)[:, None, None, None],
+                 torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    return torch.where(draws[:, 2].bool().view(n, 1, 1, 1), out.flip(-1), out)
 
 
 def minibatches(n: int, batch_size: int, phase: Phase,
@@ -92,7 +114,7 @@ def sgd_(params: list[torch.Tensor], grads: list[torch.Tensor],
 
 
 def train_client(algo: Algorithm, params: Params, data: ClientData, batch_size: int,
-                 seed: int, rnd: int, cid: int) -> tuple[Params, float]:
+                 seed: int, rnd: int, cid: int, augment: bool = False) -> tuple[Params, float]:
     """Run every phase of local training; returns the trained state and the mean minibatch loss
     of the last phase."""
     def loss_fn(trainable, frozen, x, y):
@@ -108,9 +130,13 @@ def train_client(algo: Algorithm, params: Params, data: ClientData, batch_size: 
         momentum: list[torch.Tensor] = []
         losses = []
         gen = client_generator(seed, rnd, cid, k)
+        aug = client_generator(seed, rnd, cid, k, AUGMENT)
         for idx in minibatches(data.num_train, batch_size, phase, gen):
             idx = idx.to(data.y_train.device)
-            grads, loss = step(trainable, frozen, data.x_train[idx], data.y_train[idx])
+            xb = data.x_train[idx]
+            if augment:
+                xb = crop_flip(xb, crop_flip_draws(aug, len(idx)))
+            grads, loss = step(trainable, frozen, xb, data.y_train[idx])
             if phase.clip_norm > 0:
                 for group in phase.groups:
                     clip_([grads[n] for n in group], phase.clip_norm)
@@ -135,24 +161,28 @@ def unflatten(flat: torch.Tensor, like: Params) -> Params:
 
 def schedules(data: dict[int, ClientData], cids: list[int], batch_size: int, phase: Phase,
               seed: int, rnd: int, k: int, device) -> tuple[torch.Tensor, ...]:
-    """The sequential path's batches of every client, padded to a common shape:
-    index (clients, steps, batch), sample weight (same, 0 for padding), active (clients, steps)."""
+    """The sequential path's batches of every client, padded to a common shape: index
+    (clients, steps, batch), sample weight (same, 0 for padding), active (clients, steps), and
+    crop/flip draws (clients, steps, batch, 3), drawn in the sequential path's order."""
     lists = [list(minibatches(data[c].num_train, batch_size, phase,
                               client_generator(seed, rnd, c, k))) for c in cids]
     steps = max(len(b) for b in lists)
     idx = torch.zeros(len(cids), steps, batch_size, dtype=torch.long)
     weight = torch.zeros(len(cids), steps, batch_size)
     active = torch.zeros(len(cids), steps)
-    for i, batches in enumerate(lists):
+    draws = torch.zeros(len(cids), steps, batch_size, 3, dtype=torch.long)
+    for i, (c, batches) in enumerate(zip(cids, lists)):
         active[i, :len(batches)] = 1
+        aug = client_generator(seed, rnd, c, k, AUGMENT)
         for s, b in enumerate(batches):
             idx[i, s, :len(b)], weight[i, s, :len(b)] = b, 1
-    return idx.to(device), weight.to(device), active.to(device)
+            draws[i, s, :len(b)] = crop_flip_draws(aug, len(b))
+    return idx.to(device), weight.to(device), active.to(device), draws
 
 
 def train_group(algo: Algorithm, shared: Params, private: dict[int, Params],
                 data: dict[int, ClientData], cids: list[int], batch_size: int, seed: int,
-                rnd: int) -> tuple[Params, torch.Tensor]:
+                rnd: int, augment: bool = False) -> tuple[Params, torch.Tensor]:
     """The vectorized path: train clients `cids` together. Returns their trained state stacked
     along dim 0 (every tensor that training changed) and each client's last-phase mean loss."""
     x = torch.cat([data[c].x_train for c in cids])
@@ -168,7 +198,8 @@ def train_group(algo: Algorithm, shared: Params, private: dict[int, Params],
 
     losses = torch.zeros(len(cids), device=y.device)
     for k, phase in enumerate(algo.phases()):
-        idx, weight, active = schedules(data, cids, batch_size, phase, seed, rnd, k, y.device)
+        idx, weight, active, draws = schedules(data, cids, batch_size, phase, seed, rnd, k,
+                                               y.device)
         # A shared tensor gets one copy per client once it is trained; until then all clients
         # read the same one (vmap in_dims None).
         trainable = {n: (stacked[n] if n in stacked else
@@ -181,7 +212,10 @@ def train_group(algo: Algorithm, shared: Params, private: dict[int, Params],
         losses = torch.zeros(len(cids), device=y.device)
         for s in range(idx.shape[1]):
             rows = offsets[:, None] + idx[:, s]
-            grads, loss = step(trainable, frozen, x[rows], y[rows], weight[:, s])
+            xb = x[rows]
+            if augment:
+                xb = crop_flip(xb.flatten(0, 1), draws[:, s].flatten(0, 1)).view_as(xb)
+            grads, loss = step(trainable, frozen, xb, y[rows], weight[:, s])
             if phase.clip_norm > 0:
                 for group in phase.groups:
                     clip_([grads[n] for n in group], phase.clip_norm, stacked=True)
@@ -204,7 +238,8 @@ def resolve_mode(mode: str, device: torch.device) -> str:
 def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
                  data: dict[int, ClientData], cohort: list[int], weights: list[float],
                  batch_size: int, seed: int, rnd: int, device: torch.device,
-                 mode: str = "sequential", group_size: int = 0) -> torch.Tensor:
+                 mode: str = "sequential", group_size: int = 0,
+                 augment: bool = False) -> torch.Tensor:
     """Train `cohort` (clients hosted here) from `shared`; update their private state in place.
     mode "vectorized" trains `group_size` clients at a time (0: all at once).
 
@@ -224,12 +259,13 @@ def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
     if mode == "sequential":
         for cid, w in zip(cohort, weights):
             add(cid, w, *train_client(algo, {**shared, **private[cid]}, data[cid], batch_size,
-                                      seed, rnd, cid))
+                                      seed, rnd, cid, augment))
         return buf
     size = group_size or max(1, len(cohort))  # a rank may host no member of this cohort
     for g in range(0, len(cohort), size):
         cids = cohort[g:g + size]
-        stacked, losses = train_group(algo, shared, private, data, cids, batch_size, seed, rnd)
+        stacked, losses = train_group(algo, shared, private, data, cids, batch_size, seed, rnd,
+                                      augment)
         for i, (cid, w) in enumerate(zip(cids, weights[g:g + size])):
             add(cid, w, {**shared, **{n: v[i] for n, v in stacked.items()}}, float(losses[i]))
     return buf

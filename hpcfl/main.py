@@ -200,7 +200,8 @@ def run(cfg: RunConfig, world: World) -> dict:
             mine = [c for c in sample_cohort(t.seed, rnd, n, t.frac) if c in private]
             buf = train_cohort(algo, shared, private, data.clients, mine,
                                [weights[c] for c in mine], t.batch_size, t.seed, rnd,
-                               world.device, mode, cfg.engine.max_clients_in_memory)
+                               world.device, mode, cfg.engine.max_clients_in_memory,
+                               cfg.data.augment)
             buf[STOP_SLOT] = float(world.stop_requested)  # agreed on in the same Allreduce
             t1 = time.perf_counter()
             world.allreduce_sum_(buf)

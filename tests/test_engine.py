@@ -7,8 +7,8 @@ from torch.func import functional_call
 from hpcfl.algorithms import Phase, build_algorithm
 from hpcfl.config import load_config
 from hpcfl.data import load_federated
-from hpcfl.engine import (EXTRA_SLOTS, clip_, client_generator, minibatches, sgd_, train_client,
-                          train_cohort, train_group, unflatten)
+from hpcfl.engine import (EXTRA_SLOTS, clip_, client_generator, crop_flip, crop_flip_draws,
+                          minibatches, sgd_, train_client, train_cohort, train_group, unflatten)
 
 
 def test_minibatches_cover_each_epoch_once_and_count_steps():
@@ -180,3 +180,32 @@ def test_a_rank_without_cohort_members_contributes_zeros(mode):
     buf = train_cohort(algo, shared, {}, data.clients, [], [], 50, 0, 1, "cpu", mode)
     assert buf.numel() == sum(v.numel() for v in shared.values()) + EXTRA_SLOTS
     assert not buf.any()
+
+
+def test_crop_flip_shifts_pads_and_flips():
+    x = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).view(2, 3, 5, 6)
+    centre = torch.tensor([[4, 4, 0], [4, 4, 0]])
+    assert torch.equal(crop_flip(x, centre), x)
+    assert torch.equal(crop_flip(x, torch.tensor([[4, 4, 1], [4, 4, 0]]))[0], x[0].flip(-1))
+    up = crop_flip(x, torch.tensor([[6, 4, 0], [4, 3, 0]]))  # 2 rows down; 1 column right
+    assert torch.equal(up[0, :, :3], x[0, :, 2:]) and not up[0, :, 3:].any()
+    assert torch.equal(up[1, :, :, 1:], x[1, :, :, :-1]) and not up[1, :, :, 0].any()
+    draws = crop_flip_draws(torch.Generator().manual_seed(0), 1000)
+    assert draws[:, :2].min() == 0 and draws[:, :2].max() == 8
+    assert set(draws[:, 2].tolist()) == {0, 1}
+
+
+def test_augmented_training_is_the_same_in_both_paths():
+    cfg = load_config(None, ["data.name=synthetic-cifar10", "data.synthetic_samples=400",
+                             "data.num_clients=3", "data.partition=dirichlet",
+                             "algorithm.name=fedavg", "train.local_epochs=1", "data.augment=true"])
+    data = load_federated(cfg.data, seed=0)
+    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    shared, cids = algo.init_shared(), [0, 1, 2]
+    w = [float(data.num_train[c]) for c in cids]
+    plain, seq, vec = (train_cohort(algo, shared, {c: {} for c in cids}, data.clients, cids, w,
+                                    50, 0, 1, "cpu", mode, 0, aug)
+                       for mode, aug in [("sequential", False), ("sequential", True),
+                                         ("vectorized", True)])
+    assert (seq[:-4] / seq[-1] - vec[:-4] / vec[-1]).abs().max() <= 1e-5
+    assert (seq[:-4] - plain[:-4]).abs().max() > 1e-3  # augmentation changed the training
