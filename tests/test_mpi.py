@@ -10,7 +10,7 @@ import pytest
 
 from .conftest import (TINY, launch, max_diff, rank_pids, results, run_mpi, wait_for_rows)
 
-SMALL = ["data.num_clients=20", "train.rounds=3", "train.local_epochs=1",
+SMALL = ["data.num_clients=10", "train.rounds=3", "train.local_epochs=1",
          "output.progress=none", "train.device=cpu"]
 
 
