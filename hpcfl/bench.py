@@ -27,8 +27,8 @@ import torch
 from .algorithms import build_algorithm
 from .config import ConfigError, load_config
 from .data import load_federated
-from .engine import EXTRA_SLOTS, train_cohort, unflatten
-from .main import evaluate, provenance, sample_cohort
+from .engine import EXTRA_SLOTS
+from .main import evaluate, provenance, sample_cohort, to_device, train_round
 from .world import World, balanced_blocks
 
 WORKLOADS = {
@@ -59,45 +59,28 @@ def precision(dtype: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench_mode(cfg, world: World, data, mode: str, rounds: int, dtype: str) -> dict:
-    t, n = cfg.train, cfg.data.num_clients
     algo = build_algorithm(cfg, data.shape, data.num_classes)
-    to_dev = lambda p: {k: v.to(world.device) for k, v in p.items()}  # noqa: E731
-    shared = to_dev(algo.init_shared())
-    private = {c: to_dev(algo.init_client(c)) for c in data.clients}
-    weights = [float(s) for s in data.num_train]
+    shared = to_device(algo.init_shared(), world.device)
+    private = {c: to_device(algo.init_client(c), world.device) for c in data.clients}
     if world.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(world.device)
     times, first_update, cohort_size = [], None, 0
     for rnd in range(1, rounds + 2):  # round 1 warms up (and is compared across modes)
-        cohort = sample_cohort(t.seed, rnd, n, t.frac)
-        mine = [c for c in cohort if c in private]
         t0 = time.perf_counter()
         with precision(dtype, world.device):
-            buf = train_cohort(algo, shared, private, data.clients, mine,
-                               [weights[c] for c in mine], t.batch_size, t.seed, rnd,
-                               world.device, mode, cfg.engine.max_clients_in_memory,
-                               cfg.data.augment)
-        sync(world.device)
-        t1 = time.perf_counter()
-        world.allreduce_sum_(buf)
-        update = unflatten((buf[:-EXTRA_SLOTS] / buf[-1]).float(), shared)
-        algo.server_step(shared, update, 1.0)
-        sync(world.device)
+            buf, compute_s, allreduce_s = train_round(cfg, world, algo, shared, private, data,
+                                                      mode, rnd)
+        world.synchronize()
         t2 = time.perf_counter()
-        evaluate(algo, shared, private, data, n)
+        evaluate(algo, shared, private, data, cfg.data.num_clients)
         t3 = time.perf_counter()
-        if rnd == 1:
-            first_update = torch.cat([v.reshape(-1) for v in update.values()]).cpu() \
-                if update else torch.zeros(0)
+        if rnd == 1:  # the averaged upload, the server step's input
+            first_update = (buf[:-EXTRA_SLOTS] / buf[-1]).float().cpu()
         else:
-            times.append((t2 - t0, t1 - t0, t2 - t1, t3 - t2))
-            cohort_size = len(cohort)
+            times.append((t2 - t0, compute_s, allreduce_s, t3 - t2))
+            cohort_size = len(sample_cohort(cfg.train.seed, rnd, cfg.data.num_clients,
+                                            cfg.train.frac))
     peak = (torch.cuda.max_memory_allocated(world.device) if world.device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     round_s, compute_s, allreduce_s, eval_s = (np.array(c) for c in zip(*times))

@@ -130,7 +130,7 @@ def train_client(algo: Algorithm, params: Params, data: ClientData, batch_size: 
         momentum: list[torch.Tensor] = []
         losses = []
         gen = client_generator(seed, rnd, cid, k)
-        aug = client_generator(seed, rnd, cid, k, AUGMENT)
+        aug = client_generator(seed, rnd, cid, k, AUGMENT) if augment else None
         for idx in minibatches(data.num_train, batch_size, phase, gen):
             idx = idx.to(data.y_train.device)
             xb = data.x_train[idx]
@@ -160,23 +160,26 @@ def unflatten(flat: torch.Tensor, like: Params) -> Params:
 
 
 def schedules(data: dict[int, ClientData], cids: list[int], batch_size: int, phase: Phase,
-              seed: int, rnd: int, k: int, device) -> tuple[torch.Tensor, ...]:
+              seed: int, rnd: int, k: int, device,
+              augment: bool = False) -> tuple[torch.Tensor, ...]:
     """The sequential path's batches of every client, padded to a common shape: index
     (clients, steps, batch), sample weight (same, 0 for padding), active (clients, steps), and
-    crop/flip draws (clients, steps, batch, 3), drawn in the sequential path's order."""
+    with `augment` the crop/flip draws (clients, steps, batch, 3) in the sequential path's order
+    (else None)."""
     lists = [list(minibatches(data[c].num_train, batch_size, phase,
                               client_generator(seed, rnd, c, k))) for c in cids]
     steps = max(len(b) for b in lists)
     idx = torch.zeros(len(cids), steps, batch_size, dtype=torch.long)
     weight = torch.zeros(len(cids), steps, batch_size)
     active = torch.zeros(len(cids), steps)
-    draws = torch.zeros(len(cids), steps, batch_size, 3, dtype=torch.long)
+    draws = torch.zeros(len(cids), steps, batch_size, 3, dtype=torch.long) if augment else None
     for i, (c, batches) in enumerate(zip(cids, lists)):
         active[i, :len(batches)] = 1
-        aug = client_generator(seed, rnd, c, k, AUGMENT)
+        aug = client_generator(seed, rnd, c, k, AUGMENT) if augment else None
         for s, b in enumerate(batches):
             idx[i, s, :len(b)], weight[i, s, :len(b)] = b, 1
-            draws[i, s, :len(b)] = crop_flip_draws(aug, len(b))
+            if augment:
+                draws[i, s, :len(b)] = crop_flip_draws(aug, len(b))
     return idx.to(device), weight.to(device), active.to(device), draws
 
 
@@ -196,10 +199,9 @@ def train_group(algo: Algorithm, shared: Params, private: dict[int, Params],
         # The mean over the batch's real samples (a finished client's padded step has none).
         return (ce * w).sum() / w.sum().clamp(min=1)
 
-    losses = torch.zeros(len(cids), device=y.device)
     for k, phase in enumerate(algo.phases()):
         idx, weight, active, draws = schedules(data, cids, batch_size, phase, seed, rnd, k,
-                                               y.device)
+                                               y.device, augment)
         # A shared tensor gets one copy per client once it is trained; until then all clients
         # read the same one (vmap in_dims None).
         trainable = {n: (stacked[n] if n in stacked else

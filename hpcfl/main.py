@@ -84,6 +84,30 @@ def provenance(cfg: RunConfig, world: World) -> dict:
                 cuda_version=torch.version.cuda or "none", mpi_version=world.mpi_version())
 
 
+def to_device(params: dict, device: torch.device) -> dict:
+    return {k: torch.as_tensor(v).to(device) for k, v in params.items()}
+
+
+def train_round(cfg: RunConfig, world: World, algo, shared: dict, private: dict, data,
+                mode: str, rnd: int, stop: bool = False) -> tuple[torch.Tensor, float, float]:
+    """One round on this rank: train its members of the cohort, the one Allreduce (which also
+    carries this rank's stop vote), the server step. Returns the reduced buffer and the seconds
+    of local training and of the Allreduce."""
+    t = cfg.train
+    mine = [c for c in sample_cohort(t.seed, rnd, cfg.data.num_clients, t.frac) if c in private]
+    t0 = time.perf_counter()
+    buf = train_cohort(algo, shared, private, data.clients, mine,
+                       [float(data.num_train[c]) for c in mine], t.batch_size, t.seed, rnd,
+                       world.device, mode, cfg.engine.max_clients_in_memory, cfg.data.augment)
+    buf[STOP_SLOT] = float(stop)
+    world.synchronize()
+    t1 = time.perf_counter()
+    world.allreduce_sum_(buf)
+    t2 = time.perf_counter()
+    algo.server_step(shared, unflatten(buf[:-EXTRA_SLOTS], shared), float(buf[-1]))
+    return buf, t1 - t0, t2 - t1
+
+
 def evaluate(algo, shared, private, data, num_clients: int) -> np.ndarray:
     """(num_clients, 3): correct, summed loss, test size; rows of clients hosted elsewhere are 0."""
     table = np.zeros((num_clients, 3))
@@ -162,21 +186,19 @@ def run(cfg: RunConfig, world: World) -> dict:
             mark_completed(start.path)
         return dict(done=True, path=str(start.path), round=start.round)
 
-    to_dev = lambda p: {k: torch.as_tensor(v).to(world.device) for k, v in p.items()}  # noqa
-    template = algo.init_client(0)
+    dev, template = world.device, algo.init_client(0)
     if start.checkpoint is None:
-        shared = to_dev(algo.init_shared())
-        private = {cid: to_dev(algo.init_client(cid)) for cid in data.clients}
+        shared = to_device(algo.init_shared(), dev)
+        private = {cid: to_device(algo.init_client(cid), dev) for cid in data.clients}
         elapsed = 0.0
     else:
         ck = load_checkpoint(start.checkpoint, blocks[world.rank])
-        shared = to_dev(ck.shared)
-        private = {cid: to_dev({k: v[i] for k, v in ck.private.items()})
+        shared = to_device(ck.shared, dev)
+        private = {cid: to_device({k: v[i] for k, v in ck.private.items()}, dev)
                    for i, cid in enumerate(blocks[world.rank])}
         elapsed = ck.elapsed_s
         if world.is_main:
             log.info("resuming %s from round %d (%s)", start.path, start.round, start.checkpoint)
-    weights = [float(s) for s in data.num_train]
     numel = sum(v.numel() for v in shared.values())
 
     store, attrs = None, provenance(cfg, world)  # collective: every rank takes part
@@ -197,18 +219,10 @@ def run(cfg: RunConfig, world: World) -> dict:
     try:
         for rnd in range(start.round + 1, t.rounds + 1):
             t0 = time.perf_counter()
-            mine = [c for c in sample_cohort(t.seed, rnd, n, t.frac) if c in private]
-            buf = train_cohort(algo, shared, private, data.clients, mine,
-                               [weights[c] for c in mine], t.batch_size, t.seed, rnd,
-                               world.device, mode, cfg.engine.max_clients_in_memory,
-                               cfg.data.augment)
-            buf[STOP_SLOT] = float(world.stop_requested)  # agreed on in the same Allreduce
-            t1 = time.perf_counter()
-            world.allreduce_sum_(buf)
-            t2 = time.perf_counter()
-            loss_sum, trained, stops, weight = buf[-EXTRA_SLOTS:].tolist()
-            algo.server_step(shared, unflatten(buf[:-EXTRA_SLOTS], shared), weight)
-            rec.time_round(rnd, t1 - t0, t2 - t1)
+            buf, compute_s, allreduce_s = train_round(cfg, world, algo, shared, private, data,
+                                                      mode, rnd, world.stop_requested)
+            loss_sum, trained, stops, _ = buf[-EXTRA_SLOTS:].tolist()
+            rec.time_round(rnd, compute_s, allreduce_s)
             bar.update()
             stop = stops > 0 and rnd < t.rounds  # a signal in the last round changes nothing
             if rnd % t.eval_every == 0 or rnd == t.rounds:

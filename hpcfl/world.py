@@ -83,6 +83,11 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def synchronize(self) -> None:
+        """Wait for this rank's device, so that a timer read next measures finished work."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def catch_stop_signals(self) -> None:
         """SIGTERM / SIGUSR1 / SIGUSR2 only set a flag: the round in flight finishes, then the
         ranks agree (in the round's Allreduce) to checkpoint and stop."""
