@@ -60,7 +60,7 @@ def precision(dtype: str, device: torch.device):
 
 
 def bench_mode(cfg, world: World, data, mode: str, rounds: int, dtype: str) -> dict:
-    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    algo = build_algorithm(cfg, data.shape, data.num_classes, data.num_train)
     shared = to_device(algo.init_shared(), world.device)
     private = {c: to_device(algo.init_client(c), world.device) for c in data.clients}
     if world.device.type == "cuda":

@@ -27,28 +27,40 @@ def opt(default, help: str, choices: tuple = (), min: float | None = None,
                                                 min_exclusive=min_exclusive))
 
 
-DATASETS = ("digits", "synthetic-cifar10", "synthetic-mnist")
+DATASETS = ("digits", "synthetic-cifar10", "synthetic-mnist", "mnist", "fmnist", "emnist",
+            "cifar10", "cinic10")
 MODELS = ("auto", "digits_cnn", "mnist_cnn", "cifar_cnn", "pfl_cnn")
-ALGORITHMS = ("hyperfl", "fedavg", "local")
+DP_ALGORITHMS = ("dpfedavg", "ppsgd", "centaur")  # DP-SGD baselines: noise set by privacy.dp_*
+ALGORITHMS = ("hyperfl", "fedavg", "local", *DP_ALGORITHMS)
 
 
 @dataclass
 class DataConfig:
-    name: str = opt("digits", "dataset", choices=DATASETS)
-    root: str = opt("data", "directory of dataset files (for the file-based datasets to come; "
-                    "digits and synthetic-* need none)")
+    name: str = opt("digits", "dataset: digits and synthetic-* are built in; mnist, fmnist, "
+                    "emnist, cifar10, cinic10 read <root>/<name>.h5 (python -m "
+                    "hpcfl.data.prepare)", choices=DATASETS)
+    root: str = opt("data", "directory of the prepared dataset files")
     num_clients: int = opt(20, "number of simulated clients", min=1)
     partition: str = opt("shards", "how samples are spread over clients: iid; shards (each "
                          "client gets classes_per_client classes); dirichlet (label mix "
-                         "~ Dirichlet(dirichlet_alpha))", choices=("iid", "shards", "dirichlet"))
+                         "~ Dirichlet(dirichlet_alpha)); noniid_s (the official split of the "
+                         "paper: train from the train split, test from the test split with the "
+                         "same label mix)", choices=("iid", "shards", "dirichlet", "noniid_s"))
+    noniid_s: float = opt(20.0, "partition=noniid_s: percent of a client's images spread over "
+                          "all classes; the rest come from its group of dominant classes",
+                          min=0, max=100)
+    local_size: int = opt(0, "partition=noniid_s: training images per client; 0 = the official "
+                          "600 (emnist 1000)", min=0)
     classes_per_client: int = opt(3, "classes per client with partition=shards", min=1)
     dirichlet_alpha: float = opt(0.5, "concentration with partition=dirichlet (small = skewed)",
                                  min=0, min_exclusive=True)
-    test_fraction: float = opt(0.25, "share of each client's samples held out as its test split",
+    test_fraction: float = opt(0.25, "share of each client's samples held out as its test "
+                               "split (every partition but noniid_s)",
                                min=0, max=1, min_exclusive=True)
     synthetic_samples: int = opt(6000, "total samples of a synthetic-* dataset", min=10)
-    augment: bool = opt(False, "random crop (padding 4) + horizontal flip of training batches, "
-                        "as the official CIFAR-10/CINIC-10 transforms")
+    augment: str = opt("auto", "random crop (padding 4) + horizontal flip of training batches: "
+                       "true, false, or auto (the official transform of the dataset: on for "
+                       "cifar10 and cinic10)", choices=("auto", "true", "false"))
 
 
 @dataclass
@@ -62,12 +74,24 @@ class AlgorithmConfig:
     name: str = opt("hyperfl", "federated method", choices=ALGORITHMS)
     embed_dim: int = opt(64, "hyperfl: size of each client's private embedding", min=1)
     hidden_dim: int = opt(128, "hyperfl: hidden width of the hypernetwork", min=1)
-    head_lr: float = opt(0.1, "hyperfl: learning rate of the head phase (official lr_g)", min=0,
+    head_lr: float = opt(0.1, "hyperfl, centaur, ppsgd: learning rate of the head (official "
+                         "lr_g)", min=0,
                          min_exclusive=True)
-    head_epochs: int = opt(1, "hyperfl: epochs training only the head before the hypernetwork",
+    head_epochs: int = opt(1, "hyperfl, centaur: epochs training only the head first",
                            min=0)
     clip_norm: float = opt(50.0, "hyperfl: gradient-norm clip of hypernetwork and embedding "
                            "(each separately); 0 = off", min=0)
+
+
+@dataclass
+class PrivacyConfig:
+    dp_clip: float = opt(0.04, "dpfedavg, ppsgd, centaur: per-sample gradient-norm bound C of "
+                         "DP-SGD (official 0.04)", min=0, min_exclusive=True)
+    dp_epsilon: float = opt(4.0, "dpfedavg, ppsgd, centaur: target epsilon after all rounds; "
+                            "the noise multiplier is calibrated to it (official 4)", min=0,
+                            min_exclusive=True)
+    dp_delta: float = opt(1e-5, "dpfedavg, ppsgd, centaur: target delta (official 1e-5)", min=0,
+                          max=1, min_exclusive=True)
 
 
 @dataclass
@@ -120,6 +144,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -150,8 +175,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
                                                    "bool": bool}[f.type]
     ok = (isinstance(value, want) and not (want is int and isinstance(value, bool))) or (
         want is float and isinstance(value, int) and not isinstance(value, bool))
-    if want is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        value, ok = str(value), True
+    if want is str and isinstance(value, (int, float)):  # YAML's true/1 for a string key
+        value, ok = (str(value).lower() if isinstance(value, bool) else str(value)), True
     if not ok:
         raise ConfigError(f"{key}: expected {want.__name__}, got {value!r}")
     return float(value) if want is float else value

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad_and_value, vmap
 
-from .algorithms import Algorithm, Params, Phase
+from .algorithms import DPSGD, Algorithm, Params, Phase
 from .data import ClientData
 
-BATCH_ORDER, AUGMENT = 103, 105  # stream tags, see data.partition.rng
+BATCH_ORDER, AUGMENT, DP_NOISE = 103, 105, 106  # stream tags, see data.partition.rng
 CROP_PAD = 4  # official CIFAR/CINIC transform: RandomCrop(32, padding=4) + RandomHorizontalFlip
 # The round's buffer ends with: loss sum, client count, stop votes (set by the caller), weights.
 EXTRA_SLOTS, STOP_SLOT = 4, -2
@@ -34,10 +34,10 @@ ROUND_DTYPE = torch.float64
 AUTO_MODE = {"cpu": "sequential", "cuda": "vectorized"}  # see resolve_mode
 
 
-def client_generator(seed: int, rnd: int, cid: int, phase: int,
-                     stream: int = BATCH_ORDER) -> torch.Generator:
+def client_generator(seed: int, rnd: int, cid: int, phase: int, stream: int = BATCH_ORDER,
+                     device: torch.device | str = "cpu") -> torch.Generator:
     state = np.random.SeedSequence([seed, stream, rnd, cid, phase]).generate_state(1)
-    return torch.Generator().manual_seed(int(state[0]))
+    return torch.Generator(device=device).manual_seed(int(state[0]))
 
 
 def crop_flip_draws(gen: torch.Generator, n: int) -> torch.Tensor:
@@ -58,6 +58,18 @@ def crop_flip(x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     out = padded[torch.arange(n, device=x.device)[:, None, None, None],
                  torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
     return torch.where(draws[:, 2].bool().view(n, 1, 1, 1), out.flip(-1), out)
+
+
+def model_inputs(data: ClientData, x: torch.Tensor,
+                 draws: torch.Tensor | None = None) -> torch.Tensor:
+    """A batch as the model sees it. uint8 pixels (the file datasets) become floats in [0, 1],
+    are cropped/flipped (padding black, as torchvision) and normalized with the dataset's mean and
+    std, as the official transforms; float data is already normalized (crop pads the mean)."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    if draws is not None:
+        x = crop_flip(x, draws)
+    return x if data.mean is None else (x - data.mean) / data.std
 
 
 def minibatches(n: int, batch_size: int, phase: Phase,
@@ -110,7 +122,43 @@ def sgd_(params: list[torch.Tensor], grads: list[torch.Tensor],
         grads = momentum_buf
     if active is not None:
         grads = [g * per_client(active, g) for g in grads]
-    torch._foreach_add_(params, grads, alpha=-phase.lr)
+    if phase.group_lrs:
+        for p, g, lr in zip(params, grads, phase.lrs):
+            p.add_(g, alpha=-lr)
+    else:
+        torch._foreach_add_(params, grads, alpha=-phase.lr)
+
+
+def privatize(grads: Params, w: torch.Tensor, dp: DPSGD, noise: Params) -> Params:
+    """DP-SGD's gradient (see algorithms.DPSGD) from per-sample gradients. grads[n] has the
+    samples on the dim after w's leading dims: (B, ...) with w (B,), or (clients, B, ...) with w
+    (clients, B); w is 1 for a real sample and 0 for padding. noise[n] is the summed gradient's
+    noise, already scaled."""
+    lead = w.dim()
+    norms = torch.stack([grads[n].flatten(lead).norm(dim=-1) for n in dp.names]).norm(dim=0)
+    clipped = torch.clamp(dp.clip / (norms + 1e-6), max=1.0) * w  # clip_grad_norm_'s factor
+    count = w.sum(-1).clamp(min=1)
+    out = {}
+    for n, g in grads.items():
+        scale = clipped if n in dp.names else w
+        total = (g * scale.view(*scale.shape, *[1] * (g.dim() - lead))).sum(lead - 1)
+        if n in dp.names:
+            total += noise[n]
+        out[n] = total / count.view(*count.shape, *[1] * (total.dim() - count.dim()))
+    return out
+
+
+def dp_noise(dp: DPSGD, like: Params, gen: torch.Generator) -> Params:
+    """One step's noise of one client: N(0, (sigma * C)^2) per coordinate of every DP tensor."""
+    return {n: torch.randn(like[n].shape, generator=gen, device=like[n].device)
+            * (dp.noise_multiplier * dp.clip) for n in dp.names}
+
+
+def per_sample_step(algo: Algorithm):
+    """(trainable, frozen, x, y) -> (per-sample gradients (B, ...), per-sample losses (B,))."""
+    def sample_loss(trainable, frozen, x, y):
+        return F.cross_entropy(algo.forward({**frozen, **trainable}, x[None]), y[None])
+    return vmap(grad_and_value(sample_loss), in_dims=(None, None, 0, 0))
 
 
 def train_client(algo: Algorithm, params: Params, data: ClientData, batch_size: int,
@@ -120,7 +168,7 @@ def train_client(algo: Algorithm, params: Params, data: ClientData, batch_size: 
     def loss_fn(trainable, frozen, x, y):
         return F.cross_entropy(algo.forward({**frozen, **trainable}, x), y)
 
-    step = grad_and_value(loss_fn)
+    step, dp_step = grad_and_value(loss_fn), per_sample_step(algo)
     params = dict(params)
     losses: list[torch.Tensor] = []
     for k, phase in enumerate(algo.phases()):
@@ -131,12 +179,19 @@ def train_client(algo: Algorithm, params: Params, data: ClientData, batch_size: 
         losses = []
         gen = client_generator(seed, rnd, cid, k)
         aug = client_generator(seed, rnd, cid, k, AUGMENT) if augment else None
+        dev = data.y_train.device
+        noise = client_generator(seed, rnd, cid, k, DP_NOISE, dev) if phase.dp else None
         for idx in minibatches(data.num_train, batch_size, phase, gen):
-            idx = idx.to(data.y_train.device)
-            xb = data.x_train[idx]
-            if augment:
-                xb = crop_flip(xb, crop_flip_draws(aug, len(idx)))
-            grads, loss = step(trainable, frozen, xb, data.y_train[idx])
+            idx = idx.to(dev)
+            xb = model_inputs(data, data.x_train[idx],
+                              crop_flip_draws(aug, len(idx)) if augment else None)
+            if phase.dp:
+                per_sample, loss = dp_step(trainable, frozen, xb, data.y_train[idx])
+                grads = privatize(per_sample, torch.ones(len(idx), device=dev), phase.dp,
+                                  dp_noise(phase.dp, trainable, noise))
+                loss = loss.mean()
+            else:
+                grads, loss = step(trainable, frozen, xb, data.y_train[idx])
             if phase.clip_norm > 0:
                 for group in phase.groups:
                     clip_([grads[n] for n in group], phase.clip_norm)
@@ -183,6 +238,16 @@ def schedules(data: dict[int, ClientData], cids: list[int], batch_size: int, pha
     return idx.to(device), weight.to(device), active.to(device), draws
 
 
+def stack_noise(dp: DPSGD, stacked: Params, gens: list[torch.Generator],
+                active: torch.Tensor) -> Params:
+    """One step's DP noise of a group, each client's drawn from its own generator in the
+    sequential path's order (a client whose schedule has ended draws nothing)."""
+    one = {n: stacked[n][0] for n in dp.names}
+    draws = [dp_noise(dp, one, g) if a else {n: torch.zeros_like(v) for n, v in one.items()}
+             for g, a in zip(gens, active.tolist())]
+    return {n: torch.stack([d[n] for d in draws]) for n in dp.names}
+
+
 def train_group(algo: Algorithm, shared: Params, private: dict[int, Params],
                 data: dict[int, ClientData], cids: list[int], batch_size: int, seed: int,
                 rnd: int, augment: bool = False) -> tuple[Params, torch.Tensor]:
@@ -208,16 +273,24 @@ def train_group(algo: Algorithm, shared: Params, private: dict[int, Params],
                          shared[n].expand(len(cids), *shared[n].shape)).clone()
                      for n in phase.names}
         frozen = {n: v for n, v in {**shared, **stacked}.items() if n not in trainable}
-        step = vmap(grad_and_value(loss_fn),
-                    in_dims=(0, {n: 0 if n in stacked else None for n in frozen}, 0, 0, 0))
+        frozen_dims = {n: 0 if n in stacked else None for n in frozen}
+        step = vmap(grad_and_value(loss_fn), in_dims=(0, frozen_dims, 0, 0, 0))
+        dp_step = vmap(per_sample_step(algo), in_dims=(0, frozen_dims, 0, 0))
+        noise = [client_generator(seed, rnd, c, k, DP_NOISE, y.device) for c in cids]
         momentum: list[torch.Tensor] = []
         losses = torch.zeros(len(cids), device=y.device)
         for s in range(idx.shape[1]):
             rows = offsets[:, None] + idx[:, s]
-            xb = x[rows]
-            if augment:
-                xb = crop_flip(xb.flatten(0, 1), draws[:, s].flatten(0, 1)).view_as(xb)
-            grads, loss = step(trainable, frozen, xb, y[rows], weight[:, s])
+            xb = model_inputs(data[cids[0]], x[rows].flatten(0, 1),
+                              draws[:, s].flatten(0, 1) if augment else None)
+            xb = xb.view(*rows.shape, *xb.shape[1:])
+            if phase.dp:
+                per_sample, loss = dp_step(trainable, frozen, xb, y[rows])
+                grads = privatize(per_sample, weight[:, s], phase.dp, stack_noise(
+                    phase.dp, trainable, noise, active[:, s]))
+                loss = (loss * weight[:, s]).sum(1) / weight[:, s].sum(1).clamp(min=1)
+            else:
+                grads, loss = step(trainable, frozen, xb, y[rows], weight[:, s])
             if phase.clip_norm > 0:
                 for group in phase.groups:
                     clip_([grads[n] for n in group], phase.clip_norm, stacked=True)
@@ -274,12 +347,13 @@ def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
 
 
 @torch.no_grad()
-def evaluate_client(algo: Algorithm, params: Params, x: torch.Tensor, y: torch.Tensor,
+def evaluate_client(algo: Algorithm, params: Params, data: ClientData,
                     batch: int = 4096) -> tuple[int, float]:
-    """(number correct, summed cross-entropy) of the client's model on (x, y)."""
+    """(number correct, summed cross-entropy) of the client's model on its test split."""
+    x, y = data.x_test, data.y_test
     correct, loss = 0, 0.0
     for i in range(0, len(y), batch):
-        logits = algo.forward(params, x[i:i + batch])
+        logits = algo.forward(params, model_inputs(data, x[i:i + batch]))
         correct += int((logits.argmax(1) == y[i:i + batch]).sum())
         loss += float(F.cross_entropy(logits, y[i:i + batch], reduction="sum"))
     return correct, loss

@@ -98,7 +98,7 @@ def train_round(cfg: RunConfig, world: World, algo, shared: dict, private: dict,
     t0 = time.perf_counter()
     buf = train_cohort(algo, shared, private, data.clients, mine,
                        [float(data.num_train[c]) for c in mine], t.batch_size, t.seed, rnd,
-                       world.device, mode, cfg.engine.max_clients_in_memory, cfg.data.augment)
+                       world.device, mode, cfg.engine.max_clients_in_memory, data.augment)
     buf[STOP_SLOT] = float(stop)
     world.synchronize()
     t1 = time.perf_counter()
@@ -113,7 +113,7 @@ def evaluate(algo, shared, private, data, num_clients: int) -> np.ndarray:
     table = np.zeros((num_clients, 3))
     for cid, state in private.items():
         c = data.clients[cid]
-        table[cid] = (*evaluate_client(algo, {**shared, **state}, c.x_test, c.y_test), c.num_test)
+        table[cid] = (*evaluate_client(algo, {**shared, **state}, c), c.num_test)
     return table
 
 
@@ -147,7 +147,7 @@ class Recorder:
         self.store.flush()
 
     def evaluation(self, rnd: int, table: np.ndarray, eval_s: float, train_loss: float,
-                   t0: float, start: float) -> dict | None:
+                   t0: float, start: float, epsilon: float | None = None) -> dict | None:
         self.rows[-1][1][2] = eval_s
         table, timing, rounds = self._reduce(table)
         if table is None:
@@ -158,6 +158,8 @@ class Recorder:
                    test_acc_weighted=table[:, 0].sum() / table[:, 2].sum(),
                    test_loss_mean=loss.mean(), train_loss=train_loss, round_time_s=now - t0,
                    elapsed_s=now - start)
+        if epsilon is not None:
+            row["epsilon"] = epsilon
         self.store.append_eval(row, dict(test_acc=acc, test_loss=loss))
         self.store.flush()
         self._write_timing(timing, rounds, time.perf_counter() - now)
@@ -179,7 +181,10 @@ def run(cfg: RunConfig, world: World) -> dict:
     data = load_federated(cfg.data, t.seed, world.device,
                           hosted=lambda sizes: balanced_blocks(sizes, world.size)[world.rank])
     blocks = balanced_blocks(data.num_train, world.size)
-    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    algo = build_algorithm(cfg, data.shape, data.num_classes, data.num_train)
+    if world.is_main and algo.attrs():
+        log.info("%s", ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
+                                 for k, v in algo.attrs().items()))
     start = plan_or_error(cfg, world)
     if start.done:
         if world.is_main:
@@ -201,12 +206,12 @@ def run(cfg: RunConfig, world: World) -> dict:
             log.info("resuming %s from round %d (%s)", start.path, start.round, start.checkpoint)
     numel = sum(v.numel() for v in shared.values())
 
-    store, attrs = None, provenance(cfg, world)  # collective: every rank takes part
+    store, attrs = None, {**provenance(cfg, world), **algo.attrs()}  # collective: all ranks
     if world.is_main:
         store = (ResultsFile.resume(start.path, start.round, attrs)
                  if start.checkpoint else
-                 ResultsFile.create(start.path, attrs, data.num_train,
-                                    data.num_test, world.size))
+                 ResultsFile.create(start.path, attrs, data.num_train, data.num_test,
+                                    world.size, () if algo.epsilon(0) is None else ("epsilon",)))
     rec = Recorder(world, store, (numel + EXTRA_SLOTS) * ROUND_DTYPE.itemsize)
     mode = resolve_mode(cfg.engine.mode, world.device)
     show = cfg.output.progress
@@ -229,15 +234,16 @@ def run(cfg: RunConfig, world: World) -> dict:
                 t3 = time.perf_counter()
                 table = evaluate(algo, shared, private, data, n)
                 row = rec.evaluation(rnd, table, time.perf_counter() - t3, loss_sum / trained,
-                                     t0, t_start)
+                                     t0, t_start, epsilon=algo.epsilon(rnd))
                 if row:
                     final = row
                     bar.set_postfix(acc=f"{row['test_acc_mean']:.3f}",
                                     loss=f"{row['train_loss']:.3f}")
                     if show == "log":
-                        log.info("round %d/%d  test_acc_mean %.4f  train_loss %.4f  %.2f s/round",
+                        log.info("round %d/%d  test_acc_mean %.4f  train_loss %.4f  %.2f s/round%s",
                                  rnd, t.rounds, row["test_acc_mean"], row["train_loss"],
-                                 row["round_time_s"])
+                                 row["round_time_s"], f"  epsilon {row['epsilon']:.3f}"
+                                 if "epsilon" in row else "")
             every = cfg.output.checkpoint_every
             if stop or rnd == t.rounds or (every and rnd % every == 0):
                 rec.flush_timing()

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import yaml
 
-from .config import ConfigError, RunConfig
+from .config import DP_ALGORITHMS, ConfigError, RunConfig
 from .engine import flatten
 from .store import CheckpointError, checkpoint_paths, save_checkpoint, verify_checkpoint
 from .world import World
@@ -77,8 +77,9 @@ def check_same_experiment(stored: dict, now: dict, where: Path) -> None:
     for section, keys in stored.items():
         for key, value in keys.items():
             name = f"{section}.{key}"
-            if name.startswith(RESUMABLE_CHANGES) or now[section][key] == value:
-                continue
+            if now[section][key] == value or (name.startswith(RESUMABLE_CHANGES) and not (
+                    name == "train.rounds" and now["algorithm"]["name"] in DP_ALGORITHMS)):
+                continue  # (a DP run's noise is calibrated to its number of rounds)
             raise ConfigError(f"{name}: {now[section][key]!r} differs from {value!r} in {where}; "
                               "a resumed run must be the same experiment (or set "
                               "output.resume=never output.overwrite=true, or another output.name)")

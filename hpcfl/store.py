@@ -76,7 +76,9 @@ class ResultsFile:
 
     @classmethod
     def create(cls, path: Path, attrs: dict, num_train: list[int], num_test: list[int],
-               world_size: int) -> "ResultsFile":
+               world_size: int, extra_metrics: tuple[str, ...] = ()) -> "ResultsFile":
+        """A new results file; `extra_metrics` are /metrics columns of this method only (e.g.
+        the DP baselines' epsilon)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self = cls(h5py.File(path, "w", locking=False))
         self.f.attrs.update(schema="hpcfl-results", schema_version=SCHEMA_VERSION,
@@ -85,7 +87,7 @@ class ResultsFile:
                             h5py_version=h5py.__version__, **attrs)
         n = len(num_train)
         metrics = self.f.create_group("metrics")
-        for name in METRICS:
+        for name in (*METRICS, *extra_metrics):
             metrics.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(1024,),
                                    dtype="i8" if name == "round" else "f8")
         clients = self.f.create_group("clients")
@@ -106,8 +108,8 @@ class ResultsFile:
         return self
 
     def append_eval(self, metrics: dict, per_client: dict[str, np.ndarray]) -> None:
-        for name in METRICS:
-            _append(self.f["metrics"][name], [metrics[name]])
+        for name, ds in self.f["metrics"].items():
+            _append(ds, [metrics[name]])
         for name in CLIENT_METRICS:
             _append(self.f["clients"][name], per_client[name][None, :])
 

@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 from ..config import RunConfig
-from .base import Algorithm, Params, Phase
+from .base import DPSGD, Algorithm, Params, Phase
+from .centaur import Centaur
+from .dpfedavg import DPFedAvg
 from .fedavg import FedAvg
 from .hyperfl import HyperFL
 from .local import Local
+from .ppsgd import PPSGD
 
-ALGORITHMS = {cls.name: cls for cls in (FedAvg, Local, HyperFL)}
-
-
-def build_algorithm(cfg: RunConfig, shape, num_classes: int) -> Algorithm:
-    return ALGORITHMS[cfg.algorithm.name](cfg, shape, num_classes)
+ALGORITHMS = {cls.name: cls for cls in (FedAvg, Local, HyperFL, DPFedAvg, PPSGD, Centaur)}
 
 
-__all__ = ["Algorithm", "Params", "Phase", "build_algorithm", "ALGORITHMS"]
+def build_algorithm(cfg: RunConfig, shape, num_classes: int, num_train=()) -> Algorithm:
+    """The method of cfg.algorithm.name for data of `shape` and `num_classes`; `num_train` (every
+    client's training-set size) calibrates the DP baselines' noise."""
+    return ALGORITHMS[cfg.algorithm.name](cfg, shape, num_classes, num_train)
+
+
+__all__ = ["DPSGD", "Algorithm", "Params", "Phase", "build_algorithm", "ALGORITHMS"]

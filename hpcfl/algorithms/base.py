@@ -15,6 +15,18 @@ Params = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class DPSGD:
+    """DP-SGD (Abadi et al. 2016, https://arxiv.org/abs/1607.00133) on some of a phase's tensors,
+    as the official HyperFL baselines do it: each sample's gradient of `names` is clipped to
+    L2 norm `clip` (jointly over `names`, as clip_grad_norm_), the clipped gradients are summed,
+    N(0, (noise_multiplier * clip)^2) noise is added to every coordinate, and the sum is divided
+    by the batch size. The phase's other tensors get the plain (non-private) batch gradient."""
+    names: tuple[str, ...]
+    clip: float
+    noise_multiplier: float
+
+
+@dataclass(frozen=True)
 class Phase:
     """One stage of a client's local training: which tensors move, and the SGD that moves them.
 
@@ -30,10 +42,18 @@ class Phase:
     epochs: int = 1
     steps: int = 0          # > 0: this many minibatch steps instead of epochs
     clip_norm: float = 0.0  # 0: no clipping
+    group_lrs: tuple[float, ...] = ()  # one learning rate per group; () = lr for every group
+    dp: DPSGD | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(n for g in self.groups for n in g)
+
+    @property
+    def lrs(self) -> list[float]:
+        """The learning rate of every tensor, in `names` order."""
+        per_group = self.group_lrs or (self.lr,) * len(self.groups)
+        return [lr for g, lr in zip(self.groups, per_group) for _ in g]
 
 
 class Algorithm:
@@ -59,6 +79,14 @@ class Algorithm:
     def upload(self, shared: Params, trained: Params) -> Params:
         """What a client sends to the server: the change of the shared state."""
         return {k: trained[k] - v for k, v in shared.items()}
+
+    def epsilon(self, rounds: int) -> float | None:
+        """The DP epsilon a client has spent after `rounds` rounds; None without DP."""
+        return None
+
+    def attrs(self) -> dict:
+        """Facts of the method to record in the results file (e.g. the DP noise multiplier)."""
+        return {}
 
     def server_step(self, shared: Params, upload_sum: Params, weight: float) -> None:
         """Apply the sample-weighted mean of the cohort's uploads (FedAvg aggregation)."""

@@ -13,7 +13,7 @@ from .base import Algorithm, Params, Phase, clone
 class FedAvg(Algorithm):
     name = "fedavg"
 
-    def __init__(self, cfg: RunConfig, shape, num_classes: int):
+    def __init__(self, cfg: RunConfig, shape, num_classes: int, num_train=()):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)
             model = build_model(cfg.model.name, shape, num_classes)

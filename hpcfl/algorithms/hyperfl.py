@@ -25,7 +25,7 @@ HYPER = "hypernet."
 class HyperFL(Algorithm):
     name = "hyperfl"
 
-    def __init__(self, cfg: RunConfig, shape, num_classes: int):
+    def __init__(self, cfg: RunConfig, shape, num_classes: int, num_train=()):
         a, t = cfg.algorithm, cfg.train
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)

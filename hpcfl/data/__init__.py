@@ -4,23 +4,31 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from . import builtin
-from .partition import partition, split_train_test
+from .files import FILE_DATASETS, PreparedFile
+from .partition import noniid_s, partition, split_train_test
 
 # name -> (channels, height, width)
-SHAPES = {"digits": (1, 8, 8), "synthetic-cifar10": (3, 32, 32), "synthetic-mnist": (1, 28, 28)}
+SHAPES = {"digits": (1, 8, 8), "synthetic-cifar10": (3, 32, 32), "synthetic-mnist": (1, 28, 28),
+          **{name: spec.shape for name, spec in FILE_DATASETS.items()}}
+TRAIN_STREAM, TEST_STREAM = 0, 1  # noniid_s draws the two splits' class orders independently
 
 
 @dataclass
 class ClientData:
-    """One client's samples, already on the device."""
+    """One client's samples, already on the device. With `mean`/`std` set the images are uint8
+    pixels, turned into normalized floats per batch (engine.model_inputs); otherwise they are
+    normalized floats already."""
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    mean: torch.Tensor | None = None  # (1, C, 1, 1)
+    std: torch.Tensor | None = None
 
     @property
     def num_train(self) -> int:
@@ -39,35 +47,85 @@ class FederatedData:
     num_train: list[int]            # every client's training-set size (aggregation weight)
     num_test: list[int]
     clients: dict[int, ClientData]  # the data of the clients this process hosts
+    augment: bool = False           # random crop + flip of training batches
 
 
 def load_pool(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """All samples of a dataset as (x float32 NCHW, normalized per channel; y int64)."""
+    """All samples of a built-in dataset as (x float32 NCHW, normalized per channel; y int64)."""
     if cfg.name == "digits":
         x, y = builtin.load_digits()
     elif cfg.name.startswith("synthetic-"):
         x, y = builtin.make_synthetic(SHAPES[cfg.name], cfg.synthetic_samples)
     else:
-        raise ValueError(f"unknown dataset {cfg.name!r}")
+        raise ValueError(f"unknown built-in dataset {cfg.name!r}")
     mean = x.mean(dim=(0, 2, 3), keepdim=True)
     std = x.std(dim=(0, 2, 3), keepdim=True)
     return (x - mean) / std, y
+
+
+def augment_on(cfg: DataConfig) -> bool:
+    """data.augment=auto: the official training transform of the dataset."""
+    if cfg.augment == "auto":
+        return cfg.name in FILE_DATASETS and FILE_DATASETS[cfg.name].augment
+    return cfg.augment == "true"
+
+
+def client_splits(cfg: DataConfig, seed: int, labels: dict[str, np.ndarray], num_classes: int
+                  ) -> tuple[str, str, list[tuple[np.ndarray, np.ndarray]]]:
+    """Which splits the clients' train and test parts come from, and every client's (train
+    indices, test indices). `labels` has a "train" split and, for the file datasets, the
+    official "test" split."""
+    if cfg.partition == "noniid_s":
+        if "test" not in labels:
+            raise ConfigError(f"data.partition=noniid_s needs a dataset with an official test "
+                              f"split ({', '.join(FILE_DATASETS)}); {cfg.name} has none")
+        spec = FILE_DATASETS[cfg.name]
+        rules, size = spec.rules, cfg.local_size or spec.local_size
+
+        def split(name, n, cursor, stream):
+            return noniid_s(labels[name], num_classes, cfg.num_clients, n, cfg.noniid_s,
+                            rules.groups, cursor, seed, stream, rules.advance_by_share)
+        return "train", "test", list(zip(
+            split("train", size, rules.train_cursor, TRAIN_STREAM),
+            split("test", rules.test_size or size, rules.test_cursor, TEST_STREAM)))
+    # Other partitions spread the training split; each client's test part comes from its share.
+    parts = partition(labels["train"], cfg.partition, cfg.num_clients, seed,
+                      classes_per_client=cfg.classes_per_client, alpha=cfg.dirichlet_alpha)
+    return "train", "train", split_train_test(parts, cfg.test_fraction, seed)
 
 
 def load_federated(cfg: DataConfig, seed: int, device: torch.device | str = "cpu",
                    hosted: Callable[[list[int]], Iterable[int]] | None = None) -> FederatedData:
     """Partition the dataset into cfg.num_clients clients and move to the device the data of the
     clients that `hosted(train sizes)` names (default: all); the others live on other ranks."""
-    x, y = load_pool(cfg)
-    parts = partition(y.numpy(), cfg.partition, cfg.num_clients, seed,
-                      classes_per_client=cfg.classes_per_client, alpha=cfg.dirichlet_alpha)
-    splits = split_train_test(parts, cfg.test_fraction, seed)
+    mean = std = None
+    if cfg.name in FILE_DATASETS:
+        source = PreparedFile(cfg.name, cfg.root)
+        labels, num_classes, read = source.labels, source.spec.num_classes, source.images
+        mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1)
+                     for v in (source.spec.mean, source.spec.std))
+    else:
+        x, y = load_pool(cfg)
+        labels, num_classes = {"train": y.numpy()}, int(y.max()) + 1
+        read = lambda _, idx: x.numpy()[idx]  # noqa: E731
+    train_split, test_split, splits = client_splits(cfg, seed, labels, num_classes)
+    if min(min(len(tr), len(te)) for tr, te in splits) == 0:
+        raise ConfigError("data: some client got no training or no test samples; use fewer "
+                          "clients or a larger data.local_size")
     num_train = [len(tr) for tr, _ in splits]
-    wanted = range(cfg.num_clients) if hosted is None else hosted(num_train)
-    clients = {}
-    for cid in wanted:
-        tr, te = (torch.from_numpy(s) for s in splits[cid])
-        clients[cid] = ClientData(x[tr].to(device), y[tr].to(device),
-                                  x[te].to(device), y[te].to(device))
-    return FederatedData(cfg.name, SHAPES[cfg.name], int(y.max()) + 1,
-                         num_train, [len(te) for _, te in splits], clients)
+    wanted = list(range(cfg.num_clients) if hosted is None else hosted(num_train))
+
+    def gather(split: str, which: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The hosted clients' (images, labels) of their train (0) or test (1) part, read
+        in one pass over the split."""
+        if not wanted:
+            return []
+        idx = [splits[c][which] for c in wanted]
+        images = np.split(read(split, np.concatenate(idx)), np.cumsum([len(i) for i in idx])[:-1])
+        return [(torch.from_numpy(xi).to(device), torch.from_numpy(labels[split][i]).to(device))
+                for xi, i in zip(images, idx)]
+
+    clients = {c: ClientData(*tr, *te, mean, std) for c, tr, te in
+               zip(wanted, gather(train_split, 0), gather(test_split, 1))}
+    return FederatedData(cfg.name, SHAPES[cfg.name], num_classes, num_train,
+                         [len(te) for _, te in splits], clients, augment_on(cfg))

@@ -98,3 +98,45 @@ def split_train_test(parts: list[np.ndarray], test_fraction: float,
         n_test = min(max(1, round(len(idx) * test_fraction)), len(idx) - 1)
         out.append((np.sort(perm[n_test:]), np.sort(perm[:n_test])))
     return out
+
+
+def noniid_s(labels: np.ndarray, num_classes: int, num_clients: int, size: int,
+             iid_percent: float, groups: tuple[tuple[int, ...], ...], cursor: int, seed: int,
+             stream: int, advance_by_share: bool = False) -> list[np.ndarray]:
+    """The official "noniid_s" split (FedPAC's data_loader.py, `*_noniid_s`; rules in
+    data.files.NoniidRules): client i gets int(size * iid_percent / 100) images spread evenly
+    over all classes (the last class takes the remainder), and the rest spread evenly over the
+    label group groups[i % len(groups)] (its last class takes the remainder). Each class is
+    consumed in order from a cursor that starts at `cursor` and wraps to the class start when a
+    request would run past its end, so with many clients images are reused, as officially.
+
+    The official code walks each class in the order of an unstable argsort (implementation-
+    defined); here each class's order is a permutation drawn from (seed, stream, class), so the
+    split depends on the seed only. Class starts and sizes are the real ones (the official
+    mnist/cifar variants assume equal class sizes, which holds for FMNIST, CIFAR-10, CINIC-10).
+    """
+    order = [rng(seed, PARTITION, stream, c).permutation(np.nonzero(labels == c)[0])
+             for c in range(num_classes)]
+    used = [cursor] * num_classes
+
+    def take(y: int, num: int, advance: int) -> np.ndarray:
+        if used[y] + num > len(order[y]):
+            used[y] = 0
+        out = order[y][used[y]:used[y] + num]
+        used[y] += advance
+        return out
+
+    n_iid = int(size * (iid_percent / 100))  # the official float expression, e.g. 600 * 0.2
+    n_rest = size - n_iid
+    iid_each = n_iid // num_classes
+    parts = []
+    for i in range(num_clients):
+        chunks = [take(y, n, n) for y, n in
+                  enumerate([iid_each] * (num_classes - 1) + [n_iid - iid_each * (num_classes - 1)])]
+        group = groups[i % len(groups)]
+        share = n_rest // len(group)
+        for j, y in enumerate(group):
+            n = share if j < len(group) - 1 else n_rest - share * (len(group) - 1)
+            chunks.append(take(y, n, share if advance_by_share else n))
+        parts.append(np.concatenate(chunks))
+    return parts
