@@ -175,6 +175,11 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
                                                    "bool": bool}[f.type]
     ok = (isinstance(value, want) and not (want is int and isinstance(value, bool))) or (
         want is float and isinstance(value, int) and not isinstance(value, bool))
+    if want is float and isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        try:
+            value, ok = float(value), True
+        except ValueError:
+            pass
     if want is str and isinstance(value, (int, float)):  # YAML's true/1 for a string key
         value, ok = (str(value).lower() if isinstance(value, bool) else str(value)), True
     if not ok:

@@ -30,6 +30,21 @@ def test_one_two_and_three_ranks_give_the_same_results(tmp_path, algorithm):
     assert max_diff(runs[1], runs[3]) <= 1e-5
 
 
+@pytest.mark.parametrize("algorithm", ["dpfedavg", "ppsgd", "centaur"])
+def test_dp_baselines_give_the_same_results_on_one_and_two_ranks(tmp_path, algorithm):
+    """Their noise, too, is drawn per (seed, round, client), never per rank."""
+    runs = {}
+    for ranks in (1, 2):
+        r = run_mpi(ranks, *SMALL, f"algorithm.name={algorithm}", "privacy.dp_clip=0.5",
+                    f"output.dir={tmp_path}", f"output.name=n{ranks}")
+        assert r.returncode == 0, r.stderr
+        runs[ranks] = results(tmp_path / f"n{ranks}.h5")
+        with h5py.File(tmp_path / f"n{ranks}.h5") as f:
+            runs[ranks]["epsilon"] = f["metrics/epsilon"][:]
+    assert max_diff(runs[1], runs[2]) <= 1e-5
+    assert runs[1]["train_loss"][-1] < runs[1]["train_loss"][0]
+
+
 ARGS = [*TINY, "train.rounds=8", "train.local_epochs=2", "output.checkpoint_every=2"]
 
 

@@ -127,5 +127,7 @@ def load_federated(cfg: DataConfig, seed: int, device: torch.device | str = "cpu
 
     clients = {c: ClientData(*tr, *te, mean, std) for c, tr, te in
                zip(wanted, gather(train_split, 0), gather(test_split, 1))}
+    if cfg.name in FILE_DATASETS:
+        source.f.close()
     return FederatedData(cfg.name, SHAPES[cfg.name], num_classes, num_train,
                          [len(te) for _, te in splits], clients, augment_on(cfg))
