@@ -45,6 +45,26 @@ def test_dp_baselines_give_the_same_results_on_one_and_two_ranks(tmp_path, algor
     assert runs[1]["train_loss"][-1] < runs[1]["train_loss"][0]
 
 
+def test_ranks_reading_their_share_of_a_prepared_file_give_the_same_results(tmp_path):
+    """Each rank reads only its clients' images of the official noniid_s split."""
+    from hpcfl.data.prepare import main as prepare
+
+    from .datafiles import write_cifar10
+
+    write_cifar10(tmp_path / "src")
+    assert prepare(["cifar10", "--source", str(tmp_path / "src"), "--out",
+                    str(tmp_path / "data" / "cifar10.h5")]) == 0
+    runs = {}
+    for ranks in (1, 2):
+        r = run_mpi(ranks, "data.name=cifar10", f"data.root={tmp_path / 'data'}",
+                    "data.partition=noniid_s", "data.local_size=30", "data.num_clients=5",
+                    "train.rounds=2", "train.local_epochs=1", "output.progress=none",
+                    "train.device=cpu", f"output.dir={tmp_path}", f"output.name=c{ranks}")
+        assert r.returncode == 0, r.stderr
+        runs[ranks] = results(tmp_path / f"c{ranks}.h5")
+    assert max_diff(runs[1], runs[2]) == 0.0  # sequential engine: bit for bit
+
+
 ARGS = [*TINY, "train.rounds=8", "train.local_epochs=2", "output.checkpoint_every=2"]
 
 
