@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import yaml
 
-from .config import DP_ALGORITHMS, ConfigError, RunConfig
+from .config import DP_ALGORITHMS, ConfigError, RunConfig, apply_dict
 from .engine import flatten
 from .store import CheckpointError, checkpoint_paths, save_checkpoint, verify_checkpoint
 from .world import World
@@ -64,7 +64,10 @@ def plan_start(cfg: RunConfig) -> Start:
     if not path.exists():
         raise ConfigError(f"checkpoint {p} has no results file {path} to continue")
     with h5py.File(p, "r", locking=False) as f:
-        check_same_experiment(yaml.safe_load(f.attrs["config"]), cfg.to_dict(), p)
+        # parsed as a config, so that a file from an older hpcfl compares in today's types
+        stored = RunConfig()
+        apply_dict(stored, yaml.safe_load(f.attrs["config"]), f"config stored in {p}")
+        check_same_experiment(stored.to_dict(), cfg.to_dict(), p)
     if rnd > cfg.train.rounds:
         raise ConfigError(f"train.rounds: {p} is at round {rnd}, past train.rounds="
                           f"{cfg.train.rounds}")

@@ -128,3 +128,24 @@ def test_killed_after_its_last_checkpoint_a_rerun_marks_it_completed(tmp_path):
     assert r.returncode == 0 and "already completed" in r.stdout
     with h5py.File(tmp_path / "last.h5") as f:
         assert f.attrs["status"] == "completed" and len(f["metrics/round"]) == rows
+
+
+def test_a_checkpoint_of_an_older_config_spelling_still_resumes(tmp_path):
+    """data.augment was a bool before it took auto/true/false: `augment: false` in a stored
+    config is the same experiment as today's 'false'."""
+    from hpcfl.main import main
+    from hpcfl.store import _digest
+
+    from .conftest import TINY
+
+    args = [*TINY, "train.rounds=3", "output.checkpoint_every=1", f"output.dir={tmp_path}",
+            "output.name=old", "data.augment=false"]
+    assert main([*args, "train.rounds=2"]) == 0
+    for name in ("old.ckpt.h5", "old.ckpt.prev.h5"):
+        with h5py.File(tmp_path / name, "r+") as f:
+            f.attrs["config"] = f.attrs["config"].replace("augment: 'false'", "augment: false")
+            assert "augment: false" in f.attrs["config"]
+            f.attrs["sha256"] = _digest(f)
+    assert main(args) == 0
+    with h5py.File(tmp_path / "old.h5") as f:
+        assert f.attrs["status"] == "completed" and list(f["metrics/round"][:]) == [1, 2, 3]
