@@ -27,8 +27,8 @@ def opt(default, help: str, choices: tuple = (), min: float | None = None,
                                                 min_exclusive=min_exclusive))
 
 
-DATASETS = ("digits", "synthetic-cifar10", "synthetic-mnist", "mnist", "fmnist", "emnist",
-            "cifar10", "cinic10")
+DATASETS = ("digits", "synthetic-cifar10", "synthetic-mnist", "photos", "mnist", "fmnist",
+            "emnist", "cifar10", "cinic10")
 MODELS = ("auto", "digits_cnn", "mnist_cnn", "cifar_cnn", "pfl_cnn")
 DP_ALGORITHMS = ("dpfedavg", "ppsgd", "centaur")  # DP-SGD baselines: noise set by privacy.dp_*
 ALGORITHMS = ("hyperfl", "fedavg", "local", *DP_ALGORITHMS)
@@ -36,7 +36,8 @@ ALGORITHMS = ("hyperfl", "fedavg", "local", *DP_ALGORITHMS)
 
 @dataclass
 class DataConfig:
-    name: str = opt("digits", "dataset: digits and synthetic-* are built in; mnist, fmnist, "
+    name: str = opt("digits", "dataset: digits, synthetic-* and photos (scikit-image's 20 "
+                    "sample photographs at 32x32, to attack) are built in; mnist, fmnist, "
                     "emnist, cifar10, cinic10 read <root>/<name>.h5 (python -m "
                     "hpcfl.data.prepare)", choices=DATASETS)
     root: str = opt("data", "directory of the prepared dataset files")

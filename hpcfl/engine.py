@@ -62,9 +62,9 @@ def crop_flip(x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
 
 def model_inputs(data: ClientData, x: torch.Tensor,
                  draws: torch.Tensor | None = None) -> torch.Tensor:
-    """A batch as the model sees it. uint8 pixels (the file datasets) become floats in [0, 1],
-    are cropped/flipped (padding black, as torchvision) and normalized with the dataset's mean and
-    std, as the official transforms; float data is already normalized (crop pads the mean)."""
+    """A batch as the model sees it. Pixels (uint8 become floats in [0, 1]) are cropped/flipped
+    (padding black, as torchvision) and normalized with the dataset's mean and std, as the
+    official transforms; synthetic data is normalized already (crop pads its mean)."""
     if x.dtype == torch.uint8:
         x = x.float().div_(255)
     if draws is not None:

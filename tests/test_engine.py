@@ -8,7 +8,8 @@ from hpcfl.algorithms import Phase, build_algorithm
 from hpcfl.config import load_config
 from hpcfl.data import load_federated
 from hpcfl.engine import (EXTRA_SLOTS, clip_, client_generator, crop_flip, crop_flip_draws,
-                          minibatches, sgd_, train_client, train_cohort, train_group, unflatten)
+                          minibatches, model_inputs, sgd_, train_client, train_cohort,
+                          train_group, unflatten)
 
 
 def test_minibatches_cover_each_epoch_once_and_count_steps():
@@ -72,7 +73,7 @@ def official_hyperfl_client(algo, shared, private, data, cfg, seed, rnd, cid):
         for idx in minibatches(data.num_train, t.batch_size, phase,
                                client_generator(seed, rnd, cid, k)):
             opt.zero_grad()
-            torch.nn.functional.cross_entropy(logits(data.x_train[idx]),
+            torch.nn.functional.cross_entropy(logits(model_inputs(data, data.x_train[idx])),
                                               data.y_train[idx]).backward()
             if k == 1:
                 torch.nn.utils.clip_grad_norm_(hyper.parameters(), a.clip_norm)

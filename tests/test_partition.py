@@ -65,7 +65,7 @@ def test_hosted_clients_get_their_data_and_others_none():
 
 def test_synthetic_data_has_the_papers_shapes_and_class_structure():
     for name, shape in [("synthetic-cifar10", (3, 32, 32)), ("synthetic-mnist", (1, 28, 28))]:
-        x, y = load_pool(DataConfig(name=name, synthetic_samples=500))
+        x, y, _, _ = load_pool(DataConfig(name=name, synthetic_samples=500))
         assert x.shape == (500, *shape) and set(y.tolist()) == set(range(10))
         # Learnable: samples are closer to their own class mean than to any other class mean.
         means = np.stack([x[y == c].mean(0).numpy().ravel() for c in range(10)])

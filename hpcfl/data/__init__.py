@@ -14,14 +14,15 @@ from .partition import noniid_s, partition, split_train_test
 
 # name -> (channels, height, width)
 SHAPES = {"digits": (1, 8, 8), "synthetic-cifar10": (3, 32, 32), "synthetic-mnist": (1, 28, 28),
+          "photos": (3, 32, 32),
           **{name: spec.shape for name, spec in FILE_DATASETS.items()}}
 TRAIN_STREAM, TEST_STREAM = 0, 1  # noniid_s draws the two splits' class orders independently
 
 
 @dataclass
 class ClientData:
-    """One client's samples, already on the device. With `mean`/`std` set the images are uint8
-    pixels, turned into normalized floats per batch (engine.model_inputs); otherwise they are
+    """One client's samples, already on the device. With `mean`/`std` set the images are pixels
+    (uint8, or floats in [0, 1]) normalized per batch (engine.model_inputs); otherwise they are
     normalized floats already."""
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -50,17 +51,26 @@ class FederatedData:
     augment: bool = False           # random crop + flip of training batches
 
 
-def load_pool(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """All samples of a built-in dataset as (x float32 NCHW, normalized per channel; y int64)."""
+def load_pool(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                         torch.Tensor | None]:
+    """All samples of a built-in dataset as (x NCHW, y int64, mean, std). Photographs (digits:
+    floats in [0, 1]; photos: uint8) come with their per-channel mean and std, to be normalized
+    per batch (engine.model_inputs) and undone by an attack's metrics; the synthetic images are
+    normalized already (mean, std None)."""
+    if cfg.name.startswith("synthetic-"):
+        x, y = builtin.make_synthetic(SHAPES[cfg.name], cfg.synthetic_samples)
+        mean, std = x.mean(dim=(0, 2, 3), keepdim=True), x.std(dim=(0, 2, 3), keepdim=True)
+        return (x - mean) / std, y, None, None
     if cfg.name == "digits":
         x, y = builtin.load_digits()
-    elif cfg.name.startswith("synthetic-"):
-        x, y = builtin.make_synthetic(SHAPES[cfg.name], cfg.synthetic_samples)
+        pixels = x
+    elif cfg.name == "photos":
+        x, y = builtin.load_photos()
+        pixels = x.float() / 255
     else:
         raise ValueError(f"unknown built-in dataset {cfg.name!r}")
-    mean = x.mean(dim=(0, 2, 3), keepdim=True)
-    std = x.std(dim=(0, 2, 3), keepdim=True)
-    return (x - mean) / std, y
+    return (x, y, pixels.mean(dim=(0, 2, 3), keepdim=True),
+            pixels.std(dim=(0, 2, 3), keepdim=True))
 
 
 def augment_on(cfg: DataConfig) -> bool:
@@ -105,8 +115,9 @@ def load_federated(cfg: DataConfig, seed: int, device: torch.device | str = "cpu
         mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1)
                      for v in (source.spec.mean, source.spec.std))
     else:
-        x, y = load_pool(cfg)
+        x, y, mean, std = load_pool(cfg)
         labels, num_classes = {"train": y.numpy()}, int(y.max()) + 1
+        mean, std = (None, None) if mean is None else (mean.to(device), std.to(device))
         read = lambda _, idx: x.numpy()[idx]  # noqa: E731
     train_split, test_split, splits = client_splits(cfg, seed, labels, num_classes)
     if min(min(len(tr), len(te)) for tr, te in splits) == 0:

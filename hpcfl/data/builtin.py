@@ -41,3 +41,31 @@ def make_synthetic(shape: tuple[int, int, int], num_samples: int, num_classes: i
             x[sel] = torch.roll(x[sel], shifts=(dy, dx), dims=(2, 3))
     x += torch.randn(x.shape, generator=g)
     return x, y
+
+
+# scikit-image's sample photographs that ship inside its wheel (no download), colour then grey.
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+          "retina", "colorwheel", "logo", "camera", "brick", "grass", "gravel", "moon", "page",
+          "text", "coins", "cell", "clock", "microaneurysms")
+
+
+def load_photos(size: int = 32, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 20 sample photographs of scikit-image as uint8 RGB (N, 3, size, size): centre square
+    crop, Lanczos resize; grey photos repeated over three channels, transparency composited on
+    white. A small real CIFAR-shaped set to attack; labels are arbitrary (index mod classes)."""
+    import skimage.data
+    from PIL import Image
+
+    out = []
+    for name in PHOTOS:
+        img = Image.fromarray(getattr(skimage.data, name)())
+        if img.mode == "RGBA":
+            white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, img)
+        img = img.convert("RGB")
+        w, h = img.size
+        s = min(w, h)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        out.append(np.asarray(img.resize((size, size), Image.LANCZOS)).transpose(2, 0, 1))
+    x = torch.from_numpy(np.stack(out))
+    return x, torch.arange(len(PHOTOS)) % num_classes

@@ -1,0 +1,1 @@
+"""Privacy: gradient-inversion attacks on what clients upload, and the metrics of leakage."""
