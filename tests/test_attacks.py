@@ -15,11 +15,13 @@ from hpcfl.privacy.attacks import (Knowledge, dlg, gradient_from_update, idlg_la
 from hpcfl.privacy.metrics import image_scores, label_accuracy, psnr, ssim, to_unit
 
 
-def fedavg_single_step(name: str, index: int = 0):
-    """A FedAvg client holding one image takes one local step (the engine's own code); returns
-    what the server knows, the gradient it infers from the upload, and the true image."""
+def fedavg_single_step(name: str, index: int = 0, steps: int = 1):
+    """A FedAvg client holding one image takes `steps` local steps (the engine's own code);
+    returns what the server knows, the gradient it infers from the upload (the single-gradient
+    shortcut), the true image, and the upload itself."""
     cfg = load_config(None, [f"data.name={name}", "data.partition=iid", "data.num_clients=5",
-                             "algorithm.name=fedavg", "train.local_steps=1", "train.lr=0.1"])
+                             "algorithm.name=fedavg", f"train.local_steps={steps}",
+                             "train.lr=0.1"])
     data = load_federated(cfg.data, 0)
     algo = build_algorithm(cfg, data.shape, data.num_classes)
     shared, c = algo.init_shared(), data.clients[0]
@@ -27,14 +29,16 @@ def fedavg_single_step(name: str, index: int = 0):
                      c.mean, c.std)
     trained, _ = train_client(algo, dict(shared), one, 50, 0, 1, 0)
     upload = algo.upload(shared, trained)  # exactly what the server receives
+    t = cfg.train
     know = Knowledge(algo.forward, shared, tuple(upload), data.shape, (0 - c.mean) / c.std,
-                     (1 - c.mean) / c.std)
-    grad = gradient_from_update(upload, shared, cfg.train.lr, cfg.train.weight_decay)
-    return know, grad, one
+                     (1 - c.mean) / c.std, steps=steps, lr=t.lr, momentum=t.momentum,
+                     weight_decay=t.weight_decay)
+    grad = gradient_from_update(upload, shared, t.lr, t.weight_decay)
+    return know, grad, one, [upload[k] for k in know.uploaded]
 
 
 def test_inverting_gradients_recovers_one_image_from_a_fedavg_step():
-    know, grad, one = fedavg_single_step("digits")
+    know, grad, one, _ = fedavg_single_step("digits")
     x, loss = inverting_gradients(know, [grad[k] for k in know.uploaded], one.y_train,
                                   iterations=500, tv=1e-4)
     rec, truth = to_unit(x, one.mean, one.std), to_unit(model_inputs(one, one.x_train),
@@ -46,7 +50,7 @@ def test_inverting_gradients_recovers_one_image_from_a_fedavg_step():
 
 @pytest.mark.parametrize("index", range(6))
 def test_idlg_recovers_the_label_of_a_single_image(index):
-    _, grad, one = fedavg_single_step("digits", index)
+    _, grad, one, _ = fedavg_single_step("digits", index)
     assert idlg_label(grad).tolist() == one.y_train.tolist()
 
 
@@ -92,3 +96,21 @@ def test_photos_are_scikit_images_samples_at_cifar_shape():
     assert x.shape[1:] == (3, 32, 32) and data.shape == (3, 32, 32)
     assert len({bytes(i.numpy()) for i in x}) == 20  # 20 different photographs
     assert 40 < x.float().mean() < 200 and x.float().std() > 30
+
+
+def test_simulated_local_steps_reproduce_the_engines_update():
+    know, _, one, upload = fedavg_single_step("digits", steps=5)
+    sim = know.update(model_inputs(one, one.x_train), one.y_train)
+    for got, want in zip(sim, upload):
+        assert (got - want).abs().max() <= 1e-6
+
+
+def test_the_multi_step_attack_beats_the_single_gradient_shortcut_on_5_steps():
+    know, grad, one, upload = fedavg_single_step("digits", steps=5)
+    truth = to_unit(model_inputs(one, one.x_train), one.mean, one.std)[0]
+    scores = {}
+    for multi in (False, True):
+        target = upload if multi else [grad[k] for k in know.uploaded]
+        x, _ = inverting_gradients(know, target, one.y_train, iterations=300, multi_step=multi)
+        scores[multi] = psnr(to_unit(x, one.mean, one.std)[0], truth)
+    assert scores[True] >= 25 and scores[True] > scores[False] + 10, scores

@@ -27,6 +27,34 @@ class Knowledge:
     shape: tuple[int, int, int]
     low: torch.Tensor   # (1, C, 1, 1): the normalized value of pixel 0
     high: torch.Tensor  # (1, C, 1, 1): the normalized value of pixel 1
+    # The client's local training, for attacks on a whole local update (multi-step).
+    steps: int = 1
+    batch_size: int = 0  # 0: every step on all images
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """The change of the uploaded tensors after the client's local SGD steps (momentum and
+        weight decay as torch.optim.SGD) on candidate batch (x, y), differentiable in x, as
+        breaching's multi-step user: step i uses the i-th slice of batch_size images,
+        cyclically (the client's real shuffling is unknown to the server)."""
+        p = {k: v.detach() for k, v in self.params.items()}
+        for k in self.uploaded:
+            p[k] = p[k].clone().requires_grad_()
+        start = {k: p[k] for k in self.uploaded}
+        bs = self.batch_size or len(x)
+        per_epoch = -(-len(x) // bs)
+        buf: dict[str, torch.Tensor] = {}
+        for i in range(self.steps):
+            j = i % per_epoch
+            loss = F.cross_entropy(self.forward(p, x[j * bs:(j + 1) * bs]), y[j * bs:(j + 1) * bs])
+            grads = torch.autograd.grad(loss, [p[k] for k in self.uploaded], create_graph=True)
+            for k, g in zip(self.uploaded, grads):
+                d = g + self.weight_decay * p[k]
+                buf[k] = d if i == 0 or not self.momentum else self.momentum * buf[k] + d
+                p[k] = p[k] - self.lr * buf[k]
+        return [p[k] - start[k] for k in self.uploaded]
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """The gradient of the uploaded tensors that batch (x, y) gives, differentiable in x (and

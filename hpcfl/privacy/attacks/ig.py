@@ -14,9 +14,12 @@ from .common import Knowledge, cosine_distance, total_variation
 def inverting_gradients(know: Knowledge, target: list[torch.Tensor], labels: torch.Tensor,
                         iterations: int = 4800, lr: float = 0.1, tv: float = 1e-4,
                         restarts: int = 1, signed: bool = True, seed: int = 0,
+                        multi_step: bool = False,
                         progress: bool = False) -> tuple[torch.Tensor, float]:
     """Reconstruct len(labels) images (normalized, like the model's inputs); returns them and
-    their loss."""
+    their loss. `target`: the uploaded update with `multi_step` (matched by simulating the
+    client's local steps, Knowledge.update), else a gradient (e.g. gradient_from_update)."""
+    observe = know.update if multi_step else know.gradient
     target = [t.detach() for t in target]
     dev = target[0].device
     best, best_loss = None, float("inf")
@@ -29,7 +32,7 @@ def inverting_gradients(know: Knowledge, target: list[torch.Tensor], labels: tor
         trial, trial_loss = x.detach().clone(), float("inf")
         for _ in tqdm(range(iterations), disable=not progress, unit="it", leave=False):
             opt.zero_grad()
-            loss = cosine_distance(know.gradient(x, labels), target) + tv * total_variation(x)
+            loss = cosine_distance(observe(x, labels), target) + tv * total_variation(x)
             loss.backward()
             if signed:
                 x.grad.sign_()
