@@ -31,8 +31,7 @@ def fedavg_single_step(name: str, index: int = 0, steps: int = 1):
     upload = algo.upload(shared, trained)  # exactly what the server receives
     t = cfg.train
     know = Knowledge(algo.forward, shared, tuple(upload), data.shape, (0 - c.mean) / c.std,
-                     (1 - c.mean) / c.std, steps=steps, lr=t.lr, momentum=t.momentum,
-                     weight_decay=t.weight_decay)
+                     (1 - c.mean) / c.std, phases=tuple(algo.phases()), batch_size=50)
     grad = gradient_from_update(upload, shared, t.lr, t.weight_decay)
     return know, grad, one, [upload[k] for k in know.uploaded]
 
@@ -114,3 +113,22 @@ def test_the_multi_step_attack_beats_the_single_gradient_shortcut_on_5_steps():
         x, _ = inverting_gradients(know, target, one.y_train, iterations=300, multi_step=multi)
         scores[multi] = psnr(to_unit(x, one.mean, one.std)[0], truth)
     assert scores[True] >= 25 and scores[True] > scores[False] + 10, scores
+
+
+def test_simulated_hyperfl_round_reproduces_its_hypernetwork_update():
+    """Head epoch, then hypernetwork + embedding steps with their clip: the attacker's
+    simulation (white-box: embedding and head known) gives the engine's upload."""
+    cfg = load_config(None, ["data.partition=iid", "data.num_clients=5", "train.local_steps=3",
+                             "algorithm.clip_norm=5"])
+    data = load_federated(cfg.data, 0)
+    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    shared, c = algo.init_shared(), data.clients[0]
+    state = {**shared, **algo.init_client(0)}
+    one = ClientData(c.x_train[:2], c.y_train[:2], c.x_test, c.y_test, c.mean, c.std)
+    trained, _ = train_client(algo, dict(state), one, 50, 0, 1, 0)
+    upload = algo.upload(shared, trained)
+    know = Knowledge(algo.forward, state, tuple(upload), data.shape, c.mean, c.std,
+                     phases=tuple(algo.phases()), batch_size=50)
+    sim = know.update(model_inputs(one, one.x_train), one.y_train)
+    for got, (k, want) in zip(sim, upload.items()):
+        assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max())), k

@@ -27,33 +27,43 @@ class Knowledge:
     shape: tuple[int, int, int]
     low: torch.Tensor   # (1, C, 1, 1): the normalized value of pixel 0
     high: torch.Tensor  # (1, C, 1, 1): the normalized value of pixel 1
-    # The client's local training, for attacks on a whole local update (multi-step).
-    steps: int = 1
+    # The client's local training (the algorithm's phases), for attacks on a whole update.
+    phases: tuple = ()
     batch_size: int = 0  # 0: every step on all images
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        """The change of the uploaded tensors after the client's local SGD steps (momentum and
-        weight decay as torch.optim.SGD) on candidate batch (x, y), differentiable in x, as
-        breaching's multi-step user: step i uses the i-th slice of batch_size images,
-        cyclically (the client's real shuffling is unknown to the server)."""
+        """The change of the uploaded tensors after the client's local training on candidate
+        batch (x, y), differentiable in x: every phase's steps with its groups, learning rates,
+        per-group gradient clipping, momentum and weight decay (torch.optim.SGD), as the engine
+        trains. As breaching's multi-step user, step i of a phase uses the i-th slice of
+        batch_size images, cyclically (the client's real shuffling is unknown to the server)."""
         p = {k: v.detach() for k, v in self.params.items()}
-        for k in self.uploaded:
+        for k in {k for phase in self.phases for k in phase.names}:
             p[k] = p[k].clone().requires_grad_()
         start = {k: p[k] for k in self.uploaded}
         bs = self.batch_size or len(x)
         per_epoch = -(-len(x) // bs)
-        buf: dict[str, torch.Tensor] = {}
-        for i in range(self.steps):
-            j = i % per_epoch
-            loss = F.cross_entropy(self.forward(p, x[j * bs:(j + 1) * bs]), y[j * bs:(j + 1) * bs])
-            grads = torch.autograd.grad(loss, [p[k] for k in self.uploaded], create_graph=True)
-            for k, g in zip(self.uploaded, grads):
-                d = g + self.weight_decay * p[k]
-                buf[k] = d if i == 0 or not self.momentum else self.momentum * buf[k] + d
-                p[k] = p[k] - self.lr * buf[k]
+        for phase in self.phases:
+            names = phase.names
+            # New nodes: a phase differentiates with respect to its tensors as they are now,
+            # not through what earlier phases made of them (the head trained in HyperFL's first
+            # phase is a constant in its second, as in the client's real training).
+            p.update({k: p[k] * 1 for k in names})
+            buf: dict[str, torch.Tensor] = {}
+            for i in range(phase.steps or phase.epochs * per_epoch):
+                j = (i % per_epoch) * bs
+                loss = F.cross_entropy(self.forward(p, x[j:j + bs]), y[j:j + bs])
+                grads = dict(zip(names, torch.autograd.grad(loss, [p[k] for k in names],
+                                                            create_graph=True)))
+                if phase.clip_norm > 0:
+                    for group in phase.groups:
+                        norm = torch.sqrt(sum(grads[k].pow(2).sum() for k in group))
+                        scale = torch.clamp(phase.clip_norm / (norm + 1e-6), max=1.0)
+                        grads.update({k: grads[k] * scale for k in group})
+                for k, lr in zip(names, phase.lrs):
+                    d = grads[k] + phase.weight_decay * p[k]
+                    buf[k] = d if i == 0 or not phase.momentum else phase.momentum * buf[k] + d
+                    p[k] = p[k] - lr * buf[k]
         return [p[k] - start[k] for k in self.uploaded]
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
