@@ -140,12 +140,31 @@ class OutputConfig:
 
 
 @dataclass
+class AttackConfig:
+    name: str = opt("ig", "python -m hpcfl.attack: ig (Inverting Gradients), dlg, idlg (iDLG's "
+                    "label, then IG for the image)", choices=("ig", "dlg", "idlg"))
+    round: int = opt(1, "attack the uploads of this round (the run is trained to the round "
+                     "before it)", min=1)
+    clients: int = opt(1, "attack the first this-many clients of the round's cohort", min=1)
+    iterations: int = opt(4800, "optimizer iterations per restart", min=1)
+    restarts: int = opt(1, "random restarts; the lowest-loss reconstruction is kept", min=1)
+    threat: str = opt("server", "server: knows the shared state, not a client's private state "
+                      "(HyperFL: embedding and head), which it optimizes too; white-box: knows it",
+                      choices=("server", "white-box"))
+    tv: float = opt(1e-4, "ig: weight of total variation", min=0)
+    lr: float = opt(0.1, "ig: Adam step size; dlg: L-BFGS step size", min=0, min_exclusive=True)
+    multi_step: bool = opt(True, "match the whole local update by simulating the client's local "
+                           "training; false: the single-gradient shortcut (update / lr)")
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 

@@ -21,7 +21,8 @@ from .world import World
 
 log = logging.getLogger("hpcfl")
 # Keys a resumed run may change; any other change would make it a different experiment.
-RESUMABLE_CHANGES = ("train.rounds", "train.eval_every", "train.device", "engine.", "output.")
+RESUMABLE_CHANGES = ("train.rounds", "train.eval_every", "train.device", "engine.", "output.",
+                     "attack.")
 
 
 @dataclass

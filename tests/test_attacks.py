@@ -38,8 +38,8 @@ def fedavg_single_step(name: str, index: int = 0, steps: int = 1):
 
 def test_inverting_gradients_recovers_one_image_from_a_fedavg_step():
     know, grad, one, _ = fedavg_single_step("digits")
-    x, loss = inverting_gradients(know, [grad[k] for k in know.uploaded], one.y_train,
-                                  iterations=500, tv=1e-4)
+    x, labels, loss = inverting_gradients(know, [grad[k] for k in know.uploaded], one.y_train,
+                                          iterations=500, tv=1e-4)
     rec, truth = to_unit(x, one.mean, one.std), to_unit(model_inputs(one, one.x_train),
                                                          one.mean, one.std)
     assert psnr(rec[0], truth[0]) >= 25
@@ -110,7 +110,8 @@ def test_the_multi_step_attack_beats_the_single_gradient_shortcut_on_5_steps():
     scores = {}
     for multi in (False, True):
         target = upload if multi else [grad[k] for k in know.uploaded]
-        x, _ = inverting_gradients(know, target, one.y_train, iterations=300, multi_step=multi)
+        x, _, _ = inverting_gradients(know, target, one.y_train, iterations=300,
+                                      multi_step=multi)
         scores[multi] = psnr(to_unit(x, one.mean, one.std)[0], truth)
     assert scores[True] >= 25 and scores[True] > scores[False] + 10, scores
 

@@ -31,7 +31,8 @@ class Knowledge:
     phases: tuple = ()
     batch_size: int = 0  # 0: every step on all images
 
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    def update(self, x: torch.Tensor, y: torch.Tensor,
+               guess: Params | None = None) -> list[torch.Tensor]:
         """The change of the uploaded tensors after the client's local training on candidate
         batch (x, y), differentiable in x: every phase's steps with its groups, learning rates,
         per-group gradient clipping, momentum and weight decay (torch.optim.SGD), as the engine
@@ -40,6 +41,7 @@ class Knowledge:
         p = {k: v.detach() for k, v in self.params.items()}
         for k in {k for phase in self.phases for k in phase.names}:
             p[k] = p[k].clone().requires_grad_()
+        p.update(guess or {})
         start = {k: p[k] for k in self.uploaded}
         bs = self.batch_size or len(x)
         per_epoch = -(-len(x) // bs)
@@ -52,7 +54,7 @@ class Knowledge:
             buf: dict[str, torch.Tensor] = {}
             for i in range(phase.steps or phase.epochs * per_epoch):
                 j = (i % per_epoch) * bs
-                loss = F.cross_entropy(self.forward(p, x[j:j + bs]), y[j:j + bs])
+                loss = label_loss(self.forward(p, x[j:j + bs]), y[j:j + bs])
                 grads = dict(zip(names, torch.autograd.grad(loss, [p[k] for k in names],
                                                             create_graph=True)))
                 if phase.clip_norm > 0:
@@ -66,17 +68,23 @@ class Knowledge:
                     p[k] = p[k] - lr * buf[k]
         return [p[k] - start[k] for k in self.uploaded]
 
-    def gradient(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    def gradient(self, x: torch.Tensor, y: torch.Tensor,
+                 guess: Params | None = None) -> list[torch.Tensor]:
         """The gradient of the uploaded tensors that batch (x, y) gives, differentiable in x (and
-        in y when y holds soft labels, as DLG optimizes them)."""
+        in y when y holds soft labels, as DLG optimizes them, and in `guess`: the attacker's
+        current estimate of tensors it does not know, e.g. HyperFL's private head)."""
         params = {k: v.detach().requires_grad_(k in self.uploaded) for k, v in self.params.items()}
-        logits = self.forward(params, x)
-        if y.dtype.is_floating_point:  # soft labels (DLG): cross-entropy against softmax(y)
-            loss = torch.mean(torch.sum(-F.softmax(y, -1) * F.log_softmax(logits, -1), -1))
-        else:
-            loss = F.cross_entropy(logits, y)
+        params.update(guess or {})
+        loss = label_loss(self.forward(params, x), y)
         return list(torch.autograd.grad(loss, [params[k] for k in self.uploaded],
                                         create_graph=True))
+
+
+def label_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy; with float y, against softmax(y): labels the attacker optimizes (DLG)."""
+    if y.dtype.is_floating_point:
+        return torch.mean(torch.sum(-F.softmax(y, -1) * F.log_softmax(logits, -1), -1))
+    return F.cross_entropy(logits, y)
 
 
 def gradient_from_update(update: Params, params: Params, lr: float,

@@ -6,24 +6,26 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from .common import Knowledge, euclidean
+from .common import Knowledge, Params, euclidean
 
 
 def dlg(know: Knowledge, target: list[torch.Tensor], num_images: int, num_classes: int,
-        iterations: int = 300, lr: float = 1.0, seed: int = 0,
+        guess: Params | None = None, iterations: int = 300, lr: float = 1.0, seed: int = 0,
         progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Returns the images (normalized, like the model's inputs), their labels (argmax of the
-    soft labels) and the final gradient distance."""
+    soft labels) and the final gradient distance. `guess`: tensors the attacker does not know,
+    optimized jointly from these starting values."""
     target = [t.detach() for t in target]
     dev = target[0].device
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(num_images, *know.shape, generator=gen).to(dev).requires_grad_()
     y = torch.randn(num_images, num_classes, generator=gen).to(dev).requires_grad_()
-    opt = torch.optim.LBFGS([x, y], lr=lr)
+    unknown = {k: v.detach().clone().requires_grad_() for k, v in (guess or {}).items()}
+    opt = torch.optim.LBFGS([x, y, *unknown.values()], lr=lr)
 
     def closure():
         opt.zero_grad()
-        loss = euclidean(know.gradient(x, y), target)
+        loss = euclidean(know.gradient(x, y, unknown), target)
         loss.backward()
         return loss
 

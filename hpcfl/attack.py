@@ -1,0 +1,193 @@
+"""`python -m hpcfl.attack [CONFIG.yaml] [section.key=value ...]`: attack what clients upload.
+
+Trains the run to the round before `attack.round` (with the run's own code, `hpcfl.main.run`;
+a rerun reuses its checkpoint), lets the engine train the first `attack.clients` clients of that
+round's cohort exactly as the run does, and attacks each client's upload with what an
+honest-but-curious server knows: the architecture, the round's shared state, the client's
+local training recipe (phases, steps, learning rates) and its number of images. Under
+`attack.threat=server` the client's private state (HyperFL's embedding and head) is unknown:
+the attacker starts from the common initial value and optimizes it with the images; under
+`white-box` it is known. Writes /privacy/<attack.name>/ into the run's results file, a PNG of
+truth (top) against reconstruction (bottom) beside it, and prints one summary line.
+
+With no arguments: one FedAvg client holding one photograph takes one local step, and Inverting
+Gradients attacks it.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from .algorithms import build_algorithm
+from .config import ConfigError, RunConfig, describe, load_config
+from .data import ClientData, load_federated
+from .engine import model_inputs, train_client
+from .main import provenance, run, sample_cohort, to_device
+from .privacy.attacks import (Knowledge, dlg, gradient_from_update, idlg_label,
+                              inverting_gradients)
+from .privacy.metrics import LPIPS_NOTE, image_scores, label_accuracy, to_unit
+from .resume import plan_start
+from .store import ResultsFile, checkpoint_paths, load_checkpoint
+from .world import World
+
+log = logging.getLogger("hpcfl")
+# The no-argument attack: 20 photos over 10 clients, so each holds one training photo.
+DEFAULT = ["data.name=photos", "data.partition=iid", "data.num_clients=10",
+           "data.test_fraction=0.5", "algorithm.name=fedavg", "train.local_steps=1",
+           "train.lr=0.1"]
+USAGE = """usage: python -m hpcfl.attack [CONFIG.yaml] [section.key=value ...]
+
+Attacks the uploads of attack.clients clients in round attack.round of the run the config
+describes, and writes /privacy/<attack.name> into its results file. Without CONFIG.yaml the
+run is: """ + " ".join(DEFAULT) + "\n\nKeys:\n"
+
+
+def parse(argv: list[str]) -> RunConfig:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE + describe())
+        raise SystemExit(0)
+    path = next((a for a in argv if "=" not in a), None)
+    overrides = [a for a in argv if a != path]
+    return load_config(path, overrides if path else [*DEFAULT, *overrides])
+
+
+def state_before(cfg: RunConfig, world: World, algo, data) -> tuple[dict, dict, Path]:
+    """Shared and private state after round attack.round - 1, from the run's checkpoint
+    (trained now unless it exists), and the run's results file."""
+    a = cfg.attack
+    trained = replace(cfg, train=replace(cfg.train, rounds=max(1, a.round - 1)))
+    if a.round > 1:
+        path = Path(run(trained, world)["path"])
+        ck = load_checkpoint(checkpoint_paths(path)[0], range(cfg.data.num_clients))
+        if ck.round != a.round - 1:
+            raise ConfigError(f"output.name: {path} holds a run at round {ck.round}, not "
+                              f"{a.round - 1}; choose another output.name for this attack")
+        private = {c: {k: torch.as_tensor(v[c]) for k, v in ck.private.items()}
+                   for c in range(cfg.data.num_clients)}
+        return (to_device(ck.shared, world.device),
+                {c: to_device(p, world.device) for c, p in private.items()}, path)
+    start = plan_start(replace(trained, output=replace(cfg.output, resume="never",
+                                                       overwrite=True)))
+    store = ResultsFile.create(start.path, provenance(cfg, world), data.num_train,
+                               data.num_test, world.size)
+    store.close("completed", note="no round trained: the attack is on round 1's uploads")
+    return (to_device(algo.init_shared(), world.device),
+            {c: to_device(algo.init_client(c), world.device) for c in data.clients}, start.path)
+
+
+def attack_client(cfg: RunConfig, algo, shared: dict, private: dict, client: ClientData,
+                  cid: int, num_classes: int, augment: bool) -> dict:
+    """Train client `cid` in round attack.round as the run does, attack its upload."""
+    a, t = cfg.attack, cfg.train
+    state = {**shared, **private}
+    trained, _ = train_client(algo, dict(state), client, t.batch_size, t.seed, a.round, cid,
+                              augment)
+    upload = algo.upload(shared, trained)  # what the server receives
+    unknown = {} if a.threat == "white-box" else algo.init_client(cid)
+    known = {k: v for k, v in state.items() if k not in unknown}
+    know = Knowledge(algo.forward, {**known, **{k: v.to(client.y_train.device)
+                                                for k, v in unknown.items()}},
+                     tuple(upload), tuple(client.x_train.shape[1:]),
+                     (0 - client.mean) / client.std, (1 - client.mean) / client.std,
+                     phases=tuple(algo.phases()), batch_size=t.batch_size)
+    grad = gradient_from_update(upload, shared, t.lr, t.weight_decay)
+    target = [upload[k] for k in know.uploaded] if a.multi_step else list(grad.values())
+    n, show = client.num_train, sys.stderr.isatty()
+    guess = {k: v.to(client.y_train.device) for k, v in unknown.items()}
+    if a.name == "dlg":
+        x, labels, loss = dlg(know, list(grad.values()), n, num_classes, guess, a.iterations,
+                              a.lr, t.seed, show)
+    else:
+        labels = idlg_label(grad) if n == 1 and "head.weight" in grad else None
+        x, labels, loss = inverting_gradients(know, target, labels, n, num_classes, guess,
+                                              a.iterations, a.lr, a.tv, a.restarts,
+                                              seed=t.seed, multi_step=a.multi_step,
+                                              progress=show)
+    truth = to_unit(model_inputs(client, client.x_train), client.mean, client.std)
+    rec = to_unit(x, client.mean, client.std)
+    scores = image_scores(rec, truth)
+    return dict(psnr=scores["psnr"].mean(), ssim=scores["ssim"].mean(),
+                label_acc=label_accuracy(labels, client.y_train), loss=loss,
+                reconstruction=(rec[np.argsort(scores["matched"])] * 255).round().astype(np.uint8),
+                truth=(truth * 255).round().astype(np.uint8))
+
+
+def save_grid(path: Path, truth: np.ndarray, rec: np.ndarray, scale: int = 4) -> None:
+    """Truth on the top row, reconstruction below, each image scaled up."""
+    from PIL import Image
+
+    rows = [np.concatenate(list(imgs.transpose(0, 2, 3, 1)), axis=1) for imgs in (truth, rec)]
+    grid = np.concatenate(rows, axis=0)
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+def write(path: Path, cfg: RunConfig, results: list[dict]) -> Path:
+    a = cfg.attack
+    with h5py.File(path, "r+", locking=False) as f:
+        if f"privacy/{a.name}" in f:
+            del f[f"privacy/{a.name}"]
+        g = f.require_group("privacy").create_group(a.name)
+        for key in ("psnr", "ssim", "label_acc", "loss"):
+            g[key] = np.array([r[key] for r in results], dtype="f8")
+        g["reconstruction"] = np.concatenate([r["reconstruction"] for r in results])
+        g["truth"] = np.concatenate([r["truth"] for r in results])
+        g["targets"] = np.array([r["client"] for r in results], dtype="i8")
+        g.attrs.update(config=cfg.to_yaml(), round=a.round, threat=a.threat,
+                       multi_step=a.multi_step, lpips=LPIPS_NOTE)
+    png = path.with_name(f"{path.stem}-{a.name}-r{a.round}.png")
+    save_grid(png, np.concatenate([r["truth"] for r in results]),
+              np.concatenate([r["reconstruction"] for r in results]))
+    return png
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="hpcfl: %(message)s", stream=sys.stderr)
+    try:
+        cfg = parse(sys.argv[1:] if argv is None else argv)
+        a = cfg.attack
+        if not cfg.output.name:
+            cfg.output.name = f"attack-{cfg.algorithm.name}-{cfg.data.name}-r{a.round}"
+        world = World(cfg.train.device)
+        if world.size > 1:
+            raise ConfigError("python -m hpcfl.attack runs as one process for now (its targets "
+                              "are not yet spread over MPI ranks)")
+        data = load_federated(cfg.data, cfg.train.seed, world.device)
+        algo = build_algorithm(cfg, data.shape, data.num_classes, data.num_train)
+        if data.clients[0].mean is None:
+            raise ConfigError(f"data.name={cfg.data.name}: synthetic images have no pixel range "
+                              "to reconstruct; attack digits, photos or a prepared dataset")
+        cohort = sample_cohort(cfg.train.seed, a.round, cfg.data.num_clients, cfg.train.frac)
+        targets = cohort[:a.clients]
+        if a.name == "idlg" and (cfg.algorithm.name == "hyperfl" or
+                                 any(data.num_train[c] != 1 for c in targets)):
+            raise ConfigError("attack.name=idlg reads the label of one image from the last "
+                              "layer's gradient: it needs clients of one training image and an "
+                              "algorithm that uploads the head (not hyperfl)")
+        shared, private, path = state_before(cfg, world, algo, data)
+    except ConfigError as e:
+        print(f"hpcfl.attack: error: {e}", file=sys.stderr)
+        return 2
+    t0, results = time.perf_counter(), []
+    for cid in targets:
+        r = attack_client(cfg, algo, shared, private[cid], data.clients[cid], cid,
+                          data.num_classes, data.augment)
+        results.append(dict(r, client=cid))
+    png = write(path, cfg, results)
+    mean = {k: float(np.mean([r[k] for r in results])) for k in ("psnr", "ssim", "label_acc")}
+    print(f"{a.name} on {cfg.algorithm.name} ({a.threat}), {cfg.data.name}, round {a.round}, "
+          f"{len(targets)} client(s) of {data.num_train[targets[0]]} image(s): PSNR "
+          f"{mean['psnr']:.2f} dB, SSIM {mean['ssim']:.3f}, label accuracy "
+          f"{mean['label_acc']:.2f} in {time.perf_counter() - t0:.0f} s -> {path}, {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""`python -m hpcfl.attack`: trains the run to the round before, attacks, writes the results."""
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from hpcfl.attack import main
+from hpcfl.data.builtin import load_photos
+
+QUICKSTART = str(Path(__file__).parent.parent / "jobs" / "quickstart.yaml")
+
+
+def test_the_no_argument_attack_runs_and_records_what_it_found(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "hpcfl.attack"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith("ig on fedavg") and "PSNR" in line
+    path = tmp_path / "runs" / "attack-fedavg-photos-r1.h5"
+    with h5py.File(path) as f:
+        g = f["privacy/ig"]
+        psnr, truth, rec = g["psnr"][:], g["truth"][:], g["reconstruction"][:]
+        assert g["label_acc"][:].tolist() == [1.0]  # iDLG reads a single image's label
+        assert "attack:" in g.attrs["config"] and g.attrs["round"] == 1
+    assert f"{psnr[0]:.2f} dB" in line and 5 < psnr[0] < 100
+    photos = load_photos()[0].numpy()
+    assert truth.shape == rec.shape == (1, 3, 32, 32) and truth.dtype == np.uint8
+    assert any(np.array_equal(truth[0], p) for p in photos)  # the client's own photo
+    assert (tmp_path / "runs" / "attack-fedavg-photos-r1-ig-r1.png").stat().st_size > 0
+
+
+def test_an_attack_on_a_later_hyperfl_round_trains_to_it_first(tmp_path, capsys):
+    args = ["data.num_clients=6", "data.classes_per_client=3", "train.local_steps=2",
+            "train.device=cpu", "output.progress=none", f"output.dir={tmp_path}",
+            "output.name=h", "attack.round=3", "attack.clients=2", "attack.iterations=30"]
+    assert main([QUICKSTART, *args]) == 0
+    with h5py.File(tmp_path / "h.h5") as f:
+        assert list(f["metrics/round"][:]) == [1, 2]  # trained to the round before
+        g = f["privacy/ig"]
+        assert g["psnr"].shape == (2,) and g.attrs["threat"] == "server"
+        n = f["clients/num_samples"][:]
+        assert len(g["truth"]) == sum(n[g["targets"][:]])  # every image of both clients
+    out = capsys.readouterr().out
+    assert "ig on hyperfl (server), digits, round 3, 2 client(s)" in out
+    # a second attack of the same round reuses the trained run, white-box this time
+    assert main([QUICKSTART, *args, "attack.threat=white-box"]) == 0
+    with h5py.File(tmp_path / "h.h5") as f:
+        assert f["privacy/ig"].attrs["threat"] == "white-box"
+        assert list(f["metrics/round"][:]) == [1, 2]
+
+
+def test_idlg_on_hyperfl_is_refused_with_one_line(tmp_path, capsys):
+    assert main(["algorithm.name=hyperfl", "attack.name=idlg", f"output.dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "attack.name=idlg" in err
