@@ -40,7 +40,7 @@ from .world import World
 log = logging.getLogger("hpcfl")
 # The no-argument attack: 20 photos over 10 clients, so each holds one training photo.
 DEFAULT = ["data.name=photos", "data.partition=iid", "data.num_clients=10",
-           "data.test_fraction=0.5", "algorithm.name=fedavg", "train.local_steps=1",
+           "data.test_fraction=0.5", "algorithm.name=fedavg", "train.local_epochs=1",
            "train.lr=0.1"]
 USAGE = """usage: python -m hpcfl.attack [CONFIG.yaml] [section.key=value ...]
 

@@ -255,11 +255,13 @@ def run(cfg: RunConfig, world: World) -> dict:
         bar.close()
         if store:
             store.close("failed")
+        world.release_stop_signals()
         raise
     bar.close()
     if store:
         store.close("preempted" if stop else "completed",
                     elapsed_s=time.perf_counter() - t_start)
+    world.release_stop_signals()
     return dict(final, path=str(start.path), round=rnd, stopped=stop,
                 elapsed_s=time.perf_counter() - t_start)
 

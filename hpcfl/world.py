@@ -96,8 +96,13 @@ class World:
                 log.info("rank %d got %s: stopping after this round", self.rank,
                          signal.Signals(signum).name)
             self.stop_requested = True
-        for s in STOP_SIGNALS:
-            signal.signal(s, handler)
+        self._previous_handlers = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+
+    def release_stop_signals(self) -> None:
+        """Back to the handlers from before catch_stop_signals (a run inside a longer program,
+        e.g. python -m hpcfl.attack, must not leave SIGTERM ignored)."""
+        for s, h in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(s, h)
 
     def allreduce_sum_(self, buf: torch.Tensor) -> None:
         """Sum `buf` (float32, contiguous) over all ranks, in place: the one collective of a
