@@ -33,7 +33,6 @@ from .main import provenance, run, sample_cohort, to_device
 from .privacy.attacks import (Knowledge, dlg, gradient_from_update, idlg_label,
                               inverting_gradients)
 from .privacy.metrics import LPIPS_NOTE, image_scores, label_accuracy, to_unit
-from .resume import plan_start
 from .store import ResultsFile, checkpoint_paths, load_checkpoint
 from .world import World
 
@@ -73,13 +72,13 @@ def state_before(cfg: RunConfig, world: World, algo, data) -> tuple[dict, dict, 
                    for c in range(cfg.data.num_clients)}
         return (to_device(ck.shared, world.device),
                 {c: to_device(p, world.device) for c, p in private.items()}, path)
-    start = plan_start(replace(trained, output=replace(cfg.output, resume="never",
-                                                       overwrite=True)))
-    store = ResultsFile.create(start.path, provenance(cfg, world), data.num_train,
-                               data.num_test, world.size)
-    store.close("completed", note="no round trained: the attack is on round 1's uploads")
+    path = Path(cfg.output.dir) / f"{cfg.output.name}.h5"
+    if not path.exists():  # round 1 needs no training: a results file for /privacy alone
+        store = ResultsFile.create(path, provenance(cfg, world), data.num_train, data.num_test,
+                                   world.size)
+        store.close("completed", note="no round trained: the attack is on round 1's uploads")
     return (to_device(algo.init_shared(), world.device),
-            {c: to_device(algo.init_client(c), world.device) for c in data.clients}, start.path)
+            {c: to_device(algo.init_client(c), world.device) for c in data.clients}, path)
 
 
 def attack_client(cfg: RunConfig, algo, shared: dict, private: dict, client: ClientData,

@@ -55,3 +55,15 @@ def test_idlg_on_hyperfl_is_refused_with_one_line(tmp_path, capsys):
     assert main(["algorithm.name=hyperfl", "attack.name=idlg", f"output.dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "attack.name=idlg" in err
+
+
+def test_attacking_round_1_of_an_existing_run_keeps_its_results(tmp_path):
+    from hpcfl.main import main as run_main
+
+    args = ["data.num_clients=6", "data.classes_per_client=3", "train.rounds=2",
+            "train.local_epochs=1", "train.device=cpu", "output.progress=none",
+            f"output.dir={tmp_path}", "output.name=r"]
+    assert run_main([QUICKSTART, *args]) == 0
+    assert main([QUICKSTART, *args, "attack.iterations=5"]) == 0
+    with h5py.File(tmp_path / "r.h5") as f:
+        assert list(f["metrics/round"][:]) == [1, 2] and "privacy/ig/psnr" in f
