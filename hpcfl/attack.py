@@ -89,17 +89,16 @@ def attack_client(cfg: RunConfig, algo, shared: dict, private: dict, client: Cli
     trained, _ = train_client(algo, dict(state), client, t.batch_size, t.seed, a.round, cid,
                               augment)
     upload = algo.upload(shared, trained)  # what the server receives
-    unknown = {} if a.threat == "white-box" else algo.init_client(cid)
-    known = {k: v for k, v in state.items() if k not in unknown}
-    know = Knowledge(algo.forward, {**known, **{k: v.to(client.y_train.device)
-                                                for k, v in unknown.items()}},
-                     tuple(upload), tuple(client.x_train.shape[1:]),
-                     (0 - client.mean) / client.std, (1 - client.mean) / client.std,
-                     phases=tuple(algo.phases()), batch_size=t.batch_size)
+    # server: the client's private state is unknown; the attacker starts from its public init
+    guess = {} if a.threat == "white-box" else to_device(algo.init_client(cid),
+                                                         client.y_train.device)
+    know = Knowledge(algo.forward, {**state, **guess}, tuple(upload),
+                     tuple(client.x_train.shape[1:]), (0 - client.mean) / client.std,
+                     (1 - client.mean) / client.std, phases=tuple(algo.phases()),
+                     batch_size=t.batch_size)
     grad = gradient_from_update(upload, shared, t.lr, t.weight_decay)
     target = [upload[k] for k in know.uploaded] if a.multi_step else list(grad.values())
     n, show = client.num_train, sys.stderr.isatty()
-    guess = {k: v.to(client.y_train.device) for k, v in unknown.items()}
     if a.name == "dlg":
         x, labels, loss = dlg(know, list(grad.values()), n, num_classes, guess, a.iterations,
                               a.lr, t.seed, show)
