@@ -61,9 +61,8 @@ def state_before(cfg: RunConfig, world: World, algo, data) -> tuple[dict, dict, 
     """Shared and private state after round attack.round - 1, from the run's checkpoint
     (trained now unless it exists), and the run's results file."""
     a = cfg.attack
-    trained = replace(cfg, train=replace(cfg.train, rounds=max(1, a.round - 1)))
     if a.round > 1:
-        path = Path(run(trained, world)["path"])
+        path = Path(run(replace(cfg, train=replace(cfg.train, rounds=a.round - 1)), world)["path"])
         ck = load_checkpoint(checkpoint_paths(path)[0], range(cfg.data.num_clients))
         if ck.round != a.round - 1:
             raise ConfigError(f"output.name: {path} holds a run at round {ck.round}, not "

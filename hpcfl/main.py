@@ -240,7 +240,8 @@ def run(cfg: RunConfig, world: World) -> dict:
                     bar.set_postfix(acc=f"{row['test_acc_mean']:.3f}",
                                     loss=f"{row['train_loss']:.3f}")
                     if show == "log":
-                        log.info("round %d/%d  test_acc_mean %.4f  train_loss %.4f  %.2f s/round%s",
+                        log.info("round %d/%d  test_acc_mean %.4f  train_loss %.4f  "
+                                 "%.2f s/round%s",
                                  rnd, t.rounds, row["test_acc_mean"], row["train_loss"],
                                  row["round_time_s"], f"  epsilon {row['epsilon']:.3f}"
                                  if "epsilon" in row else "")

@@ -66,7 +66,7 @@ def test_noise_multiplier_of_the_official_settings_is_opacus_s():
 
     cfg = load_config(None, ["algorithm.name=dpfedavg", "train.rounds=200", "train.local_epochs=5",
                              "train.batch_size=50"])
-    budget = Budget(cfg, [600] * 20, cfg.train.local_epochs)
+    budget = Budget(cfg, [600] * 20)
     # the official call (cnn/methods/dp_fedavg.py)
     official = get_noise_multiplier(target_epsilon=4, target_delta=1e-5, sample_rate=50 / 600,
                                     epochs=200 * 5)

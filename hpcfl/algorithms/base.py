@@ -60,6 +60,7 @@ class Algorithm:
     """Base of every method: shared state averaged by sample count, private state per client."""
 
     name = "base"
+    budget = None  # the DP baselines' algorithms.dp.Budget
 
     def init_shared(self) -> Params:
         """The initial shared state (identical on every rank: built from the run's seed)."""
@@ -82,11 +83,11 @@ class Algorithm:
 
     def epsilon(self, rounds: int) -> float | None:
         """The DP epsilon a client has spent after `rounds` rounds; None without DP."""
-        return None
+        return None if self.budget is None else self.budget.epsilon(rounds)
 
     def attrs(self) -> dict:
         """Facts of the method to record in the results file (e.g. the DP noise multiplier)."""
-        return {}
+        return {} if self.budget is None else self.budget.attrs()
 
     def server_step(self, shared: Params, upload_sum: Params, weight: float) -> None:
         """Apply the sample-weighted mean of the cohort's uploads (FedAvg aggregation)."""

@@ -20,7 +20,7 @@ class SharedExtractor(FedAvg):
         self.cfg = cfg
         self.extractor = tuple(k for k in self.initial if k.startswith("extractor."))
         self.head = tuple(k for k in self.initial if k.startswith("head."))
-        self.budget = Budget(cfg, num_train, cfg.train.local_epochs)
+        self.budget = Budget(cfg, num_train)
         self.dp = DPSGD(self.extractor, cfg.privacy.dp_clip, self.budget.noise_multiplier)
 
     def init_shared(self) -> Params:
@@ -28,12 +28,6 @@ class SharedExtractor(FedAvg):
 
     def init_client(self, cid: int) -> Params:
         return {k: self.initial[k].clone() for k in self.head}
-
-    def epsilon(self, rounds: int) -> float:
-        return self.budget.epsilon(rounds)
-
-    def attrs(self) -> dict:
-        return self.budget.attrs()
 
 
 class Centaur(SharedExtractor):

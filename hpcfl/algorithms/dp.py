@@ -21,14 +21,14 @@ ACCOUNTANT = "rdp"  # opacus's default, used by the official code
 class Budget:
     """DP-SGD's schedule of one run: sample rate, steps per round, noise multiplier."""
 
-    def __init__(self, cfg: RunConfig, num_train, epochs_per_round: int):
+    def __init__(self, cfg: RunConfig, num_train):
         if not num_train:
             raise ValueError("the DP baselines need the clients' training-set sizes")
         t, p = cfg.train, cfg.privacy
         n = min(num_train)
         self.sample_rate = min(1.0, t.batch_size / n)
-        self.steps_per_round = t.local_steps or epochs_per_round * math.ceil(n / t.batch_size)
-        self.delta, self.target = p.dp_delta, p.dp_epsilon
+        self.steps_per_round = t.local_steps or t.local_epochs * math.ceil(n / t.batch_size)
+        self.delta = p.dp_delta
         from opacus.accountants.utils import get_noise_multiplier  # slow import: only here
 
         try:

@@ -14,15 +14,9 @@ class DPFedAvg(FedAvg):
 
     def __init__(self, cfg: RunConfig, shape, num_classes: int, num_train=()):
         super().__init__(cfg, shape, num_classes)
-        self.budget = Budget(cfg, num_train, cfg.train.local_epochs)
+        self.budget = Budget(cfg, num_train)
         t, names = cfg.train, tuple(self.initial)
         self._phases = [Phase(groups=(names,), lr=t.lr, momentum=t.momentum,
                               weight_decay=t.weight_decay, epochs=t.local_epochs,
                               steps=t.local_steps,
                               dp=DPSGD(names, cfg.privacy.dp_clip, self.budget.noise_multiplier))]
-
-    def epsilon(self, rounds: int) -> float:
-        return self.budget.epsilon(rounds)
-
-    def attrs(self) -> dict:
-        return self.budget.attrs()

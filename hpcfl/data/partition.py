@@ -129,10 +129,10 @@ def noniid_s(labels: np.ndarray, num_classes: int, num_clients: int, size: int,
     n_iid = int(size * (iid_percent / 100))  # the official float expression, e.g. 600 * 0.2
     n_rest = size - n_iid
     iid_each = n_iid // num_classes
+    iid_sizes = [iid_each] * (num_classes - 1) + [n_iid - iid_each * (num_classes - 1)]
     parts = []
     for i in range(num_clients):
-        chunks = [take(y, n, n) for y, n in
-                  enumerate([iid_each] * (num_classes - 1) + [n_iid - iid_each * (num_classes - 1)])]
+        chunks = [take(y, n, n) for y, n in enumerate(iid_sizes)]
         group = groups[i % len(groups)]
         share = n_rest // len(group)
         for j, y in enumerate(group):

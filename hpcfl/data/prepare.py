@@ -84,7 +84,8 @@ def load_idx(name: str, source: Path) -> dict:
         if name == "emnist" else {"train": "train-", "test": "t10k-"}
     out = {"classes": CLASSES[name], "sources": []}
     for split, pre in prefix.items():
-        images, labels = find(raw / f"{pre}images-idx3-ubyte"), find(raw / f"{pre}labels-idx1-ubyte")
+        images = find(raw / f"{pre}images-idx3-ubyte")
+        labels = find(raw / f"{pre}labels-idx1-ubyte")
         x, y = read_idx(images, 3), read_idx(labels, 1)
         if len(x) != len(y):
             raise PrepareError(f"{images}: {len(x)} images but {labels} has {len(y)} labels")
@@ -96,7 +97,8 @@ def load_idx(name: str, source: Path) -> dict:
 
 class ArraysOnly(pickle.Unpickler):
     """Admits only what CIFAR's pickles contain: builtins and numpy array reconstruction."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module: str, name: str):
