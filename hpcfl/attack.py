@@ -1,6 +1,6 @@
 """`python -m hpcfl.attack [CONFIG.yaml] [section.key=value ...]`: attack what clients upload.
 
-Trains the run to the round before `attack.round` (with the run's own code, `hpcfl.main.run`;
+Trains the run to the round before `attack.round` (with the run's own code, `hpcfl.loop.run`;
 a rerun reuses its checkpoint), lets the engine train the first `attack.clients` clients of that
 round's cohort exactly as the run does, and attacks each client's upload with what an
 honest-but-curious server knows: the architecture, the round's shared state, the client's
@@ -29,7 +29,7 @@ from .algorithms import build_algorithm
 from .config import ConfigError, RunConfig, describe, load_config
 from .data import ClientData, load_federated
 from .engine import model_inputs, train_client
-from .main import provenance, run, sample_cohort, to_device
+from .loop import provenance, run, sample_cohort, to_device
 from .privacy.attacks import (Knowledge, dlg, gradient_from_update, idlg_label,
                               inverting_gradients)
 from .privacy.metrics import LPIPS_NOTE, image_scores, label_accuracy, to_unit

@@ -28,7 +28,7 @@ from .algorithms import build_algorithm
 from .config import ConfigError, load_config
 from .data import load_federated
 from .engine import EXTRA_SLOTS
-from .main import evaluate, provenance, sample_cohort, to_device, train_round
+from .loop import evaluate, provenance, sample_cohort, to_device, train_round
 from .world import World, balanced_blocks
 
 WORKLOADS = {

@@ -6,7 +6,7 @@ import torch
 from hpcfl.algorithms import build_algorithm
 from hpcfl.data import load_federated
 from hpcfl.engine import EXTRA_SLOTS, train_client, train_cohort, unflatten
-from hpcfl.main import evaluate, run
+from hpcfl.loop import evaluate, run
 from hpcfl.world import World
 
 

@@ -11,7 +11,8 @@ from hpcfl.algorithms.dp import Budget
 from hpcfl.config import load_config
 from hpcfl.data import load_federated
 from hpcfl.engine import dp_noise, per_sample_step, privatize, train_cohort
-from hpcfl.main import evaluate, main, run
+from hpcfl.loop import evaluate, run
+from hpcfl.main import main
 from hpcfl.world import World
 
 from .conftest import TINY

@@ -28,7 +28,7 @@ def test_a_run_gives_the_stop_signals_back_when_it_returns(tiny_cfg, tmp_path):
     """Inside a longer program (python -m hpcfl.attack) SIGTERM must work again afterwards."""
     import signal
 
-    from hpcfl.main import run
+    from hpcfl.loop import run
     from hpcfl.world import STOP_SIGNALS, World
 
     before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
