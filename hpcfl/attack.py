@@ -30,8 +30,9 @@ from .config import ConfigError, RunConfig, describe, load_config
 from .data import ClientData, load_federated
 from .engine import model_inputs, train_client
 from .loop import provenance, run, sample_cohort, to_device
-from .privacy.attacks import (Knowledge, dlg, gradient_from_update, idlg_label,
+from .privacy.attacks import (Knowledge, dlg, gifd, gradient_from_update, idlg_label,
                               inverting_gradients)
+from .privacy.generator import Generator, load_generator
 from .privacy.metrics import LPIPS_NOTE, image_scores, label_accuracy, to_unit
 from .store import ResultsFile, checkpoint_paths, load_checkpoint
 from .world import World
@@ -57,31 +58,58 @@ def parse(argv: list[str]) -> RunConfig:
     return load_config(path, overrides if path else [*DEFAULT, *overrides])
 
 
-def state_before(cfg: RunConfig, world: World, algo, data) -> tuple[dict, dict, Path]:
-    """Shared and private state after round attack.round - 1, from the run's checkpoint
-    (trained now unless it exists), and the run's results file."""
+def state_before(cfg: RunConfig, world: World, algo, data, mine: list[int]
+                 ) -> tuple[dict, dict, Path]:
+    """Shared state after round attack.round - 1 and the private state of this rank's targets
+    (`mine`), from the run's checkpoint (trained now, by all ranks, unless it exists), and the
+    run's results file."""
     a = cfg.attack
     if a.round > 1:
         path = Path(run(replace(cfg, train=replace(cfg.train, rounds=a.round - 1)), world)["path"])
-        ck = load_checkpoint(checkpoint_paths(path)[0], range(cfg.data.num_clients))
+        world.from_main(None)  # rank 0 writes the checkpoint: read it once it is there
+        span = range(mine[0], mine[-1] + 1) if mine else range(0)
+        ck = load_checkpoint(checkpoint_paths(path)[0], span)
         if ck.round != a.round - 1:
             raise ConfigError(f"output.name: {path} holds a run at round {ck.round}, not "
                               f"{a.round - 1}; choose another output.name for this attack")
-        private = {c: {k: torch.as_tensor(v[c]) for k, v in ck.private.items()}
-                   for c in range(cfg.data.num_clients)}
-        return (to_device(ck.shared, world.device),
-                {c: to_device(p, world.device) for c, p in private.items()}, path)
+        private = {c: to_device({k: v[c - span.start] for k, v in ck.private.items()},
+                                world.device) for c in mine}
+        return to_device(ck.shared, world.device), private, path
     path = Path(cfg.output.dir) / f"{cfg.output.name}.h5"
-    if not path.exists():  # round 1 needs no training: a results file for /privacy alone
+    if world.is_main and not path.exists():  # round 1 needs no training: a file for /privacy
         store = ResultsFile.create(path, provenance(cfg, world), data.num_train, data.num_test,
                                    world.size)
         store.close("completed", note="no round trained: the attack is on round 1's uploads")
     return (to_device(algo.init_shared(), world.device),
-            {c: to_device(algo.init_client(c), world.device) for c in data.clients}, path)
+            {c: to_device(algo.init_client(c), world.device) for c in mine}, path)
+
+
+def prior(cfg: RunConfig, shape: tuple, device: torch.device) -> Generator:
+    """attack.generator, checked against the data it is to reconstruct."""
+    if not cfg.attack.generator:
+        raise ConfigError("attack.name=gifd needs attack.generator=FILE (python -m "
+                          "hpcfl.privacy.train_generator data.public_fraction=0.2 --out FILE)")
+    try:
+        gen, record = load_generator(cfg.attack.generator, device)
+    except ValueError as e:
+        raise ConfigError(f"attack.generator: {e}") from None
+    if tuple(gen.shape) != tuple(shape):
+        raise ConfigError(f"attack.generator: makes {tuple(gen.shape)} images, the run's data "
+                          f"are {tuple(shape)}")
+    d = cfg.data
+    if record["data"] == d.name and (record["public_fraction"] != d.public_fraction
+                                     or record["seed"] != cfg.train.seed):
+        log.warning("attack.generator was trained on the public split of %s with "
+                    "public_fraction %s and seed %s, but this run holds out %s with seed %s: "
+                    "the clients' images may be among its training images", d.name,
+                    record["public_fraction"], record["seed"], d.public_fraction,
+                    cfg.train.seed)
+    return gen
 
 
 def attack_client(cfg: RunConfig, algo, shared: dict, private: dict, client: ClientData,
-                  cid: int, num_classes: int, augment: bool) -> dict:
+                  cid: int, num_classes: int, augment: bool,
+                  generator: Generator | None = None) -> dict:
     """Train client `cid` in round attack.round as the run does, attack its upload."""
     a, t = cfg.attack, cfg.train
     state = {**shared, **private}
@@ -98,11 +126,15 @@ def attack_client(cfg: RunConfig, algo, shared: dict, private: dict, client: Cli
     grad = gradient_from_update(upload, shared, t.lr, t.weight_decay)
     target = [upload[k] for k in know.uploaded] if a.multi_step else list(grad.values())
     n, show = client.num_train, sys.stderr.isatty()
+    labels = idlg_label(grad) if n == 1 and "head.weight" in grad else None
     if a.name == "dlg":
         x, labels, loss = dlg(know, list(grad.values()), n, num_classes, guess, a.iterations,
                               a.lr, t.seed, show)
+    elif a.name == "gifd":
+        x, labels, loss = gifd(know, target, labels, generator, n, num_classes, guess,
+                               a.iterations, a.lr, a.tv, a.restarts, a.radius, seed=t.seed,
+                               multi_step=a.multi_step, progress=show)
     else:
-        labels = idlg_label(grad) if n == 1 and "head.weight" in grad else None
         x, labels, loss = inverting_gradients(know, target, labels, n, num_classes, guess,
                                               a.iterations, a.lr, a.tv, a.restarts,
                                               seed=t.seed, multi_step=a.multi_step,
@@ -145,44 +177,65 @@ def write(path: Path, cfg: RunConfig, results: list[dict]) -> Path:
     return png
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="hpcfl: %(message)s", stream=sys.stderr)
-    try:
-        cfg = parse(sys.argv[1:] if argv is None else argv)
-        a = cfg.attack
-        if not cfg.output.name:
-            cfg.output.name = f"attack-{cfg.algorithm.name}-{cfg.data.name}-r{a.round}"
-        world = World(cfg.train.device)
-        if world.size > 1:
-            raise ConfigError("python -m hpcfl.attack runs as one process for now (its targets "
-                              "are not yet spread over MPI ranks)")
-        data = load_federated(cfg.data, cfg.train.seed, world.device)
-        algo = build_algorithm(cfg, data.shape, data.num_classes, data.num_train)
-        if data.clients[0].mean is None:
-            raise ConfigError(f"data.name={cfg.data.name}: synthetic images have no pixel range "
-                              "to reconstruct; attack digits, photos or a prepared dataset")
-        cohort = sample_cohort(cfg.train.seed, a.round, cfg.data.num_clients, cfg.train.frac)
-        targets = cohort[:a.clients]
-        if a.name == "idlg" and (cfg.algorithm.name == "hyperfl" or
-                                 any(data.num_train[c] != 1 for c in targets)):
-            raise ConfigError("attack.name=idlg reads the label of one image from the last "
-                              "layer's gradient: it needs clients of one training image and an "
-                              "algorithm that uploads the head (not hyperfl)")
-        shared, private, path = state_before(cfg, world, algo, data)
-    except ConfigError as e:
-        print(f"hpcfl.attack: error: {e}", file=sys.stderr)
-        return 2
+def attack(cfg: RunConfig, world: World) -> str | None:
+    """Train or resume the run to the attacked round, attack this rank's share of the targets,
+    write every rank's results (rank 0). Returns the summary line on rank 0."""
+    a = cfg.attack
+    if cfg.data.name.startswith("synthetic-"):
+        raise ConfigError(f"data.name={cfg.data.name}: synthetic images have no pixel range "
+                          "to reconstruct; attack digits, photos or a prepared dataset")
+    cohort = sample_cohort(cfg.train.seed, a.round, cfg.data.num_clients, cfg.train.frac)
+    targets = cohort[:a.clients]
+    # Each rank attacks a contiguous share of the targets and reads only their data.
+    mine = [int(c) for c in np.array_split(targets, world.size)[world.rank]]
+    data = load_federated(cfg.data, cfg.train.seed, world.device, hosted=lambda _: mine)
+    algo = build_algorithm(cfg, data.shape, data.num_classes, data.num_train)
+    if a.name == "idlg" and (cfg.algorithm.name == "hyperfl" or
+                             any(data.num_train[c] != 1 for c in targets)):
+        raise ConfigError("attack.name=idlg reads the label of one image from the last "
+                          "layer's gradient: it needs clients of one training image and an "
+                          "algorithm that uploads the head (not hyperfl)")
+    generator = prior(cfg, data.shape, world.device) if a.name == "gifd" else None
+    shared, private, path = state_before(cfg, world, algo, data, mine)
     t0, results = time.perf_counter(), []
-    for cid in targets:
+    for cid in mine:
         r = attack_client(cfg, algo, shared, private[cid], data.clients[cid], cid,
-                          data.num_classes, data.augment)
+                          data.num_classes, data.augment, generator)
         results.append(dict(r, client=cid))
+    gathered = world.gather_to_main(results)
+    if not world.is_main:
+        return None
+    results = [r for rank in gathered for r in rank]
     png = write(path, cfg, results)
     mean = {k: float(np.mean([r[k] for r in results])) for k in ("psnr", "ssim", "label_acc")}
-    print(f"{a.name} on {cfg.algorithm.name} ({a.threat}), {cfg.data.name}, round {a.round}, "
-          f"{len(targets)} client(s) of {data.num_train[targets[0]]} image(s): PSNR "
-          f"{mean['psnr']:.2f} dB, SSIM {mean['ssim']:.3f}, label accuracy "
-          f"{mean['label_acc']:.2f} in {time.perf_counter() - t0:.0f} s -> {path}, {png}")
+    return (f"{a.name} on {cfg.algorithm.name} ({a.threat}), {cfg.data.name}, round {a.round}, "
+            f"{len(targets)} client(s) of {data.num_train[targets[0]]} image(s)"
+            f"{f' on {world.size} ranks' if world.size > 1 else ''}: PSNR "
+            f"{mean['psnr']:.2f} dB, SSIM {mean['ssim']:.3f}, label accuracy "
+            f"{mean['label_acc']:.2f} in {time.perf_counter() - t0:.0f} s -> {path}, {png}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="hpcfl: %(message)s", stream=sys.stderr)
+    world = None
+    try:
+        cfg = parse(sys.argv[1:] if argv is None else argv)
+        if not cfg.output.name:
+            cfg.output.name = (f"attack-{cfg.algorithm.name}-{cfg.data.name}-"
+                               f"r{cfg.attack.round}")
+        world = World(cfg.train.device)
+        line = attack(cfg, world)
+    except ConfigError as e:
+        if world is None or world.is_main:
+            print(f"hpcfl.attack: error: {e}", file=sys.stderr)
+        return 2
+    except BaseException as exc:
+        if world is not None and world.size > 1:  # one failing rank must end the job, not hang
+            import mpi4py.run
+            mpi4py.run.set_abort_status(exc)
+        raise
+    if line:
+        print(line)
     return 0
 
 

@@ -58,6 +58,9 @@ class DataConfig:
     test_fraction: float = opt(0.25, "share of each client's samples held out as its test "
                                "split (every partition but noniid_s)",
                                min=0, max=1, min_exclusive=True)
+    public_fraction: float = opt(0.0, "share of the training split that no client holds: "
+                                 "the public data of python -m hpcfl.privacy.train_generator "
+                                 "(and of defenses that need public data)", min=0, max=1)
     synthetic_samples: int = opt(6000, "total samples of a synthetic-* dataset", min=10)
     augment: str = opt("auto", "random crop (padding 4) + horizontal flip of training batches: "
                        "true, false, or auto (the official transform of the dataset: on for "
@@ -142,7 +145,8 @@ class OutputConfig:
 @dataclass
 class AttackConfig:
     name: str = opt("ig", "python -m hpcfl.attack: ig (Inverting Gradients), dlg, idlg (iDLG's "
-                    "label, then IG for the image)", choices=("ig", "dlg", "idlg"))
+                    "label, then IG for the image), gifd (a GAN prior: attack.generator)",
+                    choices=("ig", "dlg", "idlg", "gifd"))
     round: int = opt(1, "attack the uploads of this round (the run is trained to the round "
                      "before it)", min=1)
     clients: int = opt(1, "attack the first this-many clients of the round's cohort", min=1)
@@ -151,8 +155,13 @@ class AttackConfig:
     threat: str = opt("server", "server: knows the shared state, not a client's private state "
                       "(HyperFL: embedding and head), which it optimizes too; white-box: knows it",
                       choices=("server", "white-box"))
-    tv: float = opt(1e-4, "ig: weight of total variation", min=0)
-    lr: float = opt(0.1, "ig: Adam step size; dlg: L-BFGS step size", min=0, min_exclusive=True)
+    tv: float = opt(1e-4, "ig, gifd: weight of total variation", min=0)
+    lr: float = opt(0.1, "ig, gifd: Adam step size; dlg: L-BFGS step size", min=0,
+                    min_exclusive=True)
+    generator: str = opt("", "gifd: the generator file (python -m "
+                         "hpcfl.privacy.train_generator)")
+    radius: float = opt(0.1, "gifd: stage k's features move by at most radius * k of their "
+                        "l1 norm", min=0, min_exclusive=True)
     multi_step: bool = opt(True, "match the whole local update by simulating the client's local "
                            "training; false: the single-gradient shortcut (update / lr)")
 

@@ -136,6 +136,11 @@ class World:
                           root=0)
         return out
 
+    def gather_to_main(self, value) -> list | None:
+        """Every rank's small Python object (e.g. an attack's results), in rank order, on rank
+        0; None elsewhere. Pickled: not for the round's buffers."""
+        return [value] if self.comm is None else self.comm.gather(value, root=0)
+
     def from_main(self, value):
         """Rank 0's value of a small Python object (a name, a decision) on every rank."""
         return value if self.comm is None else self.comm.bcast(value, root=0)

@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -40,21 +41,28 @@ def mpiexec() -> str:
     return found
 
 
-def launch(ranks: int | None, *args: str, **popen) -> subprocess.Popen:
-    """`mpiexec -n RANKS python -m hpcfl.main ARGS` (plain `python -m hpcfl.main ARGS` if RANKS
-    is None) in its own session, so that the whole job can be killed at once. One CPU thread
-    per rank: results are bitwise reproducible only at a fixed thread count."""
+def launch(ranks: int | None, *args: str, module: str = "hpcfl.main",
+           **popen) -> subprocess.Popen:
+    """`mpiexec -n RANKS python -m MODULE ARGS` (plain `python -m MODULE ARGS` if RANKS is
+    None) in its own session, so that the whole job can be killed at once. One CPU thread per
+    rank: results are bitwise reproducible only at a fixed thread count."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "hpcfl.main", *args]
+    cmd = [sys.executable, "-m", module, *args]
     if ranks is not None:
         cmd = [mpiexec(), "-n", str(ranks), *cmd]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, **popen)
 
 
-def run_mpi(ranks: int | None, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    proc = launch(ranks, *args)
-    out, err = proc.communicate(timeout=timeout)
+def run_mpi(ranks: int | None, *args: str, timeout: float = 240,
+            module: str = "hpcfl.main") -> subprocess.CompletedProcess:
+    proc = launch(ranks, *args, module=module)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hung job must not outlive the test (and slow others)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 

@@ -110,6 +110,27 @@ def test_sigterm_to_every_rank_checkpoints_and_resumes_on_three_ranks(tmp_path, 
     assert max_diff(results(tmp_path / "sigterm.h5"), reference) <= 1e-5
 
 
+def test_an_attack_spread_over_two_ranks_finds_what_one_rank_finds(tmp_path):
+    """python -m hpcfl.attack under mpiexec: the ranks train the run to the attacked round
+    together, each attacks its share of the targets, rank 0 writes them all."""
+    args = ["data.num_clients=6", "algorithm.name=fedavg", "train.local_steps=1",
+            "train.device=cpu", "output.progress=none", f"output.dir={tmp_path}",
+            "attack.round=2", "attack.clients=3", "attack.iterations=20"]
+    found = {}
+    for ranks in (1, 2):
+        r = run_mpi(ranks, *args, f"output.name=a{ranks}", module="hpcfl.attack")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count("ig on fedavg") == 1  # one summary line, from rank 0
+        with h5py.File(tmp_path / f"a{ranks}.h5") as f:
+            g = f["privacy/ig"]
+            found[ranks] = {k: g[k][:] for k in ("targets", "psnr", "reconstruction", "truth")}
+            assert f.attrs["world_size"] == ranks
+    assert "on 2 ranks" in r.stdout
+    assert found[1]["targets"].tolist() == found[2]["targets"].tolist() == [0, 1, 2]
+    for k in ("psnr", "reconstruction", "truth"):
+        assert (found[1][k] == found[2][k]).all(), k
+
+
 def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
     # Rank 0 cannot create its results file (a directory is in the way); rank 1 is already in
     # the round's Allreduce and would wait forever without the abort.

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -10,7 +10,7 @@ import torch
 from ..config import ConfigError, DataConfig
 from . import builtin
 from .files import FILE_DATASETS, PreparedFile
-from .partition import noniid_s, partition, split_train_test
+from .partition import hold_out, noniid_s, partition, split_train_test
 
 # name -> (channels, height, width)
 SHAPES = {"digits": (1, 8, 8), "synthetic-cifar10": (3, 32, 32), "synthetic-mnist": (1, 28, 28),
@@ -73,6 +73,46 @@ def load_pool(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
             pixels.std(dim=(0, 2, 3), keepdim=True))
 
 
+class Source:
+    """A dataset's labels per split and a reader of its images by split and indices, with the
+    mean/std that normalize them (None: normalized already)."""
+
+    def __init__(self, cfg: DataConfig, device: torch.device | str = "cpu"):
+        self.file = None
+        if cfg.name in FILE_DATASETS:
+            self.file = PreparedFile(cfg.name, cfg.root)
+            self.labels, self.num_classes = self.file.labels, self.file.spec.num_classes
+            self.read = self.file.images
+            self.mean, self.std = (torch.tensor(v, device=device).view(1, -1, 1, 1)
+                                   for v in (self.file.spec.mean, self.file.spec.std))
+        else:
+            x, y, mean, std = load_pool(cfg)
+            self.labels, self.num_classes = {"train": y.numpy()}, int(y.max()) + 1
+            self.mean, self.std = (None, None) if mean is None else (mean.to(device),
+                                                                     std.to(device))
+            self.read = lambda _, idx: x.numpy()[idx]
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.f.close()
+
+
+def load_public(cfg: DataConfig, seed: int, device: torch.device | str = "cpu"
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                           torch.Tensor | None, int]:
+    """The public split (data.public_fraction of the train split, held out from every client):
+    (pixels, labels, mean, std, number of classes)."""
+    if cfg.public_fraction <= 0:
+        raise ConfigError("data.public_fraction is 0: this dataset has no public split; set "
+                          "e.g. data.public_fraction=0.2 (and the same in the attacked run)")
+    source = Source(cfg, device)
+    public, _ = hold_out(len(source.labels["train"]), cfg.public_fraction, seed)
+    x = torch.from_numpy(source.read("train", public)).to(device)
+    y = torch.from_numpy(source.labels["train"][public]).to(device)
+    source.close()
+    return x, y, source.mean, source.std, source.num_classes
+
+
 def augment_on(cfg: DataConfig) -> bool:
     """data.augment=auto: the official training transform of the dataset."""
     if cfg.augment == "auto":
@@ -84,7 +124,16 @@ def client_splits(cfg: DataConfig, seed: int, labels: dict[str, np.ndarray], num
                   ) -> tuple[str, str, list[tuple[np.ndarray, np.ndarray]]]:
     """Which splits the clients' train and test parts come from, and every client's (train
     indices, test indices). `labels` has a "train" split and, for the file datasets, the
-    official "test" split."""
+    official "test" split. With data.public_fraction the clients share what is left of the
+    train split after the public part is held out."""
+    if cfg.public_fraction > 0:
+        _, private = hold_out(len(labels["train"]), cfg.public_fraction, seed)
+        train, test, splits = client_splits(replace(cfg, public_fraction=0.0), seed,
+                                            {**labels, "train": labels["train"][private]},
+                                            num_classes)
+        if train == test:
+            return train, test, [(private[tr], private[te]) for tr, te in splits]
+        return train, test, [(private[tr], te) for tr, te in splits]
     if cfg.partition == "noniid_s":
         if "test" not in labels:
             raise ConfigError(f"data.partition=noniid_s needs a dataset with an official test "
@@ -108,17 +157,9 @@ def load_federated(cfg: DataConfig, seed: int, device: torch.device | str = "cpu
                    hosted: Callable[[list[int]], Iterable[int]] | None = None) -> FederatedData:
     """Partition the dataset into cfg.num_clients clients and move to the device the data of the
     clients that `hosted(train sizes)` names (default: all); the others live on other ranks."""
-    mean = std = None
-    if cfg.name in FILE_DATASETS:
-        source = PreparedFile(cfg.name, cfg.root)
-        labels, num_classes, read = source.labels, source.spec.num_classes, source.images
-        mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1)
-                     for v in (source.spec.mean, source.spec.std))
-    else:
-        x, y, mean, std = load_pool(cfg)
-        labels, num_classes = {"train": y.numpy()}, int(y.max()) + 1
-        mean, std = (None, None) if mean is None else (mean.to(device), std.to(device))
-        read = lambda _, idx: x.numpy()[idx]  # noqa: E731
+    source = Source(cfg, device)
+    labels, num_classes, read, mean, std = (source.labels, source.num_classes, source.read,
+                                            source.mean, source.std)
     train_split, test_split, splits = client_splits(cfg, seed, labels, num_classes)
     if min(min(len(tr), len(te)) for tr, te in splits) == 0:
         raise ConfigError("data: some client got no training or no test samples; use fewer "
@@ -138,7 +179,6 @@ def load_federated(cfg: DataConfig, seed: int, device: torch.device | str = "cpu
 
     clients = {c: ClientData(*tr, *te, mean, std) for c, tr, te in
                zip(wanted, gather(train_split, 0), gather(test_split, 1))}
-    if cfg.name in FILE_DATASETS:
-        source.f.close()
+    source.close()
     return FederatedData(cfg.name, SHAPES[cfg.name], num_classes, num_train,
                          [len(te) for _, te in splits], clients, augment_on(cfg))

@@ -16,7 +16,15 @@ def rng(*key: int) -> np.random.Generator:
 
 
 # Stream tags so that different uses of one seed never share random numbers.
-PARTITION, SPLIT = 101, 102
+PARTITION, SPLIT, PUBLIC = 101, 102, 105
+
+
+def hold_out(num_samples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(public, private) sorted indices: a seeded `fraction` of the samples that no client
+    holds (an attacker's or a defense's public data), and the rest."""
+    perm = rng(seed, PUBLIC).permutation(num_samples)
+    k = int(round(fraction * num_samples))
+    return np.sort(perm[:k]), np.sort(perm[k:])
 
 
 def iid(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
