@@ -32,6 +32,8 @@ from .engine import model_inputs, train_client
 from .loop import provenance, run, sample_cohort, to_device
 from .privacy.attacks import (Knowledge, dlg, gifd, gradient_from_update, idlg_label,
                               inverting_gradients)
+from .privacy.defenses import REPRESENTATION_LAYER, client_defense
+from .privacy.defenses import check as check_defense
 from .privacy.generator import Generator, load_generator
 from .privacy.metrics import LPIPS_NOTE, image_scores, label_accuracy, to_unit
 from .store import ResultsFile, checkpoint_paths, load_checkpoint
@@ -115,21 +117,27 @@ def attack_client(cfg: RunConfig, algo, shared: dict, private: dict, client: Cli
     state = {**shared, **private}
     trained, _ = train_client(algo, dict(state), client, t.batch_size, t.seed, a.round, cid,
                               augment)
-    upload = algo.upload(shared, trained)  # what the server receives
+    upload = algo.upload(shared, trained)
+    defense = client_defense(cfg, algo, {cid: client}, a.round)
+    if defense is not None:  # what the server receives
+        upload = defense(upload, cid, state)
     # server: the client's private state is unknown; the attacker starts from its public init
     guess = {} if a.threat == "white-box" else to_device(algo.init_client(cid),
                                                          client.y_train.device)
-    know = Knowledge(algo.forward, {**state, **guess}, tuple(upload),
+    # The attack that breaks Soteria: match every uploaded tensor but the pruned one.
+    muted = a.mute_defended_layer and cfg.privacy.defense == "soteria"
+    matched = tuple(k for k in upload if not (muted and k == REPRESENTATION_LAYER))
+    know = Knowledge(algo.forward, {**state, **guess}, matched,
                      tuple(client.x_train.shape[1:]), (0 - client.mean) / client.std,
                      (1 - client.mean) / client.std, phases=tuple(algo.phases()),
                      batch_size=t.batch_size)
     grad = gradient_from_update(upload, shared, t.lr, t.weight_decay)
-    target = [upload[k] for k in know.uploaded] if a.multi_step else list(grad.values())
+    target = [(upload if a.multi_step else grad)[k] for k in know.uploaded]
     n, show = client.num_train, sys.stderr.isatty()
     labels = idlg_label(grad) if n == 1 and "head.weight" in grad else None
     if a.name == "dlg":
-        x, labels, loss = dlg(know, list(grad.values()), n, num_classes, guess, a.iterations,
-                              a.lr, t.seed, show)
+        x, labels, loss = dlg(know, [grad[k] for k in know.uploaded], n, num_classes, guess,
+                              a.iterations, a.lr, t.seed, show)
     elif a.name == "gifd":
         x, labels, loss = gifd(know, target, labels, generator, n, num_classes, guess,
                                a.iterations, a.lr, a.tv, a.restarts, a.radius, seed=t.seed,
@@ -195,6 +203,7 @@ def attack(cfg: RunConfig, world: World) -> str | None:
         raise ConfigError("attack.name=idlg reads the label of one image from the last "
                           "layer's gradient: it needs clients of one training image and an "
                           "algorithm that uploads the head (not hyperfl)")
+    check_defense(cfg, algo)
     generator = prior(cfg, data.shape, world.device) if a.name == "gifd" else None
     shared, private, path = state_before(cfg, world, algo, data, mine)
     t0, results = time.perf_counter(), []

@@ -96,6 +96,22 @@ class PrivacyConfig:
                             min_exclusive=True)
     dp_delta: float = opt(1e-5, "dpfedavg, ppsgd, centaur: target delta (official 1e-5)", min=0,
                           max=1, min_exclusive=True)
+    defense: str = opt("none", "a transform of every client's upload before the round's sum "
+                       "(and before any attack sees it): dp_gaussian / dp_laplace (clip to "
+                       "privacy.clip, add noise of scale privacy.noise), topk (keep "
+                       "privacy.topk_ratio of each tensor), soteria (prune "
+                       "privacy.soteria_rate percent of the representation layer)",
+                       choices=("none", "dp_gaussian", "dp_laplace", "topk", "soteria"))
+    clip: float = opt(4.0, "dp_gaussian, dp_laplace: L2 bound of the whole update; 0 = no clip "
+                      "(GIFD's default 4)", min=0)
+    noise: float = opt(0.01, "dp_gaussian: noise std; dp_laplace: Laplace scale; absolute, per "
+                       "entry (GIFD's default 0.01)", min=0)
+    topk_ratio: float = opt(0.03, "topk: share of each tensor's entries kept, the largest in "
+                            "magnitude (at 0.1 IG on digits lost nothing; see README)", min=0,
+                            max=1, min_exclusive=True)
+    soteria_rate: float = opt(60.0, "soteria: percent of representation units whose column of "
+                              "the layer's update is zeroed (Soteria's GS-attack default 60)",
+                              min=0, max=100)
 
 
 @dataclass
@@ -162,6 +178,8 @@ class AttackConfig:
                          "hpcfl.privacy.train_generator)")
     radius: float = opt(0.1, "gifd: stage k's features move by at most radius * k of their "
                         "l1 norm", min=0, min_exclusive=True)
+    mute_defended_layer: bool = opt(False, "leave the layer privacy.defense=soteria prunes "
+                                    "out of the matching loss (the attack that breaks Soteria)")
     multi_step: bool = opt(True, "match the whole local update by simulating the client's local "
                            "training; false: the single-gradient shortcut (update / lr)")
 

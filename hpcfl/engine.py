@@ -15,7 +15,7 @@ ranks or groups.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -314,20 +314,24 @@ def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
                  data: dict[int, ClientData], cohort: list[int], weights: list[float],
                  batch_size: int, seed: int, rnd: int, device: torch.device,
                  mode: str = "sequential", group_size: int = 0,
-                 augment: bool = False) -> torch.Tensor:
+                 augment: bool = False, defense: Callable | None = None) -> torch.Tensor:
     """Train `cohort` (clients hosted here) from `shared`; update their private state in place.
     mode "vectorized" trains `group_size` clients at a time (0: all at once).
 
     Returns ONE flat float64 buffer, ready for the round's Allreduce:
     [sum of weight * upload | sum of training losses | number of clients | 0 | sum of weights].
-    Uploads are added one client at a time in cohort order, whatever the mode.
+    Uploads are added one client at a time in cohort order, whatever the mode, each first
+    through `defense(upload, client id, the client's state before training)` when given.
     """
     numel = sum(v.numel() for v in shared.values())
     buf = torch.zeros(numel + EXTRA_SLOTS, dtype=ROUND_DTYPE, device=device)
 
     def add(cid: int, w: float, trained: Params, loss: float) -> None:
+        start = {**shared, **private[cid]}
         private[cid] = {n: trained[n].detach() for n in private[cid]}
         up = algo.upload(shared, trained)
+        if defense is not None:
+            up = defense(up, cid, start)
         buf[:numel].add_(flatten(up, shared.keys()).detach(), alpha=w)
         buf[-EXTRA_SLOTS:] += torch.tensor([loss, 1.0, 0.0, w], device=device)
 

@@ -21,6 +21,8 @@ from .data import load_federated
 from .data.partition import rng
 from .engine import (EXTRA_SLOTS, ROUND_DTYPE, STOP_SLOT, evaluate_client, resolve_mode,
                      train_cohort, unflatten)
+from .privacy.defenses import check as check_defense
+from .privacy.defenses import client_defense
 from .resume import checkpoint, plan_or_error
 from .store import TIMING, ResultsFile, git_commit, load_checkpoint, mark_completed
 from .world import World, balanced_blocks
@@ -57,7 +59,8 @@ def train_round(cfg: RunConfig, world: World, algo, shared: dict, private: dict,
     t0 = time.perf_counter()
     buf = train_cohort(algo, shared, private, data.clients, mine,
                        [float(data.num_train[c]) for c in mine], t.batch_size, t.seed, rnd,
-                       world.device, mode, cfg.engine.max_clients_in_memory, data.augment)
+                       world.device, mode, cfg.engine.max_clients_in_memory, data.augment,
+                       client_defense(cfg, algo, data.clients, rnd))
     buf[STOP_SLOT] = float(stop)
     world.synchronize()
     t1 = time.perf_counter()
@@ -141,6 +144,7 @@ def run(cfg: RunConfig, world: World) -> dict:
                           hosted=lambda sizes: balanced_blocks(sizes, world.size)[world.rank])
     blocks = balanced_blocks(data.num_train, world.size)
     algo = build_algorithm(cfg, data.shape, data.num_classes, data.num_train)
+    check_defense(cfg, algo)
     if world.is_main and algo.attrs():
         log.info("%s", ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
                                  for k, v in algo.attrs().items()))

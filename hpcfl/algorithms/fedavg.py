@@ -33,5 +33,11 @@ class FedAvg(Algorithm):
     def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, params, (x,))
 
+    def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """The representation the head classifies (Soteria's defended layer's input)."""
+        inner = {k.removeprefix("extractor."): v for k, v in params.items()
+                 if k.startswith("extractor.")}
+        return functional_call(self.model.extractor, inner, (x,))
+
     def phases(self) -> list[Phase]:
         return self._phases

@@ -1,0 +1,132 @@
+"""Defenses as transforms of a client's upload: what each does to it, and what it does to IG."""
+import h5py
+import pytest
+import torch
+
+from hpcfl.algorithms import build_algorithm
+from hpcfl.attack import main as attack
+from hpcfl.config import ConfigError, load_config
+from hpcfl.data import load_federated
+from hpcfl.engine import model_inputs, train_client
+from hpcfl.loop import run
+from hpcfl.privacy.defenses import ClientView, check, client_defense, defend, topk
+from hpcfl.world import World
+
+
+def fedavg_upload(*overrides):
+    cfg = load_config(None, ["data.num_clients=6", "algorithm.name=fedavg",
+                             "train.local_steps=2", *overrides])
+    data = load_federated(cfg.data, 0)
+    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    shared = algo.init_shared()
+    trained, _ = train_client(algo, dict(shared), data.clients[0], 50, 0, 1, 0)
+    return cfg, algo, data, shared, algo.upload(shared, trained)
+
+
+def view(cfg, algo, data, shared, cid=0, rnd=1):
+    c = data.clients[cid]
+    return ClientView(cfg.train.seed, rnd, cid, shared, algo.features,
+                      model_inputs(c, c.x_train))
+
+
+def norm(upload):
+    return float(torch.sqrt(sum(v.pow(2).sum() for v in upload.values())))
+
+
+def test_topk_keeps_exactly_the_k_largest_entries_of_each_tensor():
+    *_, upload = fedavg_upload()
+    out = topk(upload, 0.1)
+    for k, v in upload.items():
+        kept = int(torch.ceil(torch.tensor(0.1 * v.numel())))
+        assert int((out[k] != 0).sum()) == kept
+        assert out[k].abs().min() == 0 or kept == v.numel()
+        # every kept entry is at least as large as every dropped one
+        dropped = v[out[k] == 0].abs()
+        if len(dropped):
+            assert out[k][out[k] != 0].abs().min() >= dropped.max()
+        assert torch.equal(out[k][out[k] != 0], v[out[k] != 0])
+
+
+@pytest.mark.parametrize("name", ["dp_gaussian", "dp_laplace"])
+def test_dp_clips_the_update_then_adds_noise_drawn_per_seed_round_and_client(name):
+    cfg, algo, data, shared, upload = fedavg_upload(f"privacy.defense={name}",
+                                                    "privacy.clip=0.05", "privacy.noise=0")
+    assert norm(upload) > 0.05
+    assert norm(defend(upload, view(cfg, algo, data, shared), cfg.privacy)) == \
+        pytest.approx(0.05, rel=1e-5)
+    cfg, *_ = fedavg_upload(f"privacy.defense={name}", "privacy.clip=0", "privacy.noise=0.01")
+    a = defend(upload, view(cfg, algo, data, shared), cfg.privacy)
+    assert all(torch.equal(a[k], b) for k, b in
+               defend(upload, view(cfg, algo, data, shared), cfg.privacy).items())
+    for other in (view(cfg, algo, data, shared, cid=1), view(cfg, algo, data, shared, rnd=2)):
+        b = defend(upload, other, cfg.privacy)
+        assert not torch.equal(a["head.weight"], b["head.weight"])
+    noise = torch.cat([(a[k] - v).flatten() for k, v in upload.items()])
+    assert noise.std().item() == pytest.approx(0.01 * (2 ** 0.5 if name == "dp_laplace" else 1),
+                                               rel=0.05)
+
+
+def test_soteria_prunes_only_columns_of_the_representation_layer():
+    cfg, algo, data, shared, upload = fedavg_upload("privacy.defense=soteria")
+    out = defend(upload, view(cfg, algo, data, shared), cfg.privacy)
+    for k, v in upload.items():
+        if k != "head.weight":
+            assert torch.equal(out[k], v), k
+    w = out["head.weight"]
+    zero_columns = int((w == 0).all(0).sum())
+    assert zero_columns == pytest.approx(0.6 * w.shape[1], abs=1)
+    kept = (w != 0).any(0)
+    assert torch.equal(w[:, kept], upload["head.weight"][:, kept])
+
+
+def test_soteria_is_refused_where_the_representation_layer_is_not_uploaded():
+    cfg = load_config(None, ["data.num_clients=6", "privacy.defense=soteria"])  # hyperfl
+    data = load_federated(cfg.data, 0)
+    with pytest.raises(ConfigError, match="soteria"):
+        check(cfg, build_algorithm(cfg, data.shape, data.num_classes))
+
+
+def test_the_round_sums_defended_uploads(tmp_path):
+    """The server's state after one round is the initial one plus the weighted mean of the
+    clients' defended uploads, recomputed here client by client."""
+    over = ["data.num_clients=4", "algorithm.name=fedavg", "train.local_steps=1",
+            "train.rounds=1", "privacy.defense=topk", "privacy.topk_ratio=0.05",
+            "output.progress=none", f"output.dir={tmp_path}", "output.name=r"]
+    cfg = load_config(None, over)
+    run(cfg, World("cpu"))
+    data = load_federated(cfg.data, 0)
+    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    shared = algo.init_shared()
+    defense, total, weight = client_defense(cfg, algo, data.clients, 1), None, 0.0
+    for cid in range(4):
+        trained, _ = train_client(algo, dict(shared), data.clients[cid], 50, 0, 1, cid)
+        up = defense(algo.upload(shared, trained), cid, shared)
+        w = float(data.num_train[cid])
+        total = {k: w * v.double() for k, v in up.items()} if total is None else \
+            {k: total[k] + w * v.double() for k, v in up.items()}
+        weight += w
+    with h5py.File(tmp_path / "r.ckpt.h5") as f:
+        saved = {k: torch.from_numpy(v[...]) for k, v in f["shared"].items()}
+    for k, v in shared.items():
+        assert torch.allclose(saved[k], (v.double() + total[k] / weight).float(), atol=1e-7)
+        assert int((saved[k] != v).sum()) <= 4 * max(1, round(0.05 * v.numel()) + 1)
+
+
+DIGITS = ["data.name=digits", "data.partition=iid", "data.num_clients=600",
+          "data.test_fraction=0.5", "algorithm.name=fedavg", "train.local_epochs=1",
+          "train.lr=0.1", "train.device=cpu", "output.progress=none", "attack.clients=4",
+          "attack.iterations=150"]
+
+
+def test_every_defense_lowers_ig_psnr_and_muting_soterias_layer_raises_it(tmp_path):
+    psnr = {}
+    for name, extra in (("none", []), ("dp_gaussian", []), ("dp_laplace", []), ("topk", []),
+                        ("soteria", []), ("muted", ["attack.mute_defended_layer=true"])):
+        defense = "soteria" if name == "muted" else name
+        assert attack([*DIGITS, f"privacy.defense={defense}", *extra, f"output.dir={tmp_path}",
+                       f"output.name={name}"]) == 0
+        with h5py.File(tmp_path / f"{name}.h5") as f:
+            psnr[name] = f["privacy/ig/psnr"][:].mean()
+    for name in ("dp_gaussian", "dp_laplace", "topk", "soteria"):
+        assert psnr[name] < psnr["none"] - 0.5, psnr
+    assert psnr["muted"] > psnr["soteria"] + 1, psnr
