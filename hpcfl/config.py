@@ -100,8 +100,11 @@ class PrivacyConfig:
                        "(and before any attack sees it): dp_gaussian / dp_laplace (clip to "
                        "privacy.clip, add noise of scale privacy.noise), topk (keep "
                        "privacy.topk_ratio of each tensor), soteria (prune "
-                       "privacy.soteria_rate percent of the representation layer)",
-                       choices=("none", "dp_gaussian", "dp_laplace", "topk", "soteria"))
+                       "privacy.soteria_rate percent of the representation layer), random_slice "
+                       "(GradDefense: noise on random sensitivity-balanced slices, the server "
+                       "denoises; needs data.public_fraction for its root set)",
+                       choices=("none", "dp_gaussian", "dp_laplace", "topk", "soteria",
+                                "random_slice"))
     clip: float = opt(4.0, "dp_gaussian, dp_laplace: L2 bound of the whole update; 0 = no clip "
                       "(GIFD's default 4)", min=0)
     noise: float = opt(0.01, "dp_gaussian: noise std; dp_laplace: Laplace scale; absolute, per "
@@ -109,6 +112,13 @@ class PrivacyConfig:
     topk_ratio: float = opt(0.03, "topk: share of each tensor's entries kept, the largest in "
                             "magnitude (at 0.1 IG on digits lost nothing; see README)", min=0,
                             max=1, min_exclusive=True)
+    slices: int = opt(10, "random_slice: slices of the upload (official 10)", min=1)
+    slices_perturbed: int = opt(5, "random_slice: slices perturbed per client and round "
+                                "(official 5)", min=1)
+    slice_noise: float = opt(5e-4, "random_slice: noise std on the perturbed slices (official "
+                             "5e-4)", min=0)
+    compensate: bool = opt(True, "random_slice: the server denoises the aggregate (GradDefense's "
+                           "global compensation)")
     soteria_rate: float = opt(60.0, "soteria: percent of representation units whose column of "
                               "the layer's update is zeroed (Soteria's GS-attack default 60)",
                               min=0, max=100)
@@ -316,6 +326,13 @@ def validate(cfg: RunConfig) -> None:
     dev = cfg.train.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"train.device: {dev!r} is not one of auto, cpu, cuda, cuda:N")
+    p = cfg.privacy
+    if p.defense == "random_slice" and p.slices_perturbed > p.slices:
+        raise ConfigError(f"privacy.slices_perturbed={p.slices_perturbed} exceeds "
+                          f"privacy.slices={p.slices}")
+    if p.defense == "random_slice" and cfg.data.public_fraction <= 0:
+        raise ConfigError("privacy.defense=random_slice computes its slices on a root set of "
+                          "public images: set data.public_fraction (e.g. 0.1)")
     name = cfg.output.name
     if name and (any(c in name for c in "/\\") or name.startswith(".")):
         raise ConfigError(f"output.name: {name!r} must be a plain file name without '/'")

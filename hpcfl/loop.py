@@ -22,7 +22,7 @@ from .data.partition import rng
 from .engine import (EXTRA_SLOTS, ROUND_DTYPE, STOP_SLOT, evaluate_client, resolve_mode,
                      train_cohort, unflatten)
 from .privacy.defenses import check as check_defense
-from .privacy.defenses import client_defense
+from .privacy.defenses import Slicing, client_defense, compensate, slicing
 from .resume import checkpoint, plan_or_error
 from .store import TIMING, ResultsFile, git_commit, load_checkpoint, mark_completed
 from .world import World, balanced_blocks
@@ -49,22 +49,33 @@ def to_device(params: dict, device: torch.device) -> dict:
     return {k: torch.as_tensor(v).to(device) for k, v in params.items()}
 
 
+def defense_slices(cfg: RunConfig, world: World, algo) -> Slicing | None:
+    """random_slice's slices: computed by rank 0, the same on every rank."""
+    if cfg.privacy.defense != "random_slice":
+        return None
+    return world.from_main(slicing(cfg, algo, world.device) if world.is_main else None)
+
+
 def train_round(cfg: RunConfig, world: World, algo, shared: dict, private: dict, data,
-                mode: str, rnd: int, stop: bool = False) -> tuple[torch.Tensor, float, float]:
+                mode: str, rnd: int, stop: bool = False,
+                slices: Slicing | None = None) -> tuple[torch.Tensor, float, float]:
     """One round on this rank: train its members of the cohort, the one Allreduce (which also
     carries this rank's stop vote), the server step. Returns the reduced buffer and the seconds
     of local training and of the Allreduce."""
     t = cfg.train
-    mine = [c for c in sample_cohort(t.seed, rnd, cfg.data.num_clients, t.frac) if c in private]
+    cohort = sample_cohort(t.seed, rnd, cfg.data.num_clients, t.frac)
+    mine = [c for c in cohort if c in private]
     t0 = time.perf_counter()
     buf = train_cohort(algo, shared, private, data.clients, mine,
                        [float(data.num_train[c]) for c in mine], t.batch_size, t.seed, rnd,
                        world.device, mode, cfg.engine.max_clients_in_memory, data.augment,
-                       client_defense(cfg, algo, data.clients, rnd))
+                       client_defense(cfg, algo, data.clients, rnd, slices))
     buf[STOP_SLOT] = float(stop)
     world.synchronize()
     t1 = time.perf_counter()
     world.allreduce_sum_(buf)
+    n = buf.numel() - EXTRA_SLOTS
+    buf[:n] = compensate(cfg.privacy, buf[:n], [float(data.num_train[c]) for c in cohort])
     t2 = time.perf_counter()
     algo.server_step(shared, unflatten(buf[:-EXTRA_SLOTS], shared), float(buf[-1]))
     return buf, t1 - t0, t2 - t1
@@ -145,6 +156,7 @@ def run(cfg: RunConfig, world: World) -> dict:
     blocks = balanced_blocks(data.num_train, world.size)
     algo = build_algorithm(cfg, data.shape, data.num_classes, data.num_train)
     check_defense(cfg, algo)
+    slices = defense_slices(cfg, world, algo)
     if world.is_main and algo.attrs():
         log.info("%s", ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
                                  for k, v in algo.attrs().items()))
@@ -188,7 +200,8 @@ def run(cfg: RunConfig, world: World) -> dict:
         for rnd in range(start.round + 1, t.rounds + 1):
             t0 = time.perf_counter()
             buf, compute_s, allreduce_s = train_round(cfg, world, algo, shared, private, data,
-                                                      mode, rnd, world.stop_requested)
+                                                      mode, rnd, world.stop_requested,
+                                                      slices)
             loss_sum, trained, stops, _ = buf[-EXTRA_SLOTS:].tolist()
             rec.time_round(rnd, compute_s, allreduce_s)
             bar.update()

@@ -45,13 +45,15 @@ def test_dp_baselines_give_the_same_results_on_one_and_two_ranks(tmp_path, algor
     assert runs[1]["train_loss"][-1] < runs[1]["train_loss"][0]
 
 
-@pytest.mark.parametrize("defense", ["dp_gaussian", "dp_laplace", "topk", "soteria"])
+@pytest.mark.parametrize("defense", ["dp_gaussian", "dp_laplace", "topk", "soteria",
+                                     "random_slice"])
 def test_defended_runs_give_the_same_results_on_one_and_two_ranks(tmp_path, defense):
     """A defense's randomness is drawn per (seed, round, client), never per rank."""
     runs = {}
     for ranks in (1, 2):
         r = run_mpi(ranks, *SMALL, "train.rounds=2", "algorithm.name=fedavg",
-                    f"privacy.defense={defense}", f"output.dir={tmp_path}",
+                    f"privacy.defense={defense}", "data.public_fraction=0.1",
+                    "privacy.slice_noise=5e-3", f"output.dir={tmp_path}",
                     f"output.name=n{ranks}")
         assert r.returncode == 0, r.stderr
         runs[ranks] = results(tmp_path / f"n{ranks}.h5")

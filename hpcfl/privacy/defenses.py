@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, PrivacyConfig, RunConfig
+from ..data import load_public
 from ..engine import model_inputs
+from . import random_slice
 
 Params = dict[str, torch.Tensor]
 DEFENSE_STREAM = 7  # engine.client_generator stream of the defenses' randomness
@@ -33,6 +35,7 @@ class ClientView:
     start: Params                   # the client's state before local training
     features: Callable | None       # (params, x) -> representation r; None if the model has none
     inputs: torch.Tensor | None     # the client's training images, normalized
+    slicing: Slicing | None = None  # random_slice: the slices, computed once on a root set
 
 
 def generator(view: ClientView, device: torch.device) -> torch.Generator:
@@ -102,7 +105,51 @@ def soteria(upload: Params, view: ClientView, rate: float) -> Params:
     return out
 
 
-DEFENSES = ("none", "dp_gaussian", "dp_laplace", "topk", "soteria")
+@dataclass
+class Slicing:
+    """random_slice's slices of the flattened upload (tensors in `names` order)."""
+    names: list[str]
+    bounds: np.ndarray
+
+
+ROOT_PER_CLASS = 5  # GradDefense's root set: 5 images per class
+
+
+def slicing(cfg: RunConfig, algo, device: torch.device) -> Slicing:
+    """The slices of random_slice, from the sensitivities of the uploaded tensors (at the
+    initial state) on a root set of ROOT_PER_CLASS public images per class."""
+    x, y, mean, std, _ = load_public(cfg.data, cfg.train.seed, device)
+    idx = torch.cat([torch.nonzero(y == c)[:ROOT_PER_CLASS, 0] for c in torch.unique(y)])
+    x = x[idx].float() / 255 if x.dtype == torch.uint8 else x[idx]
+    x = x if mean is None else (x - mean) / std
+    params = {**algo.init_shared(), **algo.init_client(0)}
+    params = {k: v.to(device) for k, v in params.items()}
+    names = list(algo.init_shared())
+    sens = random_slice.sensitivities(algo.forward, params, names, x, y[idx])
+    sizes = [params[k].numel() for k in names]
+    return Slicing(names, random_slice.slice_bounds(sizes, sens, cfg.privacy.slices))
+
+
+def slice_noise(upload: Params, view: ClientView, cfg: PrivacyConfig) -> Params:
+    gen = generator(view, next(iter(upload.values())).device)
+    chosen = torch.randperm(cfg.slices, generator=gen, device=gen.device)[:cfg.slices_perturbed]
+    s = view.slicing
+    return random_slice.perturb(upload, s.names, s.bounds, chosen.cpu(), cfg.slice_noise, gen)
+
+
+def compensate(cfg: PrivacyConfig, upload_sum: torch.Tensor, weights: list[float]
+               ) -> torch.Tensor:
+    """The server's side of random_slice: the round's sum of uploads weighted by `weights`
+    (flat), with the noise bulk of its mean projected out (unchanged without compensation)."""
+    if cfg.defense != "random_slice" or not cfg.compensate or not weights:
+        return upload_sum
+    total = sum(weights)
+    var = (cfg.slices_perturbed / cfg.slices * cfg.slice_noise ** 2
+           * sum(w * w for w in weights) / total ** 2)
+    return random_slice.denoise(upload_sum / total, var) * total
+
+
+DEFENSES = ("none", "dp_gaussian", "dp_laplace", "topk", "soteria", "random_slice")
 
 
 def check(cfg: RunConfig, algo) -> None:
@@ -124,10 +171,13 @@ def defend(upload: Params, view: ClientView, cfg: PrivacyConfig) -> Params:
         return topk(upload, cfg.topk_ratio)
     if cfg.defense == "soteria":
         return soteria(upload, view, cfg.soteria_rate)
+    if cfg.defense == "random_slice":
+        return slice_noise(upload, view, cfg)
     raise ValueError(f"unknown defense {cfg.defense!r}")
 
 
-def client_defense(cfg: RunConfig, algo, clients: dict, rnd: int) -> Callable | None:
+def client_defense(cfg: RunConfig, algo, clients: dict, rnd: int,
+                   slices: Slicing | None = None) -> Callable | None:
     """The engine's hook for round `rnd`: (upload, client id, its starting state) -> the upload
     the server receives; None without a defense."""
     p = cfg.privacy
@@ -138,5 +188,6 @@ def client_defense(cfg: RunConfig, algo, clients: dict, rnd: int) -> Callable | 
     def apply(upload: Params, cid: int, start: Params) -> Params:
         c = clients[cid]
         inputs = model_inputs(c, c.x_train) if p.defense == "soteria" else None
-        return defend(upload, ClientView(cfg.train.seed, rnd, cid, start, features, inputs), p)
+        return defend(upload, ClientView(cfg.train.seed, rnd, cid, start, features, inputs,
+                                         slices), p)
     return apply
