@@ -29,10 +29,10 @@ from .algorithms import build_algorithm
 from .config import ConfigError, RunConfig, describe, load_config
 from .data import ClientData, load_federated
 from .engine import model_inputs, train_client
-from .loop import defense_slices, provenance, run, sample_cohort, to_device
+from .loop import defense_context, provenance, run, sample_cohort, to_device
 from .privacy.attacks import (Knowledge, dlg, gifd, gradient_from_update, idlg_label,
                               inverting_gradients)
-from .privacy.defenses import REPRESENTATION_LAYER, Slicing, client_defense
+from .privacy.defenses import REPRESENTATION_LAYER, client_defense
 from .privacy.defenses import check as check_defense
 from .privacy.generator import Generator, load_generator
 from .privacy.metrics import LPIPS_NOTE, image_scores, label_accuracy, to_unit
@@ -111,14 +111,14 @@ def prior(cfg: RunConfig, shape: tuple, device: torch.device) -> Generator:
 
 def attack_client(cfg: RunConfig, algo, shared: dict, private: dict, client: ClientData,
                   cid: int, num_classes: int, augment: bool,
-                  generator: Generator | None = None, slices: Slicing | None = None) -> dict:
+                  generator: Generator | None = None, once=None) -> dict:
     """Train client `cid` in round attack.round as the run does, attack its upload."""
     a, t = cfg.attack, cfg.train
     state = {**shared, **private}
     trained, _ = train_client(algo, dict(state), client, t.batch_size, t.seed, a.round, cid,
                               augment)
     upload = algo.upload(shared, trained)
-    defense = client_defense(cfg, algo, {cid: client}, a.round, slices)
+    defense = client_defense(cfg, algo, {cid: client}, a.round, once)
     if defense is not None:  # what the server receives
         upload = defense(upload, cid, state)
     # server: the client's private state is unknown; the attacker starts from its public init
@@ -204,13 +204,13 @@ def attack(cfg: RunConfig, world: World) -> str | None:
                           "layer's gradient: it needs clients of one training image and an "
                           "algorithm that uploads the head (not hyperfl)")
     check_defense(cfg, algo)
-    slices = defense_slices(cfg, world, algo)
+    once = defense_context(cfg, world, algo, data.num_classes)
     generator = prior(cfg, data.shape, world.device) if a.name == "gifd" else None
     shared, private, path = state_before(cfg, world, algo, data, mine)
     t0, results = time.perf_counter(), []
     for cid in mine:
         r = attack_client(cfg, algo, shared, private[cid], data.clients[cid], cid,
-                          data.num_classes, data.augment, generator, slices)
+                          data.num_classes, data.augment, generator, once)
         results.append(dict(r, client=cid))
     gathered = world.gather_to_main(results)
     if not world.is_main:

@@ -102,9 +102,11 @@ class PrivacyConfig:
                        "privacy.topk_ratio of each tensor), soteria (prune "
                        "privacy.soteria_rate percent of the representation layer), random_slice "
                        "(GradDefense: noise on random sensitivity-balanced slices, the server "
-                       "denoises; needs data.public_fraction for its root set)",
+                       "denoises; needs data.public_fraction for its root set), "
+                       "gradienthide (one more SGD step on labelled public images before the "
+                       "upload; needs data.public_fraction)",
                        choices=("none", "dp_gaussian", "dp_laplace", "topk", "soteria",
-                                "random_slice"))
+                                "random_slice", "gradienthide"))
     clip: float = opt(4.0, "dp_gaussian, dp_laplace: L2 bound of the whole update; 0 = no clip "
                       "(GIFD's default 4)", min=0)
     noise: float = opt(0.01, "dp_gaussian: noise std; dp_laplace: Laplace scale; absolute, per "
@@ -119,6 +121,7 @@ class PrivacyConfig:
                              "5e-4)", min=0)
     compensate: bool = opt(True, "random_slice: the server denoises the aggregate (GradDefense's "
                            "global compensation)")
+    hide_batch: int = opt(32, "gradienthide: public images in the extra step", min=1)
     soteria_rate: float = opt(60.0, "soteria: percent of representation units whose column of "
                               "the layer's update is zeroed (Soteria's GS-attack default 60)",
                               min=0, max=100)
@@ -330,9 +333,9 @@ def validate(cfg: RunConfig) -> None:
     if p.defense == "random_slice" and p.slices_perturbed > p.slices:
         raise ConfigError(f"privacy.slices_perturbed={p.slices_perturbed} exceeds "
                           f"privacy.slices={p.slices}")
-    if p.defense == "random_slice" and cfg.data.public_fraction <= 0:
-        raise ConfigError("privacy.defense=random_slice computes its slices on a root set of "
-                          "public images: set data.public_fraction (e.g. 0.1)")
+    if p.defense in ("random_slice", "gradienthide") and cfg.data.public_fraction <= 0:
+        raise ConfigError(f"privacy.defense={p.defense} needs public images: set "
+                          "data.public_fraction (e.g. 0.1)")
     name = cfg.output.name
     if name and (any(c in name for c in "/\\") or name.startswith(".")):
         raise ConfigError(f"output.name: {name!r} must be a plain file name without '/'")

@@ -22,7 +22,8 @@ from .data.partition import rng
 from .engine import (EXTRA_SLOTS, ROUND_DTYPE, STOP_SLOT, evaluate_client, resolve_mode,
                      train_cohort, unflatten)
 from .privacy.defenses import check as check_defense
-from .privacy.defenses import Slicing, client_defense, compensate, slicing
+from .privacy.defenses import (PublicSet, Slicing, client_defense, compensate, public_labels,
+                               public_set, slicing)
 from .resume import checkpoint, plan_or_error
 from .store import TIMING, ResultsFile, git_commit, load_checkpoint, mark_completed
 from .world import World, balanced_blocks
@@ -49,16 +50,22 @@ def to_device(params: dict, device: torch.device) -> dict:
     return {k: torch.as_tensor(v).to(device) for k, v in params.items()}
 
 
-def defense_slices(cfg: RunConfig, world: World, algo) -> Slicing | None:
-    """random_slice's slices: computed by rank 0, the same on every rank."""
-    if cfg.privacy.defense != "random_slice":
-        return None
-    return world.from_main(slicing(cfg, algo, world.device) if world.is_main else None)
+def defense_context(cfg: RunConfig, world: World, algo, num_classes: int
+                    ) -> Slicing | PublicSet | None:
+    """What a defense computes once per run, the same on every rank (rank 0 computes, the
+    others receive): random_slice's slices, gradienthide's labelled public set."""
+    d, main = cfg.privacy.defense, world.is_main
+    if d == "random_slice":
+        return world.from_main(slicing(cfg, algo, world.device) if main else None)
+    if d == "gradienthide":
+        labels = world.from_main(public_labels(cfg, num_classes, world.device) if main else None)
+        return public_set(cfg, labels, world.device)
+    return None
 
 
 def train_round(cfg: RunConfig, world: World, algo, shared: dict, private: dict, data,
                 mode: str, rnd: int, stop: bool = False,
-                slices: Slicing | None = None) -> tuple[torch.Tensor, float, float]:
+                once: Slicing | PublicSet | None = None) -> tuple[torch.Tensor, float, float]:
     """One round on this rank: train its members of the cohort, the one Allreduce (which also
     carries this rank's stop vote), the server step. Returns the reduced buffer and the seconds
     of local training and of the Allreduce."""
@@ -69,7 +76,7 @@ def train_round(cfg: RunConfig, world: World, algo, shared: dict, private: dict,
     buf = train_cohort(algo, shared, private, data.clients, mine,
                        [float(data.num_train[c]) for c in mine], t.batch_size, t.seed, rnd,
                        world.device, mode, cfg.engine.max_clients_in_memory, data.augment,
-                       client_defense(cfg, algo, data.clients, rnd, slices))
+                       client_defense(cfg, algo, data.clients, rnd, once))
     buf[STOP_SLOT] = float(stop)
     world.synchronize()
     t1 = time.perf_counter()
@@ -156,7 +163,7 @@ def run(cfg: RunConfig, world: World) -> dict:
     blocks = balanced_blocks(data.num_train, world.size)
     algo = build_algorithm(cfg, data.shape, data.num_classes, data.num_train)
     check_defense(cfg, algo)
-    slices = defense_slices(cfg, world, algo)
+    once = defense_context(cfg, world, algo, data.num_classes)
     if world.is_main and algo.attrs():
         log.info("%s", ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
                                  for k, v in algo.attrs().items()))
@@ -181,7 +188,8 @@ def run(cfg: RunConfig, world: World) -> dict:
             log.info("resuming %s from round %d (%s)", start.path, start.round, start.checkpoint)
     numel = sum(v.numel() for v in shared.values())
 
-    store, attrs = None, {**provenance(cfg, world), **algo.attrs()}  # collective: all ranks
+    store, attrs = None, {**provenance(cfg, world), **algo.attrs(),  # collective: all ranks
+                          **(once.attrs() if once is not None else {})}
     if world.is_main:
         store = (ResultsFile.resume(start.path, start.round, attrs)
                  if start.checkpoint else
@@ -201,7 +209,7 @@ def run(cfg: RunConfig, world: World) -> dict:
             t0 = time.perf_counter()
             buf, compute_s, allreduce_s = train_round(cfg, world, algo, shared, private, data,
                                                       mode, rnd, world.stop_requested,
-                                                      slices)
+                                                      once)
             loss_sum, trained, stops, _ = buf[-EXTRA_SLOTS:].tolist()
             rec.time_round(rnd, compute_s, allreduce_s)
             bar.update()

@@ -46,7 +46,7 @@ def test_dp_baselines_give_the_same_results_on_one_and_two_ranks(tmp_path, algor
 
 
 @pytest.mark.parametrize("defense", ["dp_gaussian", "dp_laplace", "topk", "soteria",
-                                     "random_slice"])
+                                     "random_slice", "gradienthide"])
 def test_defended_runs_give_the_same_results_on_one_and_two_ranks(tmp_path, defense):
     """A defense's randomness is drawn per (seed, round, client), never per rank."""
     runs = {}

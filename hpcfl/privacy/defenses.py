@@ -18,7 +18,8 @@ import torch
 from ..config import ConfigError, PrivacyConfig, RunConfig
 from ..data import load_public
 from ..engine import model_inputs
-from . import random_slice
+from . import gradienthide, random_slice
+from .gradienthide import PublicSet
 
 Params = dict[str, torch.Tensor]
 DEFENSE_STREAM = 7  # engine.client_generator stream of the defenses' randomness
@@ -28,14 +29,15 @@ REPRESENTATION_LAYER = "head.weight"  # Soteria's layer: its input is the repres
 @dataclass
 class ClientView:
     """What a defense may see of the client it defends: who it is (for its random stream), the
-    state it started the round from, its model's representation function and its images."""
+    state it started the round from, its algorithm (model, phases) and its images, and what the
+    defense computed once for the run (random_slice's slices, gradienthide's public set)."""
     seed: int
     round: int
     client: int
     start: Params                   # the client's state before local training
-    features: Callable | None       # (params, x) -> representation r; None if the model has none
+    algo: object                    # the client's Algorithm
     inputs: torch.Tensor | None     # the client's training images, normalized
-    slicing: Slicing | None = None  # random_slice: the slices, computed once on a root set
+    once: Slicing | PublicSet | None = None  # computed once per run (defense_context)
 
 
 def generator(view: ClientView, device: torch.device) -> torch.Generator:
@@ -88,7 +90,7 @@ def soteria_mask(view: ClientView, rate: float) -> torch.Tensor:
     params = {k: v.detach() for k, v in view.start.items()}
 
     def rep(img):  # one image -> its representation
-        return view.features(params, img[None])[0]
+        return view.algo.features(params, img[None])[0]
 
     r = torch.stack([rep(img) for img in x]).detach()  # (B, F)
     jac = torch.func.vmap(torch.func.jacrev(rep))(x)  # (B, F, C, H, W)
@@ -110,6 +112,9 @@ class Slicing:
     """random_slice's slices of the flattened upload (tensors in `names` order)."""
     names: list[str]
     bounds: np.ndarray
+
+    def attrs(self) -> dict:
+        return dict(random_slice_bounds=self.bounds)
 
 
 ROOT_PER_CLASS = 5  # GradDefense's root set: 5 images per class
@@ -133,7 +138,7 @@ def slicing(cfg: RunConfig, algo, device: torch.device) -> Slicing:
 def slice_noise(upload: Params, view: ClientView, cfg: PrivacyConfig) -> Params:
     gen = generator(view, next(iter(upload.values())).device)
     chosen = torch.randperm(cfg.slices, generator=gen, device=gen.device)[:cfg.slices_perturbed]
-    s = view.slicing
+    s = view.once
     return random_slice.perturb(upload, s.names, s.bounds, chosen.cpu(), cfg.slice_noise, gen)
 
 
@@ -149,7 +154,28 @@ def compensate(cfg: PrivacyConfig, upload_sum: torch.Tensor, weights: list[float
     return random_slice.denoise(upload_sum / total, var) * total
 
 
-DEFENSES = ("none", "dp_gaussian", "dp_laplace", "topk", "soteria", "random_slice")
+def public_images(cfg: RunConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The public split, normalized as the model's inputs, and its true labels."""
+    x, y, mean, std, _ = load_public(cfg.data, cfg.train.seed, device)
+    x = x.float() / 255 if x.dtype == torch.uint8 else x
+    return (x if mean is None else (x - mean) / std), y
+
+
+def public_labels(cfg: RunConfig, num_classes: int, device: torch.device) -> np.ndarray:
+    """gradienthide's labels of the public images (rank 0 computes them for every rank)."""
+    x, y = public_images(cfg, device)
+    return gradienthide.public_model_labels(x, y, cfg.model.name, num_classes,
+                                            cfg.train.seed).cpu().numpy()
+
+
+def public_set(cfg: RunConfig, labels: np.ndarray, device: torch.device) -> PublicSet:
+    x, y = public_images(cfg, device)
+    pseudo = torch.from_numpy(labels).to(device)
+    return PublicSet(x, pseudo, "public_model", float((pseudo == y).float().mean()))
+
+
+DEFENSES = ("none", "dp_gaussian", "dp_laplace", "topk", "soteria", "random_slice",
+            "gradienthide")
 
 
 def check(cfg: RunConfig, algo) -> None:
@@ -173,21 +199,25 @@ def defend(upload: Params, view: ClientView, cfg: PrivacyConfig) -> Params:
         return soteria(upload, view, cfg.soteria_rate)
     if cfg.defense == "random_slice":
         return slice_noise(upload, view, cfg)
+    if cfg.defense == "gradienthide":
+        lrs = dict(zip(view.algo.phases()[-1].names, view.algo.phases()[-1].lrs))
+        gen = generator(view, view.once.x.device)
+        return gradienthide.hide(upload, view.start, view.algo.forward, lrs, view.once,
+                                 cfg.hide_batch, gen)
     raise ValueError(f"unknown defense {cfg.defense!r}")
 
 
 def client_defense(cfg: RunConfig, algo, clients: dict, rnd: int,
-                   slices: Slicing | None = None) -> Callable | None:
+                   once: Slicing | PublicSet | None = None) -> Callable | None:
     """The engine's hook for round `rnd`: (upload, client id, its starting state) -> the upload
     the server receives; None without a defense."""
     p = cfg.privacy
     if p.defense == "none":
         return None
-    features = getattr(algo, "features", None)
 
     def apply(upload: Params, cid: int, start: Params) -> Params:
         c = clients[cid]
         inputs = model_inputs(c, c.x_train) if p.defense == "soteria" else None
-        return defend(upload, ClientView(cfg.train.seed, rnd, cid, start, features, inputs,
-                                         slices), p)
+        return defend(upload, ClientView(cfg.train.seed, rnd, cid, start, algo, inputs, once),
+                      p)
     return apply
