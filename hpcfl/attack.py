@@ -120,7 +120,7 @@ def attack_client(cfg: RunConfig, algo, shared: dict, private: dict, client: Cli
     upload = algo.upload(shared, trained)
     defense = client_defense(cfg, algo, {cid: client}, a.round, once)
     if defense is not None:  # what the server receives
-        upload = defense(upload, cid, state)
+        upload = defense(upload, cid, state, trained)
     # server: the client's private state is unknown; the attacker starts from its public init
     guess = {} if a.threat == "white-box" else to_device(algo.init_client(cid),
                                                          client.y_train.device)
@@ -178,6 +178,7 @@ def write(path: Path, cfg: RunConfig, results: list[dict]) -> Path:
         g["truth"] = np.concatenate([r["truth"] for r in results])
         g["targets"] = np.array([r["client"] for r in results], dtype="i8")
         g.attrs.update(config=cfg.to_yaml(), round=a.round, threat=a.threat,
+                       defense=cfg.privacy.defense,
                        multi_step=a.multi_step, lpips=LPIPS_NOTE)
     png = path.with_name(f"{path.stem}-{a.name}-r{a.round}.png")
     save_grid(png, np.concatenate([r["truth"] for r in results]),

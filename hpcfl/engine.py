@@ -321,7 +321,7 @@ def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
     Returns ONE flat float64 buffer, ready for the round's Allreduce:
     [sum of weight * upload | sum of training losses | number of clients | 0 | sum of weights].
     Uploads are added one client at a time in cohort order, whatever the mode, each first
-    through `defense(upload, client id, the client's state before training)` when given.
+    through `defense(upload, client id, its state before and after training)` when given.
     """
     numel = sum(v.numel() for v in shared.values())
     buf = torch.zeros(numel + EXTRA_SLOTS, dtype=ROUND_DTYPE, device=device)
@@ -331,7 +331,7 @@ def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
         private[cid] = {n: trained[n].detach() for n in private[cid]}
         up = algo.upload(shared, trained)
         if defense is not None:
-            up = defense(up, cid, start)
+            up = defense(up, cid, start, trained)
         buf[:numel].add_(flatten(up, shared.keys()).detach(), alpha=w)
         buf[-EXTRA_SLOTS:] += torch.tensor([loss, 1.0, 0.0, w], device=device)
 

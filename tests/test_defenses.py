@@ -28,7 +28,7 @@ def fedavg_upload(*overrides):
 
 def view(cfg, algo, data, shared, cid=0, rnd=1):
     c = data.clients[cid]
-    return ClientView(cfg.train.seed, rnd, cid, shared, algo,
+    return ClientView(cfg.train.seed, rnd, cid, shared, shared, algo,
                       model_inputs(c, c.x_train))
 
 
@@ -103,7 +103,7 @@ def test_the_round_sums_defended_uploads(tmp_path):
     defense, total, weight = client_defense(cfg, algo, data.clients, 1), None, 0.0
     for cid in range(4):
         trained, _ = train_client(algo, dict(shared), data.clients[cid], 50, 0, 1, cid)
-        up = defense(algo.upload(shared, trained), cid, shared)
+        up = defense(algo.upload(shared, trained), cid, shared, trained)
         w = float(data.num_train[cid])
         total = {k: w * v.double() for k, v in up.items()} if total is None else \
             {k: total[k] + w * v.double() for k, v in up.items()}
@@ -155,7 +155,7 @@ def honest_round(noise: float):
         trained, _ = train_client(algo, dict(shared), data.clients[cid], 50, 0, 1, cid)
         up = algo.upload(shared, trained)
         clean.append(torch.cat([up[k].flatten() for k in shared]).double())
-        d = defense(up, cid, shared)
+        d = defense(up, cid, shared, trained)
         defended.append(torch.cat([d[k].flatten() for k in shared]).double())
     return cfg, algo, data, slices, clean, defended
 
@@ -205,7 +205,8 @@ def test_gradienthide_adds_exactly_one_sgd_step_on_labelled_public_images(tmp_pa
     labels = public_labels(cfg, data.num_classes, "cpu")
     public = public_set(cfg, labels, "cpu")
     assert public.labeler == "public_model" and public.agreement > 0.9
-    v = ClientView(cfg.train.seed, 1, 0, shared, algo, None, public)
+    trained = {k: shared[k] + upload[k] for k in shared}
+    v = ClientView(cfg.train.seed, 1, 0, shared, trained, algo, None, public)
     out = defend(upload, v, cfg.privacy)
     # the same step, by hand: the batch the client's defense stream draws, one SGD step
     idx = torch.randperm(len(public.y), generator=generator(v, torch.device("cpu")))[:8]

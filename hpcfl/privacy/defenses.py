@@ -35,6 +35,7 @@ class ClientView:
     round: int
     client: int
     start: Params                   # the client's state before local training
+    trained: Params                 # and after it
     algo: object                    # the client's Algorithm
     inputs: torch.Tensor | None     # the client's training images, normalized
     once: Slicing | PublicSet | None = None  # computed once per run (defense_context)
@@ -202,22 +203,22 @@ def defend(upload: Params, view: ClientView, cfg: PrivacyConfig) -> Params:
     if cfg.defense == "gradienthide":
         lrs = dict(zip(view.algo.phases()[-1].names, view.algo.phases()[-1].lrs))
         gen = generator(view, view.once.x.device)
-        return gradienthide.hide(upload, view.start, view.algo.forward, lrs, view.once,
+        return gradienthide.hide(upload, view.trained, view.algo.forward, lrs, view.once,
                                  cfg.hide_batch, gen)
     raise ValueError(f"unknown defense {cfg.defense!r}")
 
 
 def client_defense(cfg: RunConfig, algo, clients: dict, rnd: int,
                    once: Slicing | PublicSet | None = None) -> Callable | None:
-    """The engine's hook for round `rnd`: (upload, client id, its starting state) -> the upload
-    the server receives; None without a defense."""
+    """The engine's hook for round `rnd`: (upload, client id, its state before and after local
+    training) -> the upload the server receives; None without a defense."""
     p = cfg.privacy
     if p.defense == "none":
         return None
 
-    def apply(upload: Params, cid: int, start: Params) -> Params:
+    def apply(upload: Params, cid: int, start: Params, trained: Params) -> Params:
         c = clients[cid]
         inputs = model_inputs(c, c.x_train) if p.defense == "soteria" else None
-        return defend(upload, ClientView(cfg.train.seed, rnd, cid, start, algo, inputs, once),
-                      p)
+        view = ClientView(cfg.train.seed, rnd, cid, start, trained, algo, inputs, once)
+        return defend(upload, view, p)
     return apply

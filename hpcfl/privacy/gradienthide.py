@@ -54,12 +54,11 @@ def public_model_labels(x: torch.Tensor, y: torch.Tensor, model_name: str, num_c
         return model(x).argmax(1)
 
 
-def hide(upload: Params, start: Params, forward, lrs: dict[str, float], public: PublicSet,
+def hide(upload: Params, trained: Params, forward, lrs: dict[str, float], public: PublicSet,
          batch: int, gen: torch.Generator) -> Params:
-    """The upload after one SGD step of the uploaded tensors on `batch` public images."""
-    params = {k: v.detach() for k, v in start.items()}
-    moved = {k: (start[k] + upload[k]).detach().requires_grad_(k in lrs) for k in upload}
-    params.update(moved)
+    """The upload after one SGD step, from the client's trained state, of the uploaded tensors
+    on `batch` public images."""
+    params = {k: v.detach().requires_grad_(k in upload and k in lrs) for k, v in trained.items()}
     idx = torch.randperm(len(public.y), generator=gen, device=gen.device)[:batch]
     idx = idx.to(public.y.device)
     loss = F.cross_entropy(forward(params, public.x[idx]), public.y[idx])
