@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -67,7 +66,7 @@ def state_before(cfg: RunConfig, world: World, algo, data, mine: list[int]
     run's results file."""
     a = cfg.attack
     if a.round > 1:
-        path = Path(run(replace(cfg, train=replace(cfg.train, rounds=a.round - 1)), world)["path"])
+        path = Path(run(cfg, world, until=a.round - 1)["path"])
         world.from_main(None)  # rank 0 writes the checkpoint: read it once it is there
         span = range(mine[0], mine[-1] + 1) if mine else range(0)
         ck = load_checkpoint(checkpoint_paths(path)[0], span)
@@ -193,6 +192,9 @@ def attack(cfg: RunConfig, world: World) -> str | None:
     if cfg.data.name.startswith("synthetic-"):
         raise ConfigError(f"data.name={cfg.data.name}: synthetic images have no pixel range "
                           "to reconstruct; attack digits, photos or a prepared dataset")
+    if a.round > cfg.train.rounds:
+        raise ConfigError(f"attack.round={a.round} is past the run's train.rounds="
+                          f"{cfg.train.rounds}")
     cohort = sample_cohort(cfg.train.seed, a.round, cfg.data.num_clients, cfg.train.frac)
     targets = cohort[:a.clients]
     # Each rank attacks a contiguous share of the targets and reads only their data.

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .algorithms import build_algorithm
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import load_federated
 from .data.partition import rng
 from .engine import (EXTRA_SLOTS, ROUND_DTYPE, STOP_SLOT, evaluate_client, resolve_mode,
@@ -153,8 +153,12 @@ class Recorder:
                 self._write_timing(timing, rounds, 0.0)
 
 
-def run(cfg: RunConfig, world: World) -> dict:
+def run(cfg: RunConfig, world: World, until: int = 0) -> dict:
+    """The run, trained to its end, or only to round `until` (> 0), checkpointed there as a
+    preempted run that a later call goes on from (an attack of round until + 1 trains the run
+    this way: the same experiment, e.g. a DP run's noise calibrated to all its rounds)."""
     t, n = cfg.train, cfg.data.num_clients
+    last = min(until or t.rounds, t.rounds)
     if not cfg.output.name:  # one name for all ranks: rank 0's clock decides
         cfg.output.name = world.from_main(
             f"{cfg.algorithm.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -172,6 +176,11 @@ def run(cfg: RunConfig, world: World) -> dict:
         if world.is_main:
             mark_completed(start.path)
         return dict(done=True, path=str(start.path), round=start.round)
+    if start.round > last:
+        raise ConfigError(f"output.name: {start.path} holds a run at round {start.round}, past "
+                          f"round {last}; choose another output.name")
+    if start.round == last:
+        return dict(path=str(start.path), round=start.round, stopped=True)
 
     dev, template = world.device, algo.init_client(0)
     if start.checkpoint is None:
@@ -205,7 +214,7 @@ def run(cfg: RunConfig, world: World) -> dict:
     world.catch_stop_signals()
     t_start, final, stop, rnd = time.perf_counter() - elapsed, {}, False, start.round
     try:
-        for rnd in range(start.round + 1, t.rounds + 1):
+        for rnd in range(start.round + 1, last + 1):
             t0 = time.perf_counter()
             buf, compute_s, allreduce_s = train_round(cfg, world, algo, shared, private, data,
                                                       mode, rnd, world.stop_requested,
@@ -213,7 +222,8 @@ def run(cfg: RunConfig, world: World) -> dict:
             loss_sum, trained, stops, _ = buf[-EXTRA_SLOTS:].tolist()
             rec.time_round(rnd, compute_s, allreduce_s)
             bar.update()
-            stop = stops > 0 and rnd < t.rounds  # a signal in the last round changes nothing
+            # a signal in the last round changes nothing
+            stop = (stops > 0 or rnd == last) and rnd < t.rounds
             if rnd % t.eval_every == 0 or rnd == t.rounds:
                 t3 = time.perf_counter()
                 table = evaluate(algo, shared, private, data, n)

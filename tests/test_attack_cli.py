@@ -67,3 +67,22 @@ def test_attacking_round_1_of_an_existing_run_keeps_its_results(tmp_path):
     assert main([QUICKSTART, *args, "attack.iterations=5"]) == 0
     with h5py.File(tmp_path / "r.h5") as f:
         assert list(f["metrics/round"][:]) == [1, 2] and "privacy/ig/psnr" in f
+
+
+def test_a_dp_run_attacked_at_round_2_then_finished_matches_an_unattacked_run(tmp_path):
+    """The attack trains the run itself (its DP noise calibrated to all 3 rounds) to round 1;
+    the same run then goes on to its end and keeps the attack's results."""
+    from hpcfl.main import main as run_main
+    base = [QUICKSTART, "data.num_clients=6", "algorithm.name=dpfedavg", "train.rounds=3",
+            "train.local_steps=1", "train.device=cpu", "output.progress=none",
+            f"output.dir={tmp_path}"]
+    assert main([*base, "output.name=a", "attack.round=2", "attack.iterations=5"]) == 0
+    with h5py.File(tmp_path / "a.h5") as f:
+        assert f.attrs["status"] == "preempted" and list(f["metrics/round"][:]) == [1]
+    assert run_main([*base, "output.name=a"]) == 0
+    assert run_main([*base, "output.name=b"]) == 0
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        assert a.attrs["status"] == "completed" and "privacy/ig/psnr" in a
+        for k in ("test_acc_mean", "train_loss", "epsilon"):
+            assert np.array_equal(a[f"metrics/{k}"][:], b[f"metrics/{k}"][:]), k
+    assert main([*base, "output.name=c", "attack.round=4"]) == 2
