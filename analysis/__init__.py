@@ -1,0 +1,1 @@
+"""Turn many hpcfl results files into tables and figures."""

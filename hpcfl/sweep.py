@@ -1,0 +1,140 @@
+"""`python -m hpcfl.sweep SWEEP.yaml (--list | --index I)`: one point of a grid of runs.
+
+A sweep file has
+    base:   a config mapping (sections like a run's YAML), or the path of a config YAML
+            (relative to the sweep file, else to the working directory);
+    grid:   {dotted.key: [values]}: every combination is a point;
+    points: [{dotted.key: value, ...}]: listed points; with a grid as well, every listed point
+            is combined with every grid combination;
+    attack: true/false (default false): each point first attacks round attack.round
+            (python -m hpcfl.attack), then trains to the end into the same results file.
+Point I runs as output.name <sweep file stem>-<I, 3 digits> unless it sets output.name.
+`--list` prints the numbered points and the --array range of a Slurm array job. A finished
+point is skipped; a preempted one resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import h5py
+import yaml
+
+from .config import ConfigError, RunConfig, apply_dict, load_config, set_value, validate
+from .loop import run
+from .world import World
+
+log = logging.getLogger("hpcfl")
+
+
+def load_sweep(path: str) -> tuple[dict, list[dict[str, Any]]]:
+    """The sweep file's mapping and its points (dotted key -> value), in order."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    try:
+        spec = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    unknown = set(spec) - {"base", "grid", "points", "attack"}
+    if not isinstance(spec, dict) or unknown:
+        raise ConfigError(f"{path}: a sweep has base, grid, points, attack; not "
+                          f"{', '.join(sorted(unknown)) if isinstance(spec, dict) else spec!r}")
+    grid = spec.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"{path}: grid maps dotted keys to non-empty lists of values")
+    listed = spec.get("points") or [{}]
+    if not isinstance(listed, list) or not all(isinstance(q, dict) for q in listed):
+        raise ConfigError(f"{path}: points is a list of mappings of dotted keys to values")
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    return spec, [{**q, **c} for q in listed for c in combos]
+
+
+def point_config(path: str, spec: dict, point: dict[str, Any], index: int) -> RunConfig:
+    base = spec.get("base")
+    if isinstance(base, str):
+        beside = Path(path).parent / base
+        cfg = load_config(str(beside if beside.is_file() else base))
+    else:
+        cfg = RunConfig()
+        apply_dict(cfg, base, f"{path}: base")
+    for key, value in point.items():
+        set_value(cfg, key, value)
+    if "output.name" not in point:
+        cfg.output.name = f"{Path(path).stem}-{index:03d}"
+    validate(cfg)
+    return cfg
+
+
+def results_state(cfg: RunConfig) -> tuple[str | None, bool]:
+    """The status of the point's results file (None: none yet) and whether it holds the
+    attack's results."""
+    path = Path(cfg.output.dir) / f"{cfg.output.name}.h5"
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return str(f.attrs.get("status")), f"privacy/{cfg.attack.name}" in f
+    except OSError:
+        return None, False
+
+
+def describe(point: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in point.items()) or "(base)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="hpcfl: %(message)s", stream=sys.stderr)
+    p = argparse.ArgumentParser(prog="python -m hpcfl.sweep", description=__doc__.split("\n")[0])
+    p.add_argument("sweep", help="the sweep YAML")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--list", action="store_true", help="print the points and their count")
+    what.add_argument("--index", type=int, help="run point I (0-based)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    world = None
+    try:
+        spec, points = load_sweep(args.sweep)
+        if args.list:
+            for i, point in enumerate(points):
+                print(f"{i:3d}  {describe(point)}")
+            print(f"{len(points)} points (a Slurm array: --array=0-{len(points) - 1})")
+            return 0
+        if not 0 <= args.index < len(points):
+            raise ConfigError(f"--index {args.index}: the sweep has points 0-{len(points) - 1}")
+        cfg = point_config(args.sweep, spec, points[args.index], args.index)
+        attack = bool(spec.get("attack", False))
+        if attack and cfg.attack.round < 2:
+            raise ConfigError("a sweep with attack: true needs attack.round >= 2 (the attack "
+                              "trains the run to the round before, then the run goes on)")
+        head = f"point {args.index} ({describe(points[args.index])})"
+        status, attacked = results_state(cfg)
+        if status == "completed" and (attacked or not attack):
+            print(f"{head}: already completed -> {cfg.output.dir}/{cfg.output.name}.h5")
+            return 0
+        world = World(cfg.train.device)
+        if attack and not attacked:
+            from .attack import attack as attack_run  # imports the attacks only when needed
+            line = attack_run(cfg, world)
+            if line:
+                print(f"{head}: {line}")
+        final = run(cfg, world)
+    except ConfigError as e:
+        if world is None or world.is_main:
+            print(f"hpcfl.sweep: error: {e}", file=sys.stderr)
+        return 2
+    except BaseException as exc:
+        if world is not None and world.size > 1:  # one failing rank must end the job
+            import mpi4py.run
+            mpi4py.run.set_abort_status(exc)
+        raise
+    if world.is_main:
+        state = ("stopped by a signal, checkpointed; rerun to resume" if final.get("stopped")
+                 else f"test_acc_mean {final.get('test_acc_mean', float('nan')):.4f}")
+        print(f"{head}: {state} -> {final['path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
