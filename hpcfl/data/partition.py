@@ -16,6 +16,8 @@ def rng(*key: int) -> np.random.Generator:
 
 
 # Stream tags so that different uses of one seed never share random numbers.
+# (PUBLIC shares 105 with engine.AUGMENT, but its key (seed, 105) is never one of AUGMENT's
+# (seed, 105, round, client, phase): the streams differ.)
 PARTITION, SPLIT, PUBLIC = 101, 102, 105
 
 

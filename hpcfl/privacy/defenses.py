@@ -22,7 +22,7 @@ from . import gradienthide, random_slice
 from .gradienthide import PublicSet
 
 Params = dict[str, torch.Tensor]
-DEFENSE_STREAM = 7  # engine.client_generator stream of the defenses' randomness
+DEFENSE_STREAM = 7  # the defenses' random stream: (seed, 7, round, client), see generator()
 REPRESENTATION_LAYER = "head.weight"  # Soteria's layer: its input is the representation
 
 
@@ -173,10 +173,6 @@ def public_set(cfg: RunConfig, labels: np.ndarray, device: torch.device) -> Publ
     x, y = public_images(cfg, device)
     pseudo = torch.from_numpy(labels).to(device)
     return PublicSet(x, pseudo, "public_model", float((pseudo == y).float().mean()))
-
-
-DEFENSES = ("none", "dp_gaussian", "dp_laplace", "topk", "soteria", "random_slice",
-            "gradienthide")
 
 
 def check(cfg: RunConfig, algo) -> None:
