@@ -45,10 +45,11 @@ def test_dp_baselines_give_the_same_results_on_one_and_two_ranks(tmp_path, algor
     assert runs[1]["train_loss"][-1] < runs[1]["train_loss"][0]
 
 
-@pytest.mark.parametrize("defense", ["dp_gaussian", "dp_laplace", "topk", "soteria",
-                                     "random_slice", "gradienthide"])
+@pytest.mark.parametrize("defense", ["dp_laplace", "soteria", "random_slice", "gradienthide"])
 def test_defended_runs_give_the_same_results_on_one_and_two_ranks(tmp_path, defense):
-    """A defense's randomness is drawn per (seed, round, client), never per rank."""
+    """A defense's randomness is drawn per (seed, round, client), never per rank; the
+    once-per-run parts (slices, public labels) come from rank 0. (dp_gaussian draws through
+    dp_laplace's code with another distribution; topk draws nothing and reads one upload.)"""
     runs = {}
     for ranks in (1, 2):
         r = run_mpi(ranks, *SMALL, "train.rounds=2", "algorithm.name=fedavg",
