@@ -36,7 +36,7 @@ from .privacy.defenses import check as check_defense
 from .privacy.generator import Generator, load_generator
 from .privacy.metrics import LPIPS_NOTE, image_scores, label_accuracy, to_unit
 from .store import ResultsFile, checkpoint_paths, load_checkpoint
-from .world import World
+from .world import Command, World
 
 log = logging.getLogger("hpcfl")
 # The no-argument attack: 20 photos over 10 clients, so each holds one training photo.
@@ -230,23 +230,15 @@ def attack(cfg: RunConfig, world: World) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="hpcfl: %(message)s", stream=sys.stderr)
-    world = None
-    try:
+    cmd = Command("hpcfl.attack")
+    with cmd:
         cfg = parse(sys.argv[1:] if argv is None else argv)
         if not cfg.output.name:
             cfg.output.name = (f"attack-{cfg.algorithm.name}-{cfg.data.name}-"
                                f"r{cfg.attack.round}")
-        world = World(cfg.train.device)
-        line = attack(cfg, world)
-    except ConfigError as e:
-        if world is None or world.is_main:
-            print(f"hpcfl.attack: error: {e}", file=sys.stderr)
-        return 2
-    except BaseException as exc:
-        if world is not None and world.size > 1:  # one failing rank must end the job, not hang
-            import mpi4py.run
-            mpi4py.run.set_abort_status(exc)
-        raise
+        line = attack(cfg, cmd.start(cfg.train.device))
+    if cmd.code:
+        return cmd.code
     if line:
         print(line)
     return 0

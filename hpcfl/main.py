@@ -17,7 +17,7 @@ import h5py
 
 from .config import ConfigError, RunConfig, describe, load_config
 from .loop import run
-from .world import World
+from .world import Command
 
 USAGE = """usage: python -m hpcfl.main [CONFIG.yaml] [--from RESULTS.h5] [section.key=value ...]
 
@@ -56,24 +56,14 @@ def stored_config(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="hpcfl: %(message)s", stream=sys.stderr)
-    try:
+    cmd = Command("hpcfl")
+    with cmd:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        print(f"hpcfl: error: {e}", file=sys.stderr)
-        return 2
-    world = None
-    try:
-        world = World(cfg.train.device)
+        world = cmd.start(cfg.train.device)
+        # ConfigErrors found once the device or data is known come before any results file
         final = run(cfg, world)
-    except ConfigError as e:  # found once the device or data is known, before any results file
-        if world is None or world.is_main:
-            print(f"hpcfl: error: {e}", file=sys.stderr)
-        return 2
-    except BaseException as exc:
-        if world is not None and world.size > 1:  # one failing rank must end the job, not hang
-            import mpi4py.run
-            mpi4py.run.set_abort_status(exc)
-        raise
+    if cmd.code:
+        return cmd.code
     if not world.is_main:
         return 0
     head = f"{cfg.algorithm.name} on {cfg.data.name}: {cfg.data.num_clients} clients"

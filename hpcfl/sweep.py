@@ -26,7 +26,7 @@ import yaml
 
 from .config import ConfigError, RunConfig, apply_dict, load_config, set_value, validate
 from .loop import run
-from .world import World
+from .world import Command
 
 log = logging.getLogger("hpcfl")
 
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--list", action="store_true", help="print the points and their count")
     what.add_argument("--index", type=int, help="run point I (0-based)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    world = None
-    try:
+    cmd, world = Command("hpcfl.sweep"), None
+    with cmd:
         spec, points = load_sweep(args.sweep)
         if args.list:
             for i, point in enumerate(points):
@@ -113,22 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         if status == "completed" and (attacked or not attack):
             print(f"{head}: already completed -> {cfg.output.dir}/{cfg.output.name}.h5")
             return 0
-        world = World(cfg.train.device)
+        world = cmd.start(cfg.train.device)
         if attack and not attacked:
             from .attack import attack as attack_run  # imports the attacks only when needed
             line = attack_run(cfg, world)
             if line:
                 print(f"{head}: {line}")
         final = run(cfg, world)
-    except ConfigError as e:
-        if world is None or world.is_main:
-            print(f"hpcfl.sweep: error: {e}", file=sys.stderr)
-        return 2
-    except BaseException as exc:
-        if world is not None and world.size > 1:  # one failing rank must end the job
-            import mpi4py.run
-            mpi4py.run.set_abort_status(exc)
-        raise
+    if cmd.code:
+        return cmd.code
     if world.is_main:
         state = ("stopped by a signal, checkpointed; rerun to resume" if final.get("stopped")
                  else f"test_acc_mean {final.get('test_acc_mean', float('nan')):.4f}")

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 
 import numpy as np
 import torch
@@ -151,6 +152,42 @@ class World:
 
     def mpi_version(self) -> str:
         return "none" if self.MPI is None else self.MPI.Get_library_version().splitlines()[0]
+
+
+class Command:
+    """A command line's handling of failure, the same for every hpcfl command: a ConfigError
+    (a user mistake) is one line on stderr (rank 0's, once the world exists) and exit code 2;
+    any other exception on one rank of several aborts every rank rather than hang the job.
+
+        cmd = Command("hpcfl.attack")
+        with cmd:
+            world = cmd.start(device)   # after parsing: errors before it print on every rank
+            ...
+        if cmd.code: return cmd.code
+    """
+
+    def __init__(self, prog: str):
+        self.prog, self.world, self.code = prog, None, 0
+
+    def start(self, device: str) -> World:
+        self.world = World(device)
+        return self.world
+
+    def __enter__(self) -> "Command":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if kind is None:
+            return False
+        if issubclass(kind, ConfigError):
+            if self.world is None or self.world.is_main:
+                print(f"{self.prog}: error: {exc}", file=sys.stderr)
+            self.code = 2
+            return True
+        if self.world is not None and self.world.size > 1:
+            import mpi4py.run
+            mpi4py.run.set_abort_status(exc)
+        return False
 
 
 def balanced_blocks(sizes: list[int], parts: int) -> list[range]:
