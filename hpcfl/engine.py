@@ -327,7 +327,7 @@ def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
     buf = torch.zeros(numel + EXTRA_SLOTS, dtype=ROUND_DTYPE, device=device)
 
     def add(cid: int, w: float, trained: Params, loss: float) -> None:
-        start = {**shared, **private[cid]}
+        start = {**shared, **private[cid]} if defense is not None else None
         private[cid] = {n: trained[n].detach() for n in private[cid]}
         up = algo.upload(shared, trained)
         if defense is not None:

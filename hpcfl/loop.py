@@ -22,8 +22,8 @@ from .data.partition import rng
 from .engine import (EXTRA_SLOTS, ROUND_DTYPE, STOP_SLOT, evaluate_client, resolve_mode,
                      train_cohort, unflatten)
 from .privacy.defenses import check as check_defense
-from .privacy.defenses import (PublicSet, Slicing, client_defense, compensate, public_labels,
-                               public_set, slicing)
+from .privacy.defenses import (PublicSet, Slicing, client_defense, compensate_, label_public,
+                               public_images, public_set, slicing)
 from .resume import checkpoint, plan_or_error
 from .store import TIMING, ResultsFile, git_commit, load_checkpoint, mark_completed
 from .world import World, balanced_blocks
@@ -58,8 +58,9 @@ def defense_context(cfg: RunConfig, world: World, algo, num_classes: int
     if d == "random_slice":
         return world.from_main(slicing(cfg, algo, world.device) if main else None)
     if d == "gradienthide":
-        labels = world.from_main(public_labels(cfg, num_classes, world.device) if main else None)
-        return public_set(cfg, labels, world.device)
+        x, y = public_images(cfg, world.device)
+        labels = world.from_main(label_public(cfg, x, y, num_classes) if main else None)
+        return public_set(x, y, labels)
     return None
 
 
@@ -81,8 +82,8 @@ def train_round(cfg: RunConfig, world: World, algo, shared: dict, private: dict,
     world.synchronize()
     t1 = time.perf_counter()
     world.allreduce_sum_(buf)
-    n = buf.numel() - EXTRA_SLOTS
-    buf[:n] = compensate(cfg.privacy, buf[:n], [float(data.num_train[c]) for c in cohort])
+    if isinstance(once, Slicing):  # random_slice's server side, in place
+        compensate_(cfg.privacy, buf[:-EXTRA_SLOTS], [float(data.num_train[c]) for c in cohort])
     t2 = time.perf_counter()
     algo.server_step(shared, unflatten(buf[:-EXTRA_SLOTS], shared), float(buf[-1]))
     return buf, t1 - t0, t2 - t1

@@ -10,8 +10,9 @@ from hpcfl.config import ConfigError, load_config
 from hpcfl.data import load_federated
 from hpcfl.engine import model_inputs, train_client
 from hpcfl.loop import run
-from hpcfl.privacy.defenses import (ClientView, check, client_defense, compensate, defend,
-                                    generator, public_labels, public_set, slicing, topk)
+from hpcfl.privacy.defenses import (ClientView, check, client_defense, compensate_, defend,
+                                    generator, label_public, public_images, public_set, slicing,
+                                    topk)
 from hpcfl.privacy.random_slice import sensitivities, slice_bounds
 from hpcfl.world import World
 
@@ -183,12 +184,16 @@ def test_compensation_brings_the_honest_aggregate_closer_to_the_clean_one():
     w = [1.0] * 20
     clean_mean = torch.stack(clean).mean(0)
     noisy_sum = torch.stack(defended).sum(0)
-    compensated = compensate(cfg.privacy, noisy_sum, w) / 20
+    compensated = noisy_sum.clone()
+    compensate_(cfg.privacy, compensated, w)
+    compensated /= 20
     raw = (noisy_sum / 20 - clean_mean).norm()
     assert (compensated - clean_mean).norm() < 0.6 * raw
     off = load_config(None, ["privacy.defense=random_slice", "data.public_fraction=0.1",
                              "privacy.compensate=false"]).privacy
-    assert torch.equal(compensate(off, noisy_sum, w), noisy_sum)
+    kept = noisy_sum.clone()
+    compensate_(off, kept, w)
+    assert torch.equal(kept, noisy_sum)
 
 
 def test_random_slice_without_public_data_is_one_line(capsys):
@@ -202,8 +207,8 @@ def test_gradienthide_adds_exactly_one_sgd_step_on_labelled_public_images(tmp_pa
     cfg, algo, data, shared, upload = fedavg_upload("privacy.defense=gradienthide",
                                                     "data.public_fraction=0.1",
                                                     "privacy.hide_batch=8")
-    labels = public_labels(cfg, data.num_classes, "cpu")
-    public = public_set(cfg, labels, "cpu")
+    x, y = public_images(cfg, "cpu")
+    public = public_set(x, y, label_public(cfg, x, y, data.num_classes))
     assert public.labeler == "public_model" and public.agreement > 0.9
     trained = {k: shared[k] + upload[k] for k in shared}
     v = ClientView(cfg.train.seed, 1, 0, shared, trained, algo, None, public)

@@ -128,9 +128,9 @@ def slicing(cfg: RunConfig, algo, device: torch.device) -> Slicing:
     idx = torch.cat([torch.nonzero(y == c)[:ROOT_PER_CLASS, 0] for c in torch.unique(y)])
     x = x[idx].float() / 255 if x.dtype == torch.uint8 else x[idx]
     x = x if mean is None else (x - mean) / std
-    params = {**algo.init_shared(), **algo.init_client(0)}
-    params = {k: v.to(device) for k, v in params.items()}
-    names = list(algo.init_shared())
+    shared = algo.init_shared()
+    names = list(shared)
+    params = {k: v.to(device) for k, v in {**shared, **algo.init_client(0)}.items()}
     sens = random_slice.sensitivities(algo.forward, params, names, x, y[idx])
     sizes = [params[k].numel() for k in names]
     return Slicing(names, random_slice.slice_bounds(sizes, sens, cfg.privacy.slices))
@@ -143,16 +143,16 @@ def slice_noise(upload: Params, view: ClientView, cfg: PrivacyConfig) -> Params:
     return random_slice.perturb(upload, s.names, s.bounds, chosen.cpu(), cfg.slice_noise, gen)
 
 
-def compensate(cfg: PrivacyConfig, upload_sum: torch.Tensor, weights: list[float]
-               ) -> torch.Tensor:
-    """The server's side of random_slice: the round's sum of uploads weighted by `weights`
-    (flat), with the noise bulk of its mean projected out (unchanged without compensation)."""
-    if cfg.defense != "random_slice" or not cfg.compensate or not weights:
-        return upload_sum
+def compensate_(cfg: PrivacyConfig, upload_sum: torch.Tensor, weights: list[float]) -> None:
+    """The server's side of random_slice, in place: the round's sum of uploads weighted by
+    `weights` (flat) with the noise bulk of its mean projected out (unchanged without
+    compensation)."""
+    if not cfg.compensate or not weights:
+        return
     total = sum(weights)
     var = (cfg.slices_perturbed / cfg.slices * cfg.slice_noise ** 2
            * sum(w * w for w in weights) / total ** 2)
-    return random_slice.denoise(upload_sum / total, var) * total
+    upload_sum.copy_(random_slice.denoise(upload_sum / total, var) * total)
 
 
 def public_images(cfg: RunConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,16 +162,15 @@ def public_images(cfg: RunConfig, device: torch.device) -> tuple[torch.Tensor, t
     return (x if mean is None else (x - mean) / std), y
 
 
-def public_labels(cfg: RunConfig, num_classes: int, device: torch.device) -> np.ndarray:
+def label_public(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor,
+                 num_classes: int) -> np.ndarray:
     """gradienthide's labels of the public images (rank 0 computes them for every rank)."""
-    x, y = public_images(cfg, device)
     return gradienthide.public_model_labels(x, y, cfg.model.name, num_classes,
                                             cfg.train.seed).cpu().numpy()
 
 
-def public_set(cfg: RunConfig, labels: np.ndarray, device: torch.device) -> PublicSet:
-    x, y = public_images(cfg, device)
-    pseudo = torch.from_numpy(labels).to(device)
+def public_set(x: torch.Tensor, y: torch.Tensor, labels: np.ndarray) -> PublicSet:
+    pseudo = torch.from_numpy(labels).to(x.device)
     return PublicSet(x, pseudo, "public_model", float((pseudo == y).float().mean()))
 
 
