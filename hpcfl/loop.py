@@ -7,6 +7,7 @@ it attacks with it.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 
@@ -21,12 +22,13 @@ from .data import load_federated
 from .data.partition import rng
 from .engine import (EXTRA_SLOTS, ROUND_DTYPE, STOP_SLOT, evaluate_client, resolve_mode,
                      train_cohort, unflatten)
+from .lock import lock_output
 from .privacy.defenses import check as check_defense
 from .privacy.defenses import (PublicSet, Slicing, client_defense, compensate_, label_public,
                                public_images, public_set, slicing)
 from .resume import checkpoint, plan_or_error
 from .store import TIMING, ResultsFile, git_commit, load_checkpoint, mark_completed
-from .world import World, balanced_blocks
+from .world import Diverged, World, balanced_blocks
 
 log = logging.getLogger("hpcfl")
 COHORT = 104  # stream tag, see data.partition.rng
@@ -158,11 +160,20 @@ def run(cfg: RunConfig, world: World, until: int = 0) -> dict:
     """The run, trained to its end, or only to round `until` (> 0), checkpointed there as a
     preempted run that a later call goes on from (an attack of round until + 1 trains the run
     this way: the same experiment, e.g. a DP run's noise calibrated to all its rounds)."""
-    t, n = cfg.train, cfg.data.num_clients
-    last = min(until or t.rounds, t.rounds)
     if not cfg.output.name:  # one name for all ranks: rank 0's clock decides
         cfg.output.name = world.from_main(
             f"{cfg.algorithm.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    lock = lock_output(cfg, world)
+    try:
+        return _run(cfg, world, until)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _run(cfg: RunConfig, world: World, until: int) -> dict:
+    t, n = cfg.train, cfg.data.num_clients
+    last = min(until or t.rounds, t.rounds)
     data = load_federated(cfg.data, t.seed, world.device,
                           hosted=lambda sizes: balanced_blocks(sizes, world.size)[world.rank])
     blocks = balanced_blocks(data.num_train, world.size)
@@ -221,6 +232,11 @@ def run(cfg: RunConfig, world: World, until: int = 0) -> dict:
                                                       mode, rnd, world.stop_requested,
                                                       once)
             loss_sum, trained, stops, _ = buf[-EXTRA_SLOTS:].tolist()
+            if not (math.isfinite(loss_sum) and torch.isfinite(buf).all()):
+                # the same reduced buffer on every rank: all of them stop here
+                raise Diverged(f"round {rnd}: the training loss or the shared update is NaN "
+                               "or inf; stopped before checkpointing it (status diverged; a "
+                               "lower train.lr or a tighter clip may help)")
             rec.time_round(rnd, compute_s, allreduce_s)
             bar.update()
             # a signal in the last round changes nothing
@@ -247,10 +263,10 @@ def run(cfg: RunConfig, world: World, until: int = 0) -> dict:
                            private, template, blocks)
             if stop:
                 break
-    except BaseException:
+    except BaseException as e:
         bar.close()
         if store:
-            store.close("failed")
+            store.close("diverged" if isinstance(e, Diverged) else "failed")
         world.release_stop_signals()
         raise
     bar.close()

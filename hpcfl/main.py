@@ -5,8 +5,10 @@
     srun --mpi=pmi2 python -m hpcfl.main jobs/quickstart.yaml
 
 The command line of the run in hpcfl.loop (the round of DESIGN §1).
-Exit codes: 0 done (or stopped by a signal after checkpointing: status `preempted`); 2 bad input
-(one line on stderr, no results file written); 1 a crash (every rank is aborted).
+Exit codes: 0 done, or stopped by a signal after checkpointing (status `preempted`; under
+slurm/*.sbatch the job then requeues itself); 2 bad input (one line on stderr, no results file
+written); 3 diverged (a round's loss or update was NaN/inf: status `diverged`, nothing
+checkpointed past the last finite round); 1 a crash (every rank is aborted, status `failed`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import h5py
 
 from .config import ConfigError, RunConfig, describe, load_config
 from .loop import run
-from .world import Command
+from .world import Command, requeue_own_job
 
 USAGE = """usage: python -m hpcfl.main [CONFIG.yaml] [--from RESULTS.h5] [section.key=value ...]
 
@@ -71,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{head}: already completed ({final['round']} rounds) -> {final['path']}")
     elif final.get("stopped"):
         print(f"{head}: stopped by a signal after round {final['round']}, checkpointed; rerun "
-              f"the same command to resume -> {final['path']}")
+              f"the same command to resume -> {final['path']}", flush=True)
+        requeued = requeue_own_job()
+        if requeued:
+            print(requeued, flush=True)
     else:
         print(f"{head}, {final['round']} rounds in {final['elapsed_s']:.1f} s; final "
               f"test_acc_mean {final['test_acc_mean']:.4f} (weighted "

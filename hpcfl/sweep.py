@@ -10,7 +10,8 @@ A sweep file has
             (python -m hpcfl.attack), then trains to the end into the same results file.
 Point I runs as output.name <sweep file stem>-<I, 3 digits> unless it sets output.name.
 `--list` prints the numbered points and the --array range of a Slurm array job. A finished
-point is skipped; a preempted one resumes.
+point (completed, or diverged: rerunning it would diverge again) is skipped; a preempted one
+resumes.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import yaml
 
 from .config import ConfigError, RunConfig, apply_dict, load_config, set_value, validate
 from .loop import run
-from .world import Command
+from .world import Command, requeue_own_job
 
 log = logging.getLogger("hpcfl")
 
@@ -110,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                               "trains the run to the round before, then the run goes on)")
         head = f"point {args.index} ({describe(points[args.index])})"
         status, attacked = results_state(cfg)
-        if status == "completed" and (attacked or not attack):
-            print(f"{head}: already completed -> {cfg.output.dir}/{cfg.output.name}.h5")
+        if status == "diverged" or (status == "completed" and (attacked or not attack)):
+            print(f"{head}: already {status}, not run again -> "
+                  f"{cfg.output.dir}/{cfg.output.name}.h5")
             return 0
         world = cmd.start(cfg.train.device)
         if attack and not attacked:
@@ -125,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     if world.is_main:
         state = ("stopped by a signal, checkpointed; rerun to resume" if final.get("stopped")
                  else f"test_acc_mean {final.get('test_acc_mean', float('nan')):.4f}")
-        print(f"{head}: {state} -> {final['path']}")
+        print(f"{head}: {state} -> {final['path']}", flush=True)
+        requeued = requeue_own_job() if final.get("stopped") else None
+        if requeued:
+            print(f"{head}: {requeued}", flush=True)
     return 0
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -154,10 +155,33 @@ class World:
         return "none" if self.MPI is None else self.MPI.Get_library_version().splitlines()[0]
 
 
+def requeue_own_job() -> str | None:
+    """Put this Slurm job (an array element is a job of its own id) back in the queue, so that
+    it resumes from the checkpoint just written: only where the batch script asks for it with
+    HPCFL_REQUEUE=1 (slurm/*.sbatch do), since an interactive srun cannot be requeued. Called by
+    rank 0 as its last act: Slurm ends the job's processes right away. A line for the log."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("HPCFL_REQUEUE") != "1" or not job:
+        return None
+    try:
+        r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                           timeout=60)
+        why = r.stderr.strip() if r.returncode else ""
+    except (OSError, subprocess.SubprocessError) as e:
+        why = str(e)
+    return (f"scontrol requeue {job} failed ({why}): submit the same job again to resume"
+            if why else f"requeued Slurm job {job}: it resumes from the checkpoint")
+
+
+class Diverged(Exception):
+    """A round whose loss or shared update is not finite: the run stops, exit code 3."""
+
+
 class Command:
     """A command line's handling of failure, the same for every hpcfl command: a ConfigError
     (a user mistake) is one line on stderr (rank 0's, once the world exists) and exit code 2;
-    any other exception on one rank of several aborts every rank rather than hang the job.
+    a run that diverged (every rank sees it in the same round) one line and exit code 3; any
+    other exception on one rank of several aborts every rank rather than hang the job.
 
         cmd = Command("hpcfl.attack")
         with cmd:
@@ -179,11 +203,12 @@ class Command:
     def __exit__(self, kind, exc, tb) -> bool:
         if kind is None:
             return False
-        if issubclass(kind, ConfigError):
-            if self.world is None or self.world.is_main:
-                print(f"{self.prog}: error: {exc}", file=sys.stderr)
-            self.code = 2
-            return True
+        for error, code, what in ((ConfigError, 2, "error"), (Diverged, 3, "diverged")):
+            if issubclass(kind, error):
+                if self.world is None or self.world.is_main:
+                    print(f"{self.prog}: {what}: {exc}", file=sys.stderr)
+                self.code = code
+                return True
         if self.world is not None and self.world.size > 1:
             import mpi4py.run
             mpi4py.run.set_abort_status(exc)
