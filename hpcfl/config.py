@@ -158,7 +158,8 @@ class EngineConfig:
 @dataclass
 class OutputConfig:
     dir: str = opt("runs", "directory of results files")
-    name: str = opt("", "results file is <dir>/<name>.h5; empty = <algorithm>-<data>-<time>")
+    name: str = opt("", "results file is <dir>/<name>.h5; empty = <algorithm>-<data>-<time> "
+                    "(in a Slurm job: -slurm<job id>, so that a requeued job resumes it)")
     overwrite: bool = opt(False, "start over, replacing an existing results file and checkpoint "
                           "of the same name")
     checkpoint_every: int = opt(10, "write <name>.ckpt.h5 every k rounds (also after the last "

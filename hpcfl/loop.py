@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 
@@ -46,6 +47,14 @@ def provenance(cfg: RunConfig, world: World) -> dict:
                 hostnames=",".join(world.hostnames()),
                 device=str(world.device), torch_version=str(torch.__version__),
                 cuda_version=torch.version.cuda or "none", mpi_version=world.mpi_version())
+
+
+def default_name(cfg: RunConfig) -> str:
+    """<algorithm>-<data>-<when>: in a Slurm job its id, which a requeued job keeps (so that it
+    resumes its own run); else rank 0's clock."""
+    job = os.environ.get("SLURM_JOB_ID")
+    when = f"slurm{job}" if job else time.strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.algorithm.name}-{cfg.data.name}-{when}"
 
 
 def to_device(params: dict, device: torch.device) -> dict:
@@ -160,9 +169,8 @@ def run(cfg: RunConfig, world: World, until: int = 0) -> dict:
     """The run, trained to its end, or only to round `until` (> 0), checkpointed there as a
     preempted run that a later call goes on from (an attack of round until + 1 trains the run
     this way: the same experiment, e.g. a DP run's noise calibrated to all its rounds)."""
-    if not cfg.output.name:  # one name for all ranks: rank 0's clock decides
-        cfg.output.name = world.from_main(
-            f"{cfg.algorithm.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not cfg.output.name:
+        cfg.output.name = world.from_main(default_name(cfg))
     lock = lock_output(cfg, world)
     try:
         return _run(cfg, world, until)

@@ -1,0 +1,259 @@
+"""`python -m analysis.summarize DIR... [--csv F] [--plot DIR]`: one table row per results file
+(running, preempted, failed and diverged runs too), mean ± std over seeds, optional figures.
+
+Per run: the config keys (dotted, `output.*` left out) whose values differ between the runs
+read, then `final_acc` (test_acc_mean of the last evaluated round), `best_acc` (its max over
+rounds), `rounds` (the last evaluated round), `s_per_round`, `world_size`, `status`, `file`.
+`s_per_round` comes from /timing: a round's wall time is compute + allreduce + eval + io of its
+slowest rank, and the median over rounds keeps round 1's warm-up (data, first kernels) from
+dominating once a run has 3 or more rounds. Runs whose configs differ only in `train.seed` (and
+have the same world size) form a group: the second table, printed when a group has two or more
+runs, gives n (runs with an evaluated round), the seeds, and mean ± std (sample std, ddof=1) of
+final and best accuracy. `--csv F` writes the run table to F and, when that second table is
+printed, the group table to F's name with `-seeds.csv` for its suffix (runs.csv ->
+runs-seeds.csv; numbers in `*_mean`, `*_std` columns).
+
+`--plot DIR` writes DIR/accuracy.png (accuracy per round, one line per group: the mean over
+seeds, a min-max band), DIR/scaling.png (seconds per round against world size and its split into
+phases, one series per data.num_clients; only when the runs have more than one world size or
+client count) and DIR/privacy_utility.png (analysis.privacy_utility, when a file has /privacy).
+Files that cannot be read as results files are counted and named in one line. No results file:
+exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import yaml
+
+PHASES = ("compute", "allreduce", "eval", "io")
+SEED = "train.seed"
+
+
+@dataclass
+class Run:
+    file: str
+    status: str
+    world_size: int
+    config: dict            # flattened: dotted key -> value
+    rounds: np.ndarray      # evaluated rounds
+    acc: np.ndarray         # test_acc_mean of those rounds
+    phases: pd.DataFrame    # one row per timed round: seconds of each phase on its slowest rank
+
+
+def results_files(dirs: list[str]) -> list[Path]:
+    return sorted(p for d in dirs for p in Path(d).glob("*.h5")
+                  if not p.name.endswith((".ckpt.h5", ".ckpt.prev.h5")))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict)
+                    else {f"{prefix}{key}": value})
+    return flat
+
+
+def read_run(path: Path) -> Run:
+    with h5py.File(path, "r", locking=False) as f:
+        config = flatten(yaml.safe_load(f.attrs["config"]) or {})
+        # The writer appends one dataset after the other, so a file read mid-write can have one
+        # more row in some datasets than in others: keep only the rows complete everywhere.
+        m = f["metrics"]
+        n = min(len(m["round"]), len(m["test_acc_mean"]))
+        rounds, acc = m["round"][:n], m["test_acc_mean"][:n]
+        t = f["timing"]
+        n = min(len(t[f"{p}_s"]) for p in PHASES)
+        per_rank = {p: t[f"{p}_s"][:n] for p in PHASES}
+        status, world_size = str(f.attrs.get("status", "unknown")), int(f.attrs["world_size"])
+    # Ranks wait for each other in the allreduce, so the slowest rank sets the round's time
+    # (NaN: a rank that did not exist before a resume on more ranks).
+    slowest = np.argmax(sum(np.nan_to_num(per_rank[p]) for p in PHASES), axis=1)
+    phases = pd.DataFrame({p: per_rank[p][np.arange(n), slowest] for p in PHASES})
+    return Run(str(path), status, world_size, config, rounds, acc, phases)
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """Config keys whose values differ between the runs (a key missing from a run counts as a
+    value of its own), in the config's order; output.* names files, not experiments."""
+    keys = list(dict.fromkeys(k for r in runs for k in r.config))
+    return [k for k in keys if not k.startswith("output.")
+            and len({repr(r.config.get(k, "<missing>")) for r in runs}) > 1]
+
+
+def run_table(runs: list[Run], keys: list[str]) -> pd.DataFrame:
+    rows = []
+    for r in runs:
+        phases = r.phases.median()
+        rows.append({**{k: r.config.get(k) for k in keys},
+                     "final_acc": r.acc[-1] if len(r.acc) else np.nan,
+                     "best_acc": r.acc.max() if len(r.acc) else np.nan,
+                     "rounds": int(r.rounds[-1]) if len(r.rounds) else 0,
+                     "s_per_round": r.phases.sum(axis=1).median(),
+                     "world_size": r.world_size, "status": r.status, "file": r.file,
+                     "num_clients": r.config.get("data.num_clients"),
+                     **{f"{p}_s": phases[p] for p in PHASES}})
+    return pd.DataFrame(rows)
+
+
+def group_keys(table: pd.DataFrame, keys: list[str]) -> list[str]:
+    """What tells seed groups apart: the varying keys but the seed, and the world size."""
+    return [k for k in keys if k != SEED] + ["world_size"] * (table.world_size.nunique() > 1)
+
+
+def label(row, keys: list[str]) -> str:
+    return " ".join(f"{k}={row[k]}" for k in keys) or "all runs"
+
+
+def seed_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One row per group of runs that differ only in the seed: n (runs with an evaluated round),
+    the seeds, mean and sample std (ddof=1) of final and best accuracy."""
+    gkeys = group_keys(table, keys)
+    groups = table.assign(group=[label(row, gkeys) for _, row in table.iterrows()])
+    rows = []
+    for _, g in groups.groupby("group", sort=False):
+        row = {k: g[k].iloc[0] for k in gkeys}
+        row.update(n=int(g.final_acc.count()),
+                   seeds=",".join(str(s) for s in g[SEED]) if SEED in g else "")
+        for c in ("final_acc", "best_acc"):
+            row.update({f"{c}_mean": g[c].mean(), f"{c}_std": g[c].std(ddof=1)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_accuracy(runs: list[Run], table: pd.DataFrame, keys: list[str], out: Path) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    gkeys = group_keys(table, keys)
+    curves: dict[str, list[pd.Series]] = {}
+    for r, (_, row) in zip(runs, table.iterrows()):
+        if len(r.rounds):
+            curves.setdefault(label(row, gkeys), []).append(pd.Series(r.acc, index=r.rounds))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, series) in enumerate(curves.items()):
+        # Columns are seeds; a run still going has fewer rounds, so the later rounds' mean and
+        # band are over the seeds that reached them.
+        acc = pd.concat(series, axis=1).sort_index()
+        ax.plot(acc.index, acc.mean(axis=1), color=f"C{i}", label=f"{name} (n={len(series)})")
+        if len(series) > 1:
+            ax.fill_between(acc.index, acc.min(axis=1), acc.max(axis=1), color=f"C{i}",
+                            alpha=0.2)
+    ax.set_xlabel("communication round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("test accuracy (fraction, mean over clients)")
+    ax.set_title("Test accuracy per round: mean over seeds (n runs),\n"
+                 "shaded: min to max over seeds")
+    ax.grid(alpha=0.3)
+    # Below the axes: labels of several varying keys are long and would hide the curves.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15))
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_scaling(table: pd.DataFrame, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    # Several runs at one (clients, ranks) point (seeds, methods) are averaged.
+    cols = ["s_per_round", *(f"{p}_s" for p in PHASES)]
+    points = (table.dropna(subset=["s_per_round"])
+              .groupby(["num_clients", "world_size"])[cols].mean().reset_index())
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (clients, g) in enumerate(points.groupby("num_clients")):
+        left.plot(g.world_size, g.s_per_round, "o-", color=f"C{i}", label=f"{clients} clients")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("MPI ranks (world size)")
+    left.set_ylabel("seconds per round (median over rounds)")
+    left.set_title("Wall time per round against ranks\n(slowest rank, mean over runs)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    bottom = np.zeros(len(points))
+    for p in PHASES:
+        right.bar(range(len(points)), points[f"{p}_s"], bottom=bottom, label=p)
+        bottom += points[f"{p}_s"].fillna(0).to_numpy()
+    ticks = [f"{w} rank{'s' * (w != 1)}\n{c} clients"
+             for c, w in zip(points.num_clients, points.world_size)]
+    right.set_xticks(range(len(points)), ticks, fontsize=8)
+    right.set_ylabel("seconds per round (median of each phase)")
+    right.set_title("Where a round's time goes (slowest rank)")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analysis.summarize",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("dirs", nargs="+", help="folders of results files")
+    p.add_argument("--csv", help="write the run table here, the seed groups to <stem>-seeds.csv")
+    p.add_argument("--plot", help="write PNG figures into this folder")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    runs, unreadable = [], []
+    for path in results_files(args.dirs):
+        try:
+            runs.append(read_run(path))
+        except (OSError, KeyError, ValueError, TypeError, AttributeError, yaml.YAMLError) as e:
+            unreadable.append(f"{path.name} ({type(e).__name__})")
+    if unreadable:
+        print(f"{len(unreadable)} unreadable files left out: {', '.join(unreadable)}")
+    if not runs:
+        print(f"analysis.summarize: error: no readable results file in {', '.join(args.dirs)}",
+              file=sys.stderr)
+        return 2
+    keys = varying_keys(runs)
+    table = run_table(runs, keys)
+    seeds = seed_table(table, keys)
+    shown = [*keys, "final_acc", "best_acc", "rounds", "s_per_round", "world_size", "status",
+             "file"]
+    print(table[shown].to_string(index=False, formatters={
+        c: "{:.4f}".format for c in ("final_acc", "best_acc", "s_per_round")}))
+    written = []
+    if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        table[shown].to_csv(args.csv, index=False)
+        written.append(args.csv)
+    if (seeds.n > 1).any():
+        shown_seeds = seeds.drop(columns=[c for c in seeds if c.endswith(("_mean", "_std"))])
+        for c in ("final_acc", "best_acc"):
+            shown_seeds[c] = [f"{m:.4f}" + (f" ± {s:.4f}" if n > 1 else "") for m, s, n
+                              in zip(seeds[f"{c}_mean"], seeds[f"{c}_std"], seeds.n)]
+        print("\nmean ± std (ddof=1) over seeds, n runs per group:")
+        print(shown_seeds.to_string(index=False))
+        if args.csv:
+            path = Path(args.csv)
+            seeds.to_csv(path.with_name(f"{path.stem}-seeds.csv"), index=False)
+            written.append(str(path.with_name(f"{path.stem}-seeds.csv")))
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        from analysis.privacy_utility import collect, plot
+
+        out = Path(args.plot)
+        out.mkdir(parents=True, exist_ok=True)
+        if any(len(r.rounds) for r in runs):
+            plot_accuracy(runs, table, keys, out / "accuracy.png")
+            written.append(str(out / "accuracy.png"))
+        else:
+            print("no accuracy figure: no run has an evaluated round yet")
+        if table.world_size.nunique() > 1 or table.num_clients.nunique() > 1:
+            plot_scaling(table, out / "scaling.png")
+            written.append(str(out / "scaling.png"))
+        else:
+            print("no scaling figure: every run has the same world size and number of clients")
+        privacy, _ = collect(args.dirs)
+        if not privacy.empty:
+            plot(privacy, out / "privacy_utility.png")
+            written.append(str(out / "privacy_utility.png"))
+    print(f"{len(runs)} runs" + (f" -> {', '.join(written)}" if written else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
