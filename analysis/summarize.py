@@ -14,9 +14,9 @@ printed, the group table to F's name with `-seeds.csv` for its suffix (runs.csv 
 runs-seeds.csv; numbers in `*_mean`, `*_std` columns).
 
 `--plot DIR` writes DIR/accuracy.png (accuracy per round, one line per group: the mean over
-seeds, a min-max band), DIR/scaling.png (seconds per round against world size and its split into
-phases, one series per data.num_clients; only when the runs have more than one world size or
-client count) and DIR/privacy_utility.png (analysis.privacy_utility, when a file has /privacy).
+seeds, a min-max band), DIR/scaling.png (seconds per round against world size at a fixed number
+of clients (strong scaling) and at a fixed number of clients per rank (weak scaling), and its
+split into phases; only when the runs have more than one world size or client count) and DIR/privacy_utility.png (analysis.privacy_utility, when a file has /privacy).
 Files that cannot be read as results files are counted and named in one line. No results file:
 exit code 2.
 """
@@ -164,15 +164,22 @@ def plot_scaling(table: pd.DataFrame, out: Path) -> None:
     cols = ["s_per_round", *(f"{p}_s" for p in PHASES)]
     points = (table.dropna(subset=["s_per_round"])
               .groupby(["num_clients", "world_size"])[cols].mean().reset_index())
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, (clients, g) in enumerate(points.groupby("num_clients")):
-        left.plot(g.world_size, g.s_per_round, "o-", color=f"C{i}", label=f"{clients} clients")
-    left.set_xscale("log", base=2)
-    left.set_xlabel("MPI ranks (world size)")
-    left.set_ylabel("seconds per round (median over rounds)")
-    left.set_title("Wall time per round against ranks\n(slowest rank, mean over runs)")
-    left.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    fig, (strong, weak, right) = plt.subplots(1, 3, figsize=(17, 4.5))
+    per_rank = points.num_clients / points.world_size
+    for ax, series, what, kind in ((strong, points.num_clients, "clients", "strong"),
+                                   (weak, per_rank, "clients per rank", "weak")):
+        for i, (n, g) in enumerate(points.groupby(series)):
+            ax.plot(g.world_size, g.s_per_round, "o-", color=f"C{i}", label=f"{n:g} {what}")
+        ax.set_xscale("log", base=2)
+        ranks = sorted(points.world_size.unique())
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.minorticks_off()
+        ax.set_xlabel("MPI ranks (world size)")
+        ax.set_ylabel("seconds per round (median over rounds)")
+        ax.set_title(f"{kind.capitalize()} scaling: wall time per round, {what} fixed\n"
+                     "(slowest rank, mean over runs)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     bottom = np.zeros(len(points))
     for p in PHASES:
         right.bar(range(len(points)), points[f"{p}_s"], bottom=bottom, label=p)

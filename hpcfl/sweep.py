@@ -1,4 +1,5 @@
-"""`python -m hpcfl.sweep SWEEP.yaml (--list | --index I)`: one point of a grid of runs.
+"""`python -m hpcfl.sweep SWEEP.yaml (--list | --index I) [key=value ...]`: one point of a grid
+of runs; key=value overrides apply to every point (e.g. output.dir=runs/x, train.device=cuda).
 
 A sweep file has
     base:   a config mapping (sections like a run's YAML), or the path of a config YAML
@@ -25,7 +26,8 @@ from typing import Any
 import h5py
 import yaml
 
-from .config import ConfigError, RunConfig, apply_dict, load_config, set_value, validate
+from .config import (ConfigError, RunConfig, apply_dict, load_config, parse_override, set_value,
+                     validate)
 from .loop import run
 from .world import Command, requeue_own_job
 
@@ -55,7 +57,8 @@ def load_sweep(path: str) -> tuple[dict, list[dict[str, Any]]]:
     return spec, [{**q, **c} for q in listed for c in combos]
 
 
-def point_config(path: str, spec: dict, point: dict[str, Any], index: int) -> RunConfig:
+def point_config(path: str, spec: dict, point: dict[str, Any], index: int,
+                 overrides: list[str] = ()) -> RunConfig:
     base = spec.get("base")
     if isinstance(base, str):
         beside = Path(path).parent / base
@@ -64,6 +67,11 @@ def point_config(path: str, spec: dict, point: dict[str, Any], index: int) -> Ru
         cfg = RunConfig()
         apply_dict(cfg, base, f"{path}: base")
     for key, value in point.items():
+        set_value(cfg, key, value)
+    for text in overrides:
+        key, value = parse_override(text)
+        if key == "output.name":
+            raise ConfigError("output.name is set per point; choose a folder with output.dir")
         set_value(cfg, key, value)
     if "output.name" not in point:
         cfg.output.name = f"{Path(path).stem}-{index:03d}"
@@ -93,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--list", action="store_true", help="print the points and their count")
     what.add_argument("--index", type=int, help="run point I (0-based)")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="set for every point, after the sweep file's values")
+    # intermixed: the overrides may come after --index I
+    args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     cmd, world = Command("hpcfl.sweep"), None
     with cmd:
         spec, points = load_sweep(args.sweep)
@@ -104,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not 0 <= args.index < len(points):
             raise ConfigError(f"--index {args.index}: the sweep has points 0-{len(points) - 1}")
-        cfg = point_config(args.sweep, spec, points[args.index], args.index)
+        cfg = point_config(args.sweep, spec, points[args.index], args.index, args.overrides)
         attack = bool(spec.get("attack", False))
         if attack and cfg.attack.round < 2:
             raise ConfigError("a sweep with attack: true needs attack.round >= 2 (the attack "

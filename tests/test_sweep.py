@@ -1,9 +1,14 @@
 """`python -m hpcfl.sweep`: grids and points of runs; the privacy-utility figure from their files."""
+from pathlib import Path
+
 import h5py
+import pytest
 import yaml
 
 from analysis.privacy_utility import collect
 from analysis.privacy_utility import main as figure
+from hpcfl.config import load_config
+from hpcfl.sweep import load_sweep, point_config
 from hpcfl.sweep import main as sweep
 
 
@@ -60,3 +65,40 @@ def test_an_attacked_sweep_trains_attacks_skips_and_feeds_the_figure(tmp_path, c
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert (tmp_path / "t.csv").read_text().count("\n") == 4
     assert figure([str(tmp_path)]) == 2  # no results files there
+
+
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+
+
+@pytest.mark.parametrize("path", sorted(JOBS.glob("**/sweep.yaml")), ids=lambda p: p.parent.name)
+def test_every_sweep_in_jobs_lists_valid_points(path):
+    spec, points = load_sweep(str(path))
+    configs = [point_config(str(path), spec, q, i) for i, q in enumerate(points)]
+    assert len({c.output.name for c in configs}) == len(points) > 1
+
+
+def test_the_paper_sweep_is_the_paper_files_at_three_seeds():
+    path = JOBS / "paper" / "sweep.yaml"
+    spec, points = load_sweep(str(path))
+    sweep_cfgs = {}
+    for i, q in enumerate(points):
+        c = point_config(str(path), spec, q, i).to_dict()
+        c["output"].pop("name")
+        sweep_cfgs.setdefault(yaml.safe_dump(c), []).append(c["train"]["seed"])
+    files = sorted((JOBS / "paper").glob("*-*c-*.yaml"))
+    assert len(files) == 48 and len(points) == 48 * 3
+    for f in files:
+        c = load_config(str(f)).to_dict()
+        c["output"].pop("name")
+        for seed in (0, 1, 2):
+            c["train"]["seed"] = seed
+            assert seed in sweep_cfgs.get(yaml.safe_dump(c), []), f.name
+
+
+def test_overrides_apply_to_every_point_but_not_to_its_name(tmp_path, capsys):
+    path = write_sweep(tmp_path, base=BASE, grid={"train.seed": [0, 1]})
+    spec, points = load_sweep(path)
+    cfg = point_config(path, spec, points[1], 1, ["output.dir=elsewhere", "train.rounds=7"])
+    assert (cfg.output.dir, cfg.output.name, cfg.train.rounds) == ("elsewhere", "s-001", 7)
+    assert sweep([path, "--index", "0", "output.name=same"]) == 2
+    assert "output.name is set per point" in capsys.readouterr().err
