@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.output.name:
             cfg.output.name = (f"attack-{cfg.algorithm.name}-{cfg.data.name}-"
                                f"r{cfg.attack.round}")
-        line = attack(cfg, cmd.start(cfg.train.device))
+        line = attack(cfg, cmd.start(cfg.train.device, cfg.engine.threads))
     if cmd.code:
         return cmd.code
     if line:

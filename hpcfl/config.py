@@ -151,8 +151,14 @@ class EngineConfig:
                     "vectorized (many at once with torch.func.vmap), auto (the faster on this "
                     "device type, measured with python -m hpcfl.bench)",
                     choices=("auto", "sequential", "vectorized"))
-    max_clients_in_memory: int = opt(0, "vectorized: train at most this many clients at once "
-                                     "(same results, less memory); 0 = the whole cohort", min=0)
+    group_size: int = opt(32, "vectorized: clients trained together are the cohort's members "
+                          "among ids [k*G, (k+1)*G), and ranks host whole such blocks, so the "
+                          "groups, and the results, do not depend on the rank count; 0 = all of "
+                          "a rank's members at once (results then depend on it)", min=0)
+    threads: int = opt(1, "CPU threads per rank (torch intra-op); fixed, because the thread "
+                       "count changes a run's last bits, which HyperFL amplifies; 0 = "
+                       "SLURM_CPUS_PER_TASK, else the node's cores shared among its ranks "
+                       "(faster on CPU, but results then depend on the rank count)", min=0)
 
 
 @dataclass
@@ -280,6 +286,10 @@ def set_value(cfg: RunConfig, key: str, value: Any) -> None:
     setattr(section, name, value)
 
 
+# Old names still read (configs and results files of earlier versions).
+RENAMED = {"engine.max_clients_in_memory": "engine.group_size"}
+
+
 def apply_dict(cfg: RunConfig, tree: Any, source: str) -> None:
     if tree is None:
         return
@@ -289,7 +299,8 @@ def apply_dict(cfg: RunConfig, tree: Any, source: str) -> None:
         if not isinstance(body, dict):
             raise ConfigError(f"{source}: section '{sec_name}' must be a mapping of keys")
         for name, value in body.items():
-            set_value(cfg, f"{sec_name}.{name}", value)
+            key = f"{sec_name}.{name}"
+            set_value(cfg, RENAMED.get(key, key), value)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -14,6 +14,7 @@ ranks or groups.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 
@@ -24,6 +25,7 @@ from torch.func import grad_and_value, vmap
 
 from .algorithms import DPSGD, Algorithm, Params, Phase
 from .data import ClientData
+from .sgd import clip_, rank_one_sgd_, sgd_
 
 BATCH_ORDER, AUGMENT, DP_NOISE = 103, 105, 106  # stream tags, see data.partition.rng
 CROP_PAD = 4  # official CIFAR/CINIC transform: RandomCrop(32, padding=4) + RandomHorizontalFlip
@@ -87,48 +89,6 @@ def minibatches(n: int, batch_size: int, phase: Phase,
                 return
 
 
-def per_client(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A (clients,) vector shaped to broadcast against a stacked (clients, ...) tensor."""
-    return v.view(-1, *[1] * (like.dim() - 1))
-
-
-def clip_(grads: list[torch.Tensor], max_norm: float, stacked: bool = False) -> None:
-    """torch.nn.utils.clip_grad_norm_ on one group of gradients, in place; `stacked`: dim 0
-    indexes clients, each clipped by its own norm."""
-    if stacked:
-        norm = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)
-        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(per_client(scale, g))
-    else:
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-
-
-def sgd_(params: list[torch.Tensor], grads: list[torch.Tensor],
-         momentum_buf: list[torch.Tensor], phase: Phase,
-         active: torch.Tensor | None = None) -> None:
-    """torch.optim.SGD's update (dampening 0, no Nesterov), in place on params and grads; an
-    empty `momentum_buf` is filled from the first gradient, as torch does. `active`: per-client
-    0/1 for stacked params; a client at 0 does not move (its schedule has ended)."""
-    if phase.weight_decay:
-        torch._foreach_add_(grads, params, alpha=phase.weight_decay)
-    if phase.momentum:
-        if not momentum_buf:
-            momentum_buf.extend(torch._foreach_mul(grads, 1.0))
-        else:
-            torch._foreach_mul_(momentum_buf, phase.momentum)
-            torch._foreach_add_(momentum_buf, grads)
-        grads = momentum_buf
-    if active is not None:
-        grads = [g * per_client(active, g) for g in grads]
-    if phase.group_lrs:
-        for p, g, lr in zip(params, grads, phase.lrs):
-            p.add_(g, alpha=-lr)
-    else:
-        torch._foreach_add_(params, grads, alpha=-phase.lr)
-
-
 def privatize(grads: Params, w: torch.Tensor, dp: DPSGD, noise: Params) -> Params:
     """DP-SGD's gradient (see algorithms.DPSGD) from per-sample gradients. grads[n] has the
     samples on the dim after w's leading dims: (B, ...) with w (B,), or (clients, B, ...) with w
@@ -175,7 +135,13 @@ def train_client(algo: Algorithm, params: Params, data: ClientData, batch_size: 
         # Copies, updated in place below; the caller's tensors (the shared state) stay intact.
         trainable = {n: params[n].detach().clone() for n in phase.names}
         frozen = {n: v for n, v in params.items() if n not in trainable}
+        if (pre := algo.precompute(phase)) is not None:
+            frozen = pre(frozen)
+        rank_one = dict(phase.rank_one)  # weight -> its bias, whose gradient is d
+        dense = [n for n in trainable if n not in rank_one]
+        lr = dict(zip(phase.names, phase.lrs))
         momentum: list[torch.Tensor] = []
+        rank_one_momentum: dict[str, torch.Tensor | None] = dict.fromkeys(rank_one)
         losses = []
         gen = client_generator(seed, rnd, cid, k)
         aug = client_generator(seed, rnd, cid, k, AUGMENT) if augment else None
@@ -190,12 +156,21 @@ def train_client(algo: Algorithm, params: Params, data: ClientData, batch_size: 
                 grads = privatize(per_sample, torch.ones(len(idx), device=dev), phase.dp,
                                   dp_noise(phase.dp, trainable, noise))
                 loss = loss.mean()
-            else:
-                grads, loss = step(trainable, frozen, xb, data.y_train[idx])
+            else:  # rank-one weights enter as constants: no gradient of theirs is formed
+                grads, loss = step({n: trainable[n] for n in dense},
+                                   {**frozen, **{n: trainable[n] for n in rank_one}}, xb,
+                                   data.y_train[idx])
+            h = algo.rank_one_input({**frozen, **trainable}) if rank_one else None
             if phase.clip_norm > 0:
                 for group in phase.groups:
-                    clip_([grads[n] for n in group], phase.clip_norm)
-            sgd_(list(trainable.values()), [grads[n] for n in trainable], momentum, phase)
+                    d_sq = sum(grads[rank_one[n]].pow(2).sum() for n in group if n in rank_one)
+                    clip_([grads[n] for n in group if n not in rank_one], phase.clip_norm,
+                          extra_sq=d_sq * h.pow(2).sum() if h is not None else 0.0)
+            for n, bias in rank_one.items():  # before sgd_, which adds weight decay to grads
+                rank_one_momentum[n] = rank_one_sgd_(trainable[n], rank_one_momentum[n],
+                                                     grads[bias], h, phase, lr[n])
+            sgd_([trainable[n] for n in dense], [grads[n] for n in dense], momentum, phase,
+                 [lr[n] for n in dense])
             losses.append(loss.detach())
         params.update(trainable)
     return params, torch.stack(losses).mean().item()
@@ -274,10 +249,20 @@ def train_group(algo: Algorithm, shared: Params, private: dict[int, Params],
                      for n in phase.names}
         frozen = {n: v for n, v in {**shared, **stacked}.items() if n not in trainable}
         frozen_dims = {n: 0 if n in stacked else None for n in frozen}
-        step = vmap(grad_and_value(loss_fn), in_dims=(0, frozen_dims, 0, 0, 0))
+        if (pre := algo.precompute(phase)) is not None:
+            frozen = vmap(pre, in_dims=(frozen_dims,))(frozen)
+            frozen_dims = {n: 0 for n in frozen}
+        rank_one = dict(phase.rank_one)  # as in train_client
+        dense = [n for n in trainable if n not in rank_one]
+        lr = dict(zip(phase.names, phase.lrs))
+        step = vmap(grad_and_value(loss_fn),
+                    in_dims=(0, {**frozen_dims, **dict.fromkeys(rank_one, 0)}, 0, 0, 0))
         dp_step = vmap(per_sample_step(algo), in_dims=(0, frozen_dims, 0, 0))
+        rank_one_input = vmap(algo.rank_one_input,
+                              in_dims=({**frozen_dims, **dict.fromkeys(trainable, 0)},))
         noise = [client_generator(seed, rnd, c, k, DP_NOISE, y.device) for c in cids]
         momentum: list[torch.Tensor] = []
+        rank_one_momentum: dict[str, torch.Tensor | None] = dict.fromkeys(rank_one)
         losses = torch.zeros(len(cids), device=y.device)
         for s in range(idx.shape[1]):
             rows = offsets[:, None] + idx[:, s]
@@ -290,12 +275,21 @@ def train_group(algo: Algorithm, shared: Params, private: dict[int, Params],
                     phase.dp, trainable, noise, active[:, s]))
                 loss = (loss * weight[:, s]).sum(1) / weight[:, s].sum(1).clamp(min=1)
             else:
-                grads, loss = step(trainable, frozen, xb, y[rows], weight[:, s])
+                grads, loss = step({n: trainable[n] for n in dense},
+                                   {**frozen, **{n: trainable[n] for n in rank_one}}, xb,
+                                   y[rows], weight[:, s])
+            h = rank_one_input({**frozen, **trainable}) if rank_one else None
             if phase.clip_norm > 0:
                 for group in phase.groups:
-                    clip_([grads[n] for n in group], phase.clip_norm, stacked=True)
-            sgd_(list(trainable.values()), [grads[n] for n in trainable], momentum, phase,
-                 active=active[:, s])
+                    d_sq = sum(grads[rank_one[n]].pow(2).sum(1) for n in group if n in rank_one)
+                    clip_([grads[n] for n in group if n not in rank_one], phase.clip_norm,
+                          stacked=True,
+                          extra_sq=d_sq * h.pow(2).sum(1) if h is not None else 0.0)
+            for n, bias in rank_one.items():
+                rank_one_momentum[n] = rank_one_sgd_(trainable[n], rank_one_momentum[n],
+                                                     grads[bias], h, phase, lr[n], active[:, s])
+            sgd_([trainable[n] for n in dense], [grads[n] for n in dense], momentum, phase,
+                 [lr[n] for n in dense], active=active[:, s])
             losses += loss.detach() * active[:, s]
         losses /= active.sum(1)
         stacked.update(trainable)
@@ -315,8 +309,9 @@ def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
                  batch_size: int, seed: int, rnd: int, device: torch.device,
                  mode: str = "sequential", group_size: int = 0,
                  augment: bool = False, defense: Callable | None = None) -> torch.Tensor:
-    """Train `cohort` (clients hosted here) from `shared`; update their private state in place.
-    mode "vectorized" trains `group_size` clients at a time (0: all at once).
+    """Train `cohort` (clients hosted here, sorted) from `shared`; update their private state in
+    place. mode "vectorized" trains together the members of each block of `group_size`
+    consecutive client ids (0: all at once).
 
     Returns ONE flat float64 buffer, ready for the round's Allreduce:
     [sum of weight * upload | sum of training losses | number of clients | 0 | sum of weights].
@@ -340,12 +335,14 @@ def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
             add(cid, w, *train_client(algo, {**shared, **private[cid]}, data[cid], batch_size,
                                       seed, rnd, cid, augment))
         return buf
-    size = group_size or max(1, len(cohort))  # a rank may host no member of this cohort
-    for g in range(0, len(cohort), size):
-        cids = cohort[g:g + size]
-        stacked, losses = train_group(algo, shared, private, data, cids, batch_size, seed, rnd,
-                                      augment)
-        for i, (cid, w) in enumerate(zip(cids, weights[g:g + size])):
+    # A group: the members of the cohort among ids [k * group_size, (k + 1) * group_size), a
+    # set that does not depend on which rank hosts them (ranks host whole blocks).
+    block = (lambda c: c // group_size) if group_size else (lambda c: 0)
+    for _, members in itertools.groupby(zip(cohort, weights), key=lambda cw: block(cw[0])):
+        cids, ws = zip(*members)
+        stacked, losses = train_group(algo, shared, private, data, list(cids), batch_size,
+                                      seed, rnd, augment)
+        for i, (cid, w) in enumerate(zip(cids, ws)):
             add(cid, w, {**shared, **{n: v[i] for n, v in stacked.items()}}, float(losses[i]))
     return buf
 

@@ -87,7 +87,7 @@ def train_round(cfg: RunConfig, world: World, algo, shared: dict, private: dict,
     t0 = time.perf_counter()
     buf = train_cohort(algo, shared, private, data.clients, mine,
                        [float(data.num_train[c]) for c in mine], t.batch_size, t.seed, rnd,
-                       world.device, mode, cfg.engine.max_clients_in_memory, data.augment,
+                       world.device, mode, cfg.engine.group_size, data.augment,
                        client_defense(cfg, algo, data.clients, rnd, once))
     buf[STOP_SLOT] = float(stop)
     world.synchronize()
@@ -171,26 +171,29 @@ def run(cfg: RunConfig, world: World, until: int = 0) -> dict:
     this way: the same experiment, e.g. a DP run's noise calibrated to all its rounds)."""
     if not cfg.output.name:
         cfg.output.name = world.from_main(default_name(cfg))
-    lock = lock_output(cfg, world)
+    locks: list = []  # taken by _run once the input is checked: a mistake creates no folder
     try:
-        return _run(cfg, world, until)
+        return _run(cfg, world, until, locks)
     finally:
-        if lock:
+        for lock in filter(None, locks):
             lock.release()
 
 
-def _run(cfg: RunConfig, world: World, until: int) -> dict:
+def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
     t, n = cfg.train, cfg.data.num_clients
     last = min(until or t.rounds, t.rounds)
-    data = load_federated(cfg.data, t.seed, world.device,
-                          hosted=lambda sizes: balanced_blocks(sizes, world.size)[world.rank])
-    blocks = balanced_blocks(data.num_train, world.size)
+    mode = resolve_mode(cfg.engine.mode, world.device)
+    unit = cfg.engine.group_size if mode == "vectorized" else 1  # ranks host whole groups
+    data = load_federated(cfg.data, t.seed, world.device, hosted=lambda sizes: balanced_blocks(
+        sizes, world.size, unit)[world.rank])
+    blocks = balanced_blocks(data.num_train, world.size, unit)
     algo = build_algorithm(cfg, data.shape, data.num_classes, data.num_train)
     check_defense(cfg, algo)
     once = defense_context(cfg, world, algo, data.num_classes)
     if world.is_main and algo.attrs():
         log.info("%s", ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
                                  for k, v in algo.attrs().items()))
+    locks.append(lock_output(cfg, world))
     start = plan_or_error(cfg, world)
     if start.done:
         if world.is_main:
@@ -225,7 +228,6 @@ def _run(cfg: RunConfig, world: World, until: int) -> dict:
                  ResultsFile.create(start.path, attrs, data.num_train, data.num_test,
                                     world.size, () if algo.epsilon(0) is None else ("epsilon",)))
     rec = Recorder(world, store, (numel + EXTRA_SLOTS) * ROUND_DTYPE.itemsize)
-    mode = resolve_mode(cfg.engine.mode, world.device)
     show = cfg.output.progress
     if show == "auto":
         show = "bar" if sys.stderr.isatty() else "log"

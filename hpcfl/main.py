@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = Command("hpcfl")
     with cmd:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        world = cmd.start(cfg.train.device)
+        world = cmd.start(cfg.train.device, cfg.engine.threads)
         # ConfigErrors found once the device or data is known come before any results file
         final = run(cfg, world)
     if cmd.code:

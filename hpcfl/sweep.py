@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{head}: already {status}, not run again -> "
                   f"{cfg.output.dir}/{cfg.output.name}.h5")
             return 0
-        world = cmd.start(cfg.train.device)
+        world = cmd.start(cfg.train.device, cfg.engine.threads)
         if attack and not attacked:
             from .attack import attack as attack_run  # imports the attacks only when needed
             line = attack_run(cfg, world)

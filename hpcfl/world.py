@@ -37,7 +37,7 @@ def _import_mpi():
 class World:
     """rank / size / node-local rank / device of this process, and the run's collectives."""
 
-    def __init__(self, device: str = "auto"):
+    def __init__(self, device: str = "auto", threads: int = 1):
         self.MPI, why = _import_mpi()
         if self.MPI is None:
             log.info("MPI unavailable (%s): running as a single process", why)
@@ -49,7 +49,7 @@ class World:
             self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
             local.Free()
         self._check_slurm()
-        self._set_threads()
+        self._set_threads(threads)
         self.device = self._pick_device(device)
         self.stop_requested = False
 
@@ -61,13 +61,15 @@ class World:
             raise ConfigError(f"srun started {step_tasks} tasks but MPI sees {self.size}: use "
                               "srun --mpi=pmi2 (MPICH, Intel MPI) or --mpi=pmix (Open MPI)")
 
-    def _set_threads(self) -> None:
-        """Share the cores among the ranks of a node, unless Slurm or OMP_NUM_THREADS says."""
-        per_task = os.environ.get("SLURM_CPUS_PER_TASK")
-        if per_task and per_task.isdigit():
-            torch.set_num_threads(int(per_task))
-        elif "OMP_NUM_THREADS" not in os.environ and self.local_size > 1:
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // self.local_size))
+    def _set_threads(self, threads: int) -> None:
+        """`threads` per rank (engine.threads); 0: Slurm's CPUs per task, else the node's cores
+        shared among its ranks (a count that changes with the number of ranks, and with it the
+        last bits of a run)."""
+        if threads == 0:
+            per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+            threads = (int(per_task) if per_task.isdigit() else
+                       max(1, len(os.sched_getaffinity(0)) // self.local_size))
+        torch.set_num_threads(threads)
 
     def _pick_device(self, want: str) -> torch.device:
         if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
@@ -79,6 +81,10 @@ class World:
         else:  # several ranks may share one GPU
             dev = torch.device("cuda", self.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
+        # Deterministic kernels: the same numbers on every run and every rank count (cuBLAS
+        # needs a fixed workspace, set before its first use).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         return dev
 
     @property
@@ -193,8 +199,8 @@ class Command:
     def __init__(self, prog: str):
         self.prog, self.world, self.code = prog, None, 0
 
-    def start(self, device: str) -> World:
-        self.world = World(device)
+    def start(self, device: str, threads: int = 1) -> World:
+        self.world = World(device, threads)
         return self.world
 
     def __enter__(self) -> "Command":
@@ -215,13 +221,16 @@ class Command:
         return False
 
 
-def balanced_blocks(sizes: list[int], parts: int) -> list[range]:
+def balanced_blocks(sizes: list[int], parts: int, unit: int = 1) -> list[range]:
     """Split client ids 0..n-1 into `parts` contiguous blocks of about equal total sample count
-    (block r ends where the running total first reaches (r+1)/parts of the whole)."""
-    total = np.cumsum(sizes)
+    (block r ends where the running total first reaches (r+1)/parts of the whole), each made of
+    whole units of `unit` consecutive ids (the vectorized engine's groups)."""
+    unit = max(unit, 1)
+    n = len(sizes)
+    total = np.cumsum([sum(sizes[i:i + unit]) for i in range(0, n, unit)])
     bounds = [0]
     for r in range(1, parts):
         bounds.append(max(bounds[-1], int(np.searchsorted(total, total[-1] * r / parts)) + 1))
-    bounds.append(len(sizes))
-    bounds = [min(b, len(sizes)) for b in bounds]
+    bounds.append(len(total))
+    bounds = [min(b * unit, n) for b in bounds]
     return [range(bounds[r], bounds[r + 1]) for r in range(parts)]

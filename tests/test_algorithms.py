@@ -14,7 +14,7 @@ from hpcfl.world import World
                                           ("local", "sequential"), ("hyperfl", "vectorized")])
 def test_each_algorithm_reduces_its_loss_and_learns(name, engine, tiny_cfg, tmp_path):
     cfg = tiny_cfg(f"algorithm.name={name}", "train.rounds=10", "train.local_epochs=2",
-                   f"engine.mode={engine}", "engine.max_clients_in_memory=4",
+                   f"engine.mode={engine}", "engine.group_size=4",
                    f"output.dir={tmp_path}", "output.name=r")
     data = load_federated(cfg.data, cfg.train.seed)
     algo = build_algorithm(cfg, data.shape, data.num_classes)

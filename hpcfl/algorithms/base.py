@@ -44,6 +44,13 @@ class Phase:
     clip_norm: float = 0.0  # 0: no clipping
     group_lrs: tuple[float, ...] = ()  # one learning rate per group; () = lr for every group
     dp: DPSGD | None = None
+    # (weight, bias) of Linear layers applied to the one vector Algorithm.rank_one_input gives
+    # per client: the weight's gradient is rank one, trained without forming it (hpcfl.sgd)
+    rank_one: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if self.dp and self.rank_one:
+            raise ValueError("a phase with DP-SGD needs every gradient per sample: no rank_one")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -76,6 +83,16 @@ class Algorithm:
 
     def phases(self) -> list[Phase]:
         raise NotImplementedError
+
+    def rank_one_input(self, params: Params) -> torch.Tensor:
+        """The input vector of the phases' rank_one layers (see Phase), from a client's state."""
+        raise NotImplementedError
+
+    def precompute(self, phase: Phase):
+        """A function of the tensors that `phase` does not train, returning what the forward
+        needs of them (the same keys, or fewer tensors that stand for them), computed once
+        before the phase's steps rather than at every step; None: nothing to precompute."""
+        return None
 
     def upload(self, shared: Params, trained: Params) -> Params:
         """What a client sends to the server: the change of the shared state."""

@@ -13,13 +13,15 @@ v_i, the head and theta_i never leave the client.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..config import RunConfig
 from ..models import HyperNetwork, build_model
 from .base import Algorithm, Params, Phase, clone
 
-HYPER = "hypernet."
+HYPER, EXTRACTOR = "hypernet.", "extractor."
+HEADS = HYPER + "heads."
 
 
 class HyperFL(Algorithm):
@@ -31,7 +33,7 @@ class HyperFL(Algorithm):
             torch.manual_seed(cfg.train.seed)
             model = build_model(cfg.model.name, shape, num_classes)
             targets = {k: p.shape for k, p in model.named_parameters()
-                       if k.startswith("extractor.")}
+                       if k.startswith(EXTRACTOR)}
             hypernet = HyperNetwork(targets, a.embed_dim, a.hidden_dim)
             # Every client starts from the same embedding (nn.Embedding init, N(0, 1)) and the
             # same head, as the official code deep-copies one model for all clients.
@@ -47,7 +49,9 @@ class HyperFL(Algorithm):
                   weight_decay=t.weight_decay, epochs=a.head_epochs),
             Phase(groups=(tuple(self.initial_shared), ("embedding",)), lr=t.lr,
                   momentum=t.momentum, weight_decay=t.weight_decay, epochs=t.local_epochs,
-                  steps=t.local_steps, clip_norm=a.clip_norm),
+                  steps=t.local_steps, clip_norm=a.clip_norm,
+                  rank_one=tuple((k, k[:-len("weight")] + "bias") for k in self.initial_shared
+                                 if k.startswith(HEADS) and k.endswith(".weight"))),
         ]
         if a.head_epochs == 0:
             self._phases.pop(0)
@@ -63,8 +67,26 @@ class HyperFL(Algorithm):
         phi = {k[len(HYPER):]: v for k, v in params.items() if k.startswith(HYPER)}
         return functional_call(self.hypernet, phi, (params["embedding"],))
 
+    def rank_one_input(self, params: Params) -> torch.Tensor:
+        """h = relu(trunk(v)): the one input of every head of the hypernetwork, whose weight
+        gradients are therefore rank one (see hpcfl.sgd)."""
+        return torch.relu(F.linear(params["embedding"], params[HYPER + "trunk.weight"],
+                                   params[HYPER + "trunk.bias"]))
+
+    def precompute(self, phase: Phase):
+        """The head phase trains neither phi nor v: theta = h(v; phi) is generated once for it
+        (the same numbers as at every step, without the heads' 13.7M-entry products)."""
+        if set(phase.names) & {*self.initial_shared, "embedding"}:
+            return None
+        return self.generate_extractor
+
+    def generate_extractor(self, frozen: Params) -> Params:
+        rest = {k: v for k, v in frozen.items() if not k.startswith(HYPER) and k != "embedding"}
+        return {**rest, **self.extractor_weights(frozen)}
+
     def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        weights = self.extractor_weights(params)
+        weights = ({k: v for k, v in params.items() if k.startswith(EXTRACTOR)}
+                   or self.extractor_weights(params))  # given: see precompute
         weights["head.weight"], weights["head.bias"] = params["head.weight"], params["head.bias"]
         return functional_call(self.model, weights, (x,))
 
