@@ -41,12 +41,14 @@ def mpiexec() -> str:
     return found
 
 
-def launch(ranks: int | None, *args: str, module: str = "hpcfl.main",
+def launch(ranks: int | None, *args: str, module: str = "hpcfl.main", pin_threads: bool = True,
            **popen) -> subprocess.Popen:
     """`mpiexec -n RANKS python -m MODULE ARGS` (plain `python -m MODULE ARGS` if RANKS is
-    None) in its own session, so that the whole job can be killed at once. One CPU thread per
-    rank: results are bitwise reproducible only at a fixed thread count."""
+    None) in its own session, so that the whole job can be killed at once. OMP_NUM_THREADS=1
+    unless `pin_threads` is False (hpcfl's engine.threads decides either way)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if not pin_threads:
+        env.pop("OMP_NUM_THREADS")
     cmd = [sys.executable, "-m", module, *args]
     if ranks is not None:
         cmd = [mpiexec(), "-n", str(ranks), *cmd]
@@ -54,9 +56,9 @@ def launch(ranks: int | None, *args: str, module: str = "hpcfl.main",
                             text=True, start_new_session=True, **popen)
 
 
-def run_mpi(ranks: int | None, *args: str, timeout: float = 240,
-            module: str = "hpcfl.main") -> subprocess.CompletedProcess:
-    proc = launch(ranks, *args, module=module)
+def run_mpi(ranks: int | None, *args: str, timeout: float = 240, module: str = "hpcfl.main",
+            pin_threads: bool = True) -> subprocess.CompletedProcess:
+    proc = launch(ranks, *args, module=module, pin_threads=pin_threads)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:  # a hung job must not outlive the test (and slow others)

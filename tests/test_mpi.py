@@ -30,6 +30,19 @@ def test_one_two_and_three_ranks_give_the_same_results(tmp_path, algorithm):
     assert max_diff(runs[1], runs[3]) <= 1e-5
 
 
+def test_by_default_vectorized_hyperfl_is_the_same_on_one_and_two_ranks(tmp_path):
+    """No thread count pinned in the environment (engine.threads fixes it), and vectorized
+    groups of fixed client-id blocks (engine.group_size), whichever rank hosts them."""
+    runs = {}
+    for ranks in (1, 2):
+        r = run_mpi(ranks, *SMALL, "train.rounds=2", "engine.mode=vectorized",
+                    "engine.group_size=4", f"output.dir={tmp_path}", f"output.name=v{ranks}",
+                    pin_threads=False)
+        assert r.returncode == 0, r.stderr
+        runs[ranks] = results(tmp_path / f"v{ranks}.h5")
+    assert max_diff(runs[1], runs[2]) == 0
+
+
 @pytest.mark.parametrize("algorithm", ["dpfedavg", "ppsgd", "centaur"])
 def test_dp_baselines_give_the_same_results_on_one_and_two_ranks(tmp_path, algorithm):
     """Their noise, too, is drawn per (seed, round, client), never per rank."""
