@@ -24,11 +24,10 @@ import h5py
 import numpy as np
 import torch
 
-from .algorithms import build_algorithm
 from .config import ConfigError, RunConfig, describe, load_config
 from .data import ClientData, load_federated
 from .engine import model_inputs, train_client
-from .loop import defense_context, provenance, run, sample_cohort, to_device
+from .loop import build, defense_context, provenance, run, sample_cohort, to_device
 from .privacy.attacks import (Knowledge, dlg, gifd, gradient_from_update, idlg_label,
                               inverting_gradients)
 from .privacy.defenses import REPRESENTATION_LAYER, client_defense
@@ -200,7 +199,7 @@ def attack(cfg: RunConfig, world: World) -> str | None:
     # Each rank attacks a contiguous share of the targets and reads only their data.
     mine = [int(c) for c in np.array_split(targets, world.size)[world.rank]]
     data = load_federated(cfg.data, cfg.train.seed, world.device, hosted=lambda _: mine)
-    algo = build_algorithm(cfg, data.shape, data.num_classes, data.num_train)
+    algo = build(cfg, data, world.device)
     if a.name == "idlg" and (cfg.algorithm.name == "hyperfl" or
                              any(data.num_train[c] != 1 for c in targets)):
         raise ConfigError("attack.name=idlg reads the label of one image from the last "

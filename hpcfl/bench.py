@@ -27,11 +27,10 @@ import h5py
 import numpy as np
 import torch
 
-from .algorithms import build_algorithm
 from .config import ConfigError, load_config
 from .data import load_federated
 from .engine import EXTRA_SLOTS
-from .loop import evaluate, provenance, sample_cohort, to_device, train_round
+from .loop import build, evaluate, provenance, sample_cohort, to_device, train_round
 from .world import World, balanced_blocks
 
 WORKLOADS = {
@@ -65,7 +64,7 @@ def precision(dtype: str, device: torch.device):
 
 def starting_state(cfg, world: World, data) -> tuple[dict, dict]:
     """The run's shared and private state after rounds 1 .. COMPARE_ROUND - 1, sequential."""
-    algo = build_algorithm(cfg, data.shape, data.num_classes, data.num_train)
+    algo = build(cfg, data, world.device)
     shared = to_device(algo.init_shared(), world.device)
     private = {c: to_device(algo.init_client(c), world.device) for c in data.clients}
     for rnd in range(1, COMPARE_ROUND):
@@ -75,7 +74,7 @@ def starting_state(cfg, world: World, data) -> tuple[dict, dict]:
 
 def bench_mode(cfg, world: World, data, state: tuple[dict, dict], mode: str, rounds: int,
                dtype: str) -> dict:
-    algo = build_algorithm(cfg, data.shape, data.num_classes, data.num_train)
+    algo = build(cfg, data, world.device)
     shared = {k: v.clone() for k, v in state[0].items()}
     private = {c: {k: v.clone() for k, v in p.items()} for c, p in state[1].items()}
     if world.device.type == "cuda":

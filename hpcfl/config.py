@@ -29,9 +29,10 @@ def opt(default, help: str, choices: tuple = (), min: float | None = None,
 
 DATASETS = ("digits", "synthetic-cifar10", "synthetic-mnist", "photos", "mnist", "fmnist",
             "emnist", "cifar10", "cinic10")
-MODELS = ("auto", "digits_cnn", "mnist_cnn", "cifar_cnn", "pfl_cnn")
+LPM_MODELS = ("vit_adapter", "resnet18_adapter")  # frozen timm backbones with adapters
+MODELS = ("auto", "digits_cnn", "mnist_cnn", "cifar_cnn", "pfl_cnn", *LPM_MODELS)
 DP_ALGORITHMS = ("dpfedavg", "ppsgd", "centaur")  # DP-SGD baselines: noise set by privacy.dp_*
-ALGORITHMS = ("hyperfl", "fedavg", "local", *DP_ALGORITHMS)
+ALGORITHMS = ("hyperfl", "fedavg", "local", "hyperfl_lpm", *DP_ALGORITHMS)
 
 
 @dataclass
@@ -69,8 +70,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = opt("auto", "network; auto picks the paper's CNN for the dataset's shape",
-                    choices=MODELS)
+    name: str = opt("auto", "network; auto picks the paper's CNN for the dataset's shape; "
+                    "vit_adapter, resnet18_adapter: a frozen pretrained timm backbone with "
+                    "adapters (algorithm.name=hyperfl_lpm)", choices=MODELS)
+    backbone: str = opt("", "vit_adapter / resnet18_adapter: the timm model; empty = the "
+                        "official vit_small_patch16_384 / resnet18")
+    pretrained: str = opt("auto", "vit_adapter / resnet18_adapter: the backbone's weights: a "
+                          "local file (timm state dict), auto (timm's local cache; never a "
+                          "download) or none (random, for tests and timing)")
 
 
 @dataclass
@@ -348,6 +355,10 @@ def validate(cfg: RunConfig) -> None:
     if p.defense in ("random_slice", "gradienthide") and cfg.data.public_fraction <= 0:
         raise ConfigError(f"privacy.defense={p.defense} needs public images: set "
                           "data.public_fraction (e.g. 0.1)")
+    if (cfg.algorithm.name == "hyperfl_lpm") != (cfg.model.name in LPM_MODELS):
+        raise ConfigError(f"algorithm.name={cfg.algorithm.name} with model.name="
+                          f"{cfg.model.name}: hyperfl_lpm goes with model.name "
+                          f"{' or '.join(LPM_MODELS)}, and those models with hyperfl_lpm only")
     name = cfg.output.name
     if name and (any(c in name for c in "/\\") or name.startswith(".")):
         raise ConfigError(f"output.name: {name!r} must be a plain file name without '/'")

@@ -61,6 +61,13 @@ def to_device(params: dict, device: torch.device) -> dict:
     return {k: torch.as_tensor(v).to(device) for k, v in params.items()}
 
 
+def build(cfg: RunConfig, data, device: torch.device):
+    """The run's algorithm, its constants (a frozen backbone) on this rank's device."""
+    algo = build_algorithm(cfg, data.shape, data.num_classes, data.num_train)
+    algo.constants = to_device(algo.constants, device)
+    return algo
+
+
 def defense_context(cfg: RunConfig, world: World, algo, num_classes: int
                     ) -> Slicing | PublicSet | None:
     """What a defense computes once per run, the same on every rank (rank 0 computes, the
@@ -187,7 +194,7 @@ def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
     data = load_federated(cfg.data, t.seed, world.device, hosted=lambda sizes: balanced_blocks(
         sizes, world.size, unit)[world.rank])
     blocks = balanced_blocks(data.num_train, world.size, unit)
-    algo = build_algorithm(cfg, data.shape, data.num_classes, data.num_train)
+    algo = build(cfg, data, world.device)
     check_defense(cfg, algo)
     once = defense_context(cfg, world, algo, data.num_classes)
     if world.is_main and algo.attrs():

@@ -75,3 +75,75 @@ def test_weights_load_from_a_timm_state_dict_file_and_a_missing_one_is_one_error
         build_lpm(kind, 5, backbone=TINY[other])
     with pytest.raises(ConfigError, match="no weights of"):  # nothing in the cache here
         build_lpm(kind, 5, backbone=TINY[kind], pretrained="auto")
+
+
+LPM = ["algorithm.name=hyperfl_lpm", "model.pretrained=none", "data.num_clients=4",
+       "train.rounds=2", "train.local_steps=3", "train.batch_size=16", "train.device=cpu",
+       "output.progress=none"]
+
+
+def test_hyperfl_lpm_learns_uploads_only_its_hypernetwork_and_never_moves_the_backbone(
+        tmp_path):
+    import h5py
+
+    from hpcfl.algorithms import build_algorithm
+    from hpcfl.config import load_config
+    from hpcfl.data import load_federated
+    from hpcfl.engine import train_client
+    from hpcfl.main import main
+
+    args = [*LPM, "model.name=vit_adapter", "model.backbone=test_vit"]
+    cfg = load_config(None, args)
+    data = load_federated(cfg.data, 0)
+    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    backbone = {k: v.clone() for k, v in algo.constants.items()}
+    assert backbone and not set(backbone) & set(algo.init_shared())
+    assert all(k.startswith("hypernet.") for k in algo.init_shared())
+    trained, _ = train_client(algo, {**algo.init_shared(), **algo.init_client(0)},
+                              data.clients[0], 16, 0, 1, 0)
+    assert all(torch.equal(algo.constants[k], v) for k, v in backbone.items())
+    assert not torch.equal(trained["head.weight"], algo.init_client(0)["head.weight"])
+
+    assert main([*args, f"output.dir={tmp_path}", "output.name=v"]) == 0
+    hyper = sum(v.numel() for v in algo.init_shared().values())
+    with h5py.File(tmp_path / "v.h5") as f:
+        assert f.attrs["status"] == "completed"
+        loss = f["metrics/train_loss"][:]
+        assert loss[-1] < loss[0]  # it learns
+        # the round's buffer: the hypernetwork and 4 bookkeeping slots, in float64
+        assert (f["timing/allreduce_bytes"][:] == 8 * (hyper + 4)).all()
+    with h5py.File(tmp_path / "v.ckpt.h5") as f:  # no backbone in the checkpoint
+        assert set(f["shared"]) == set(algo.init_shared())
+        assert sorted(f["private"]) == ["embedding", "head.bias", "head.weight"]
+
+
+def test_hyperfl_lpm_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
+    from hpcfl.main import main
+
+    base = [*LPM, "model.name=resnet18_adapter", "model.backbone=test_resnet",
+            f"output.dir={tmp_path}"]
+    for extra, words in ((["model.pretrained=/nonexistent/w.pth"], "no weights file"),
+                         (["algorithm.name=hyperfl"], "hyperfl_lpm goes with"),
+                         (["model.backbone=test_vit"], "not a ResNet")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_hyperfl_lpm_trains_the_same_on_both_engine_paths():
+    from hpcfl.algorithms import build_algorithm
+    from hpcfl.config import load_config
+    from hpcfl.data import load_federated
+    from hpcfl.engine import EXTRA_SLOTS, train_cohort
+
+    cfg = load_config(None, [*LPM, "model.name=resnet18_adapter", "model.backbone=test_resnet"])
+    data = load_federated(cfg.data, 0)
+    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    shared, cids = algo.init_shared(), [0, 1, 2]
+    w = [float(data.num_train[c]) for c in cids]
+    seq, vec = (train_cohort(algo, shared, {c: algo.init_client(c) for c in cids}, data.clients,
+                             cids, w, 16, 0, 1, "cpu", mode) for mode in ("sequential",
+                                                                          "vectorized"))
+    assert (seq[:-EXTRA_SLOTS] - vec[:-EXTRA_SLOTS]).abs().max() <= 1e-5
+    assert seq[:-EXTRA_SLOTS].abs().max() > 0

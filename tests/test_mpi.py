@@ -170,3 +170,15 @@ def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
     assert r.returncode != 0
     assert time.time() - t0 < 30
     assert "Traceback" in r.stderr
+
+
+def test_hyperfl_lpm_gives_the_same_results_on_one_and_two_ranks(tmp_path):
+    runs = {}
+    for ranks in (1, 2):
+        r = run_mpi(ranks, *SMALL, "train.rounds=2", "train.local_steps=2",
+                    "train.batch_size=16", "algorithm.name=hyperfl_lpm",
+                    "model.name=resnet18_adapter", "model.backbone=test_resnet",
+                    "model.pretrained=none", f"output.dir={tmp_path}", f"output.name=n{ranks}")
+        assert r.returncode == 0, r.stderr
+        runs[ranks] = results(tmp_path / f"n{ranks}.h5")
+    assert max_diff(runs[1], runs[2]) == 0

@@ -7,10 +7,12 @@ from .centaur import Centaur
 from .dpfedavg import DPFedAvg
 from .fedavg import FedAvg
 from .hyperfl import HyperFL
+from .hyperfl_lpm import HyperFLLPM
 from .local import Local
 from .ppsgd import PPSGD
 
-ALGORITHMS = {cls.name: cls for cls in (FedAvg, Local, HyperFL, DPFedAvg, PPSGD, Centaur)}
+ALGORITHMS = {cls.name: cls for cls in (FedAvg, Local, HyperFL, HyperFLLPM, DPFedAvg, PPSGD,
+                                        Centaur)}
 
 
 def build_algorithm(cfg: RunConfig, shape, num_classes: int, num_train=()) -> Algorithm:

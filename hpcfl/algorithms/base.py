@@ -68,6 +68,9 @@ class Algorithm:
 
     name = "base"
     budget = None  # the DP baselines' algorithms.dp.Budget
+    # Tensors every client reads and none trains (a frozen backbone): the run puts them on its
+    # device once per rank; they are in no upload, round buffer or checkpoint.
+    constants: Params = {}
 
     def init_shared(self) -> Params:
         """The initial shared state (identical on every rank: built from the run's seed)."""

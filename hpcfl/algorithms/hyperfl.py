@@ -31,17 +31,21 @@ class HyperFL(Algorithm):
         a, t = cfg.algorithm, cfg.train
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)
-            model = build_model(cfg.model.name, shape, num_classes)
-            targets = {k: p.shape for k, p in model.named_parameters()
-                       if k.startswith(EXTRACTOR)}
-            hypernet = HyperNetwork(targets, a.embed_dim, a.hidden_dim)
+            model, generated = self.build(cfg, shape, num_classes)
+            params = dict(model.named_parameters())
+            hypernet = HyperNetwork({k: params[k].shape for k in generated}, a.embed_dim,
+                                    a.hidden_dim)
             # Every client starts from the same embedding (nn.Embedding init, N(0, 1)) and the
             # same head, as the official code deep-copies one model for all clients.
             embedding = torch.randn(a.embed_dim)
+        self.generated = frozenset(generated)
         self.initial_shared = {HYPER + k: v.detach().clone()
                                for k, v in hypernet.named_parameters()}
         self.initial_private = {"embedding": embedding,
-                                **clone(dict(model.head.named_parameters(prefix="head")))}
+                                **clone({k: v for k, v in params.items() if k.startswith("head.")})}
+        # What is neither generated nor private (a frozen backbone) is read by every client.
+        self.constants = {k: v.detach() for k, v in [*params.items(), *model.named_buffers()]
+                          if k not in self.generated and not k.startswith("head.")}
         self.model, self.hypernet = model.to("meta"), hypernet.to("meta")
         head = tuple(k for k in self.initial_private if k.startswith("head."))
         self._phases = [
@@ -55,6 +59,12 @@ class HyperFL(Algorithm):
         ]
         if a.head_epochs == 0:
             self._phases.pop(0)
+
+    def build(self, cfg: RunConfig, shape, num_classes: int) -> tuple[torch.nn.Module, list[str]]:
+        """The client model (seeded by the caller) and the names of its parameters that the
+        hypernetwork generates: the paper's CNN and its feature extractor."""
+        model = build_model(cfg.model.name, shape, num_classes)
+        return model, [k for k, _ in model.named_parameters() if k.startswith(EXTRACTOR)]
 
     def init_shared(self) -> Params:
         return clone(self.initial_shared)
@@ -85,10 +95,10 @@ class HyperFL(Algorithm):
         return {**rest, **self.extractor_weights(frozen)}
 
     def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        weights = ({k: v for k, v in params.items() if k.startswith(EXTRACTOR)}
+        weights = ({k: v for k, v in params.items() if k in self.generated}
                    or self.extractor_weights(params))  # given: see precompute
-        weights["head.weight"], weights["head.bias"] = params["head.weight"], params["head.bias"]
-        return functional_call(self.model, weights, (x,))
+        head = {k: v for k, v in params.items() if k.startswith("head.")}
+        return functional_call(self.model, {**self.constants, **weights, **head}, (x,))
 
     def phases(self) -> list[Phase]:
         return self._phases

@@ -71,15 +71,23 @@ class Staged(nn.Module):
 class AdaptedModel(nn.Module):
     """net (the backbone with adapters inserted) -> pooled features -> head."""
 
-    def __init__(self, net: nn.Module, head: nn.Module, input_size: tuple[int, int, int]):
+    def __init__(self, net: nn.Module, head: nn.Module, input_size: tuple[int, int, int],
+                 resize: bool):
         super().__init__()
-        self.net, self.head, self.input_size = net, head, input_size
+        self.net, self.head, self.input_size, self.resize = net, head, input_size, resize
         self.eval()
 
     def train(self, mode: bool = True) -> "AdaptedModel":
         return super().train(False)  # frozen statistics, see the module docstring
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """As the official transforms: grey images as 3 equal channels; ViT inputs resized to
+        the backbone's size (bilinear), ResNet ones kept at their size (32x32, 28x28)."""
+        if x.shape[-3] == 1:
+            x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
+        if self.resize and tuple(x.shape[-2:]) != tuple(self.input_size[1:]):
+            x = F.interpolate(x, size=tuple(self.input_size[1:]), mode="bilinear",
+                              align_corners=False)
         return self.head(self.net.forward_head(self.net.forward_features(x), pre_logits=True))
 
     def names(self) -> dict[str, list[str]]:
@@ -131,7 +139,8 @@ def build_lpm(kind: str, num_classes: int, backbone: str = "", pretrained: str =
         p.requires_grad_(False)
     insert_adapters(kind, net)
     size = tuple(net.pretrained_cfg.get("input_size", (3, 224, 224)))
-    return AdaptedModel(net, head_for(kind, net.num_features, num_classes), size)
+    return AdaptedModel(net, head_for(kind, net.num_features, num_classes), size,
+                        resize=kind == "vit_adapter")
 
 
 def load_backbone(net: nn.Module, name: str, pretrained: str) -> None:
