@@ -50,6 +50,14 @@ WORKLOADS = {
         "data.test_fraction=0.3333333", "data.augment=true", "model.name=cifar_cnn",
         "algorithm.name=hyperfl",
         "train.lr=0.02"],
+    # The official HyperFL-LPM ViT settings: 20 clients x 600 / 300 CIFAR-shaped images resized
+    # to 384, ViT-S/16 frozen (random weights: the time does not depend on them), batch 16, one
+    # head epoch then 5 epochs of hypernetwork and embedding at lr 0.1. A GPU workload.
+    "hyperfl-lpm-vit": [
+        "data.name=synthetic-cifar10", "data.synthetic_samples=18000", "data.num_clients=20",
+        "data.test_fraction=0.3333333", "data.augment=false", "model.name=vit_adapter",
+        "model.pretrained=none", "algorithm.name=hyperfl_lpm", "algorithm.head_lr=0.1",
+        "train.batch_size=16", "train.lr=0.1"],
 }
 DTYPES = ("fp32", "tf32", "bf16")
 COMPARE_ROUND = 3  # see the module docstring

@@ -32,7 +32,8 @@ DATASETS = ("digits", "synthetic-cifar10", "synthetic-mnist", "photos", "mnist",
 LPM_MODELS = ("vit_adapter", "resnet18_adapter")  # frozen timm backbones with adapters
 MODELS = ("auto", "digits_cnn", "mnist_cnn", "cifar_cnn", "pfl_cnn", *LPM_MODELS)
 DP_ALGORITHMS = ("dpfedavg", "ppsgd", "centaur")  # DP-SGD baselines: noise set by privacy.dp_*
-ALGORITHMS = ("hyperfl", "fedavg", "local", "hyperfl_lpm", *DP_ALGORITHMS)
+LPM_ALGORITHMS = ("hyperfl_lpm", "fedavg_adapter", "local_adapter")  # need an LPM model
+ALGORITHMS = ("hyperfl", "fedavg", "local", *LPM_ALGORITHMS, *DP_ALGORITHMS)
 
 
 @dataclass
@@ -72,7 +73,8 @@ class DataConfig:
 class ModelConfig:
     name: str = opt("auto", "network; auto picks the paper's CNN for the dataset's shape; "
                     "vit_adapter, resnet18_adapter: a frozen pretrained timm backbone with "
-                    "adapters (algorithm.name=hyperfl_lpm)", choices=MODELS)
+                    "adapters (algorithm.name hyperfl_lpm, fedavg_adapter, local_adapter, or fedavg / "
+                    "local: the linear probe)", choices=MODELS)
     backbone: str = opt("", "vit_adapter / resnet18_adapter: the timm model; empty = the "
                         "official vit_small_patch16_384 / resnet18")
     pretrained: str = opt("auto", "vit_adapter / resnet18_adapter: the backbone's weights: a "
@@ -355,10 +357,13 @@ def validate(cfg: RunConfig) -> None:
     if p.defense in ("random_slice", "gradienthide") and cfg.data.public_fraction <= 0:
         raise ConfigError(f"privacy.defense={p.defense} needs public images: set "
                           "data.public_fraction (e.g. 0.1)")
-    if (cfg.algorithm.name == "hyperfl_lpm") != (cfg.model.name in LPM_MODELS):
-        raise ConfigError(f"algorithm.name={cfg.algorithm.name} with model.name="
-                          f"{cfg.model.name}: hyperfl_lpm goes with model.name "
-                          f"{' or '.join(LPM_MODELS)}, and those models with hyperfl_lpm only")
+    alg, model = cfg.algorithm.name, cfg.model.name
+    if (alg in LPM_ALGORITHMS and model not in LPM_MODELS) or (
+            model in LPM_MODELS and alg not in (*LPM_ALGORITHMS, "fedavg", "local")):
+        raise ConfigError(f"algorithm.name={alg} with model.name={model}: "
+                          f"{', '.join(LPM_ALGORITHMS)} go with model.name "
+                          f"{' or '.join(LPM_MODELS)}, and those models with them or with "
+                          "fedavg / local (the linear probe)")
     name = cfg.output.name
     if name and (any(c in name for c in "/\\") or name.startswith(".")):
         raise ConfigError(f"output.name: {name!r} must be a plain file name without '/'")

@@ -45,3 +45,11 @@ def test_bench_under_bf16_autocast(tmp_path):
         assert f.attrs["dtype"] == "bf16"
         # both paths autocast: they agree to bf16 precision, not float32's
         assert 0 <= f["bench/vectorized"].attrs["max_abs_diff"] <= 1e-2
+
+
+def test_every_workload_is_a_valid_config():
+    from hpcfl.bench import WORKLOADS
+    from hpcfl.config import load_config
+
+    for name, overrides in WORKLOADS.items():
+        assert load_config(None, overrides).data.num_clients >= 4, name

@@ -5,14 +5,14 @@ from ..config import RunConfig
 from .base import DPSGD, Algorithm, Params, Phase
 from .centaur import Centaur
 from .dpfedavg import DPFedAvg
-from .fedavg import FedAvg
+from .fedavg import FedAvg, FedAvgAdapter
 from .hyperfl import HyperFL
 from .hyperfl_lpm import HyperFLLPM
-from .local import Local
+from .local import Local, LocalAdapter
 from .ppsgd import PPSGD
 
-ALGORITHMS = {cls.name: cls for cls in (FedAvg, Local, HyperFL, HyperFLLPM, DPFedAvg, PPSGD,
-                                        Centaur)}
+ALGORITHMS = {cls.name: cls for cls in (FedAvg, Local, HyperFL, HyperFLLPM, FedAvgAdapter,
+                                        LocalAdapter, DPFedAvg, PPSGD, Centaur)}
 
 
 def build_algorithm(cfg: RunConfig, shape, num_classes: int, num_train=()) -> Algorithm:

@@ -5,24 +5,42 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
-from ..config import RunConfig
+from ..config import LPM_MODELS, RunConfig
 from ..models import build_model
+from ..models.lpm import build_lpm
 from .base import Algorithm, Params, Phase, clone
 
 
 class FedAvg(Algorithm):
+    """On a frozen pretrained backbone (model.name vit_adapter, resnet18_adapter): the linear
+    probe (only the head trains), or with `adapters` the adapters and the head (the official
+    FedAvg-Adapter); the backbone is constant."""
     name = "fedavg"
+    adapters = False
 
     def __init__(self, cfg: RunConfig, shape, num_classes: int, num_train=()):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)
-            model = build_model(cfg.model.name, shape, num_classes)
-        self.initial = clone(dict(model.named_parameters()))
+            model, trained = self.build(cfg, shape, num_classes)
+        params = dict(model.named_parameters())
+        self.initial = clone({k: params[k] for k in trained})
+        self.constants = {k: v.detach() for k, v in [*params.items(), *model.named_buffers()]
+                          if k not in self.initial}
         self.model = model.to("meta")  # only its structure is used, through functional_call
         t = cfg.train
         self._phases = [Phase(groups=(tuple(self.initial),), lr=t.lr, momentum=t.momentum,
                               weight_decay=t.weight_decay, epochs=t.local_epochs,
                               steps=t.local_steps)]
+
+    def build(self, cfg: RunConfig, shape, num_classes: int) -> tuple[torch.nn.Module, list[str]]:
+        """The model (seeded by the caller) and the names of the parameters that train."""
+        if cfg.model.name in LPM_MODELS:
+            model = build_lpm(cfg.model.name, num_classes, cfg.model.backbone,
+                              cfg.model.pretrained, adapters=self.adapters)
+            roles = model.names()
+            return model, roles["adapters"] + roles["head"]
+        model = build_model(cfg.model.name, shape, num_classes)
+        return model, [k for k, _ in model.named_parameters()]
 
     def init_shared(self) -> Params:
         return clone(self.initial)
@@ -31,7 +49,7 @@ class FedAvg(Algorithm):
         return {}
 
     def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, params, (x,))
+        return functional_call(self.model, {**self.constants, **params}, (x,))
 
     def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """The representation the head classifies (Soteria's defended layer's input)."""
@@ -41,3 +59,9 @@ class FedAvg(Algorithm):
 
     def phases(self) -> list[Phase]:
         return self._phases
+
+
+class FedAvgAdapter(FedAvg):
+    """The official FedAvg-Adapter: adapters and head of a frozen backbone, averaged."""
+    name = "fedavg_adapter"
+    adapters = True

@@ -15,3 +15,9 @@ class Local(FedAvg):
 
     def init_client(self, cid: int) -> Params:
         return {k: v.clone() for k, v in self.initial.items()}
+
+
+class LocalAdapter(Local):
+    """The official Local-Adapter: adapters and head of a frozen backbone, each client alone."""
+    name = "local_adapter"
+    adapters = True

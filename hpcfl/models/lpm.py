@@ -116,11 +116,12 @@ def head_for(kind: str, features: int, num_classes: int) -> nn.Module:
     return nn.Sequential(nn.Linear(features, 128), nn.Linear(128, num_classes))
 
 
-def build_lpm(kind: str, num_classes: int, backbone: str = "", pretrained: str = "none"
-              ) -> AdaptedModel:
+def build_lpm(kind: str, num_classes: int, backbone: str = "", pretrained: str = "none",
+              adapters: bool = True) -> AdaptedModel:
     """The model `kind` (vit_adapter, resnet18_adapter) on timm backbone `backbone` (default:
     the official one), its weights from `pretrained`: a file, "auto" (timm's local cache) or
-    "none" (random init). Builds on the current default device (e.g. meta, for counting)."""
+    "none" (random init); without `adapters`, the backbone and head alone (the linear probe).
+    Builds on the current default device (e.g. meta, for counting)."""
     import timm
 
     name = backbone or OFFICIAL[kind]
@@ -137,7 +138,8 @@ def build_lpm(kind: str, num_classes: int, backbone: str = "", pretrained: str =
         load_backbone(net, name, pretrained)
     for p in net.parameters():
         p.requires_grad_(False)
-    insert_adapters(kind, net)
+    if adapters:
+        insert_adapters(kind, net)
     size = tuple(net.pretrained_cfg.get("input_size", (3, 224, 224)))
     return AdaptedModel(net, head_for(kind, net.num_features, num_classes), size,
                         resize=kind == "vit_adapter")
