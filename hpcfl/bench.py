@@ -18,7 +18,6 @@ Runs under mpiexec/srun like a run; key=value overrides set cohort size and the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import resource
 import sys
 import time
@@ -63,13 +62,6 @@ DTYPES = ("fp32", "tf32", "bf16")
 COMPARE_ROUND = 3  # see the module docstring
 
 
-def precision(dtype: str, device: torch.device):
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
-    if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def starting_state(cfg, world: World, data) -> tuple[dict, dict]:
     """The run's shared and private state after rounds 1 .. COMPARE_ROUND - 1, sequential."""
     algo = build(cfg, data, world.device)
@@ -80,8 +72,8 @@ def starting_state(cfg, world: World, data) -> tuple[dict, dict]:
     return shared, private
 
 
-def bench_mode(cfg, world: World, data, state: tuple[dict, dict], mode: str, rounds: int,
-               dtype: str) -> dict:
+def bench_mode(cfg, world: World, data, state: tuple[dict, dict], mode: str,
+               rounds: int) -> dict:
     algo = build(cfg, data, world.device)
     shared = {k: v.clone() for k, v in state[0].items()}
     private = {c: {k: v.clone() for k, v in p.items()} for c, p in state[1].items()}
@@ -90,9 +82,8 @@ def bench_mode(cfg, world: World, data, state: tuple[dict, dict], mode: str, rou
     times, first_update, cohort_size = [], None, 0
     for rnd in range(COMPARE_ROUND, COMPARE_ROUND + rounds + 1):  # the first: warm-up, compared
         t0 = time.perf_counter()
-        with precision(dtype, world.device):
-            buf, compute_s, allreduce_s = train_round(cfg, world, algo, shared, private, data,
-                                                      mode, rnd)
+        buf, compute_s, allreduce_s = train_round(cfg, world, algo, shared, private, data,
+                                                  mode, rnd)  # in cfg.engine.dtype
         world.synchronize()
         t2 = time.perf_counter()
         evaluate(algo, shared, private, data, cfg.data.num_clients)
@@ -135,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--modes: {','.join(bad)} is not one of sequential, vectorized")
         if a.rounds < 1:
             raise ConfigError("--rounds: must be >= 1")
-        cfg = load_config(None, [*WORKLOADS[a.workload], *a.overrides])
+        cfg = load_config(None, [*WORKLOADS[a.workload], *a.overrides,
+                                 f"engine.dtype={a.dtype}"])
         world = World(cfg.train.device, cfg.engine.threads)
         unit = cfg.engine.group_size if "vectorized" in modes else 1  # as a run hosts them
         data = load_federated(cfg.data, cfg.train.seed, world.device,
@@ -145,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results, state = {}, starting_state(cfg, world, data)
     for mode in (["sequential"] if "sequential" not in modes else []) + modes:
-        results[mode] = bench_mode(cfg, world, data, state, mode, a.rounds, a.dtype)
+        results[mode] = bench_mode(cfg, world, data, state, mode, a.rounds)
     ref = results["sequential"]["update"]
     for r in results.values():
         r["max_abs_diff"] = float((r["update"] - ref).abs().max()) if ref.numel() else 0.0

@@ -164,6 +164,10 @@ class EngineConfig:
                           "among ids [k*G, (k+1)*G), and ranks host whole such blocks, so the "
                           "groups, and the results, do not depend on the rank count; 0 = all of "
                           "a rank's members at once (results then depend on it)", min=0)
+    dtype: str = opt("fp32", "arithmetic of local training: fp32, tf32 (CUDA), bf16 "
+                     "(autocast, for GPUs); evaluation stays fp32; bit-for-bit "
+                     "reproducibility holds within one setting",
+                     choices=("fp32", "tf32", "bf16"))
     threads: int = opt(1, "CPU threads per rank (torch intra-op); fixed, because the thread "
                        "count changes a run's last bits, which HyperFL amplifies; 0 = "
                        "SLURM_CPUS_PER_TASK, else the node's cores shared among its ranks "

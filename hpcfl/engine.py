@@ -14,6 +14,7 @@ ranks or groups.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -294,6 +295,16 @@ def train_group(algo: Algorithm, shared: Params, private: dict[int, Params],
         losses /= active.sum(1)
         stacked.update(trainable)
     return stacked, losses
+
+
+def precision(dtype: str, device: torch.device):
+    """engine.dtype: fp32; tf32 (CUDA matmuls and convolutions in TF32); bf16 (autocast:
+    matmuls and convolutions in bfloat16, on CUDA, or on the CPU where it is supported). The
+    round's buffer and the optimizer state stay float32/float64 either way."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
+    if dtype == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:

@@ -21,8 +21,8 @@ from .algorithms import build_algorithm
 from .config import ConfigError, RunConfig
 from .data import load_federated
 from .data.partition import rng
-from .engine import (EXTRA_SLOTS, ROUND_DTYPE, STOP_SLOT, evaluate_client, resolve_mode,
-                     train_cohort, unflatten)
+from .engine import (EXTRA_SLOTS, ROUND_DTYPE, STOP_SLOT, evaluate_client, precision,
+                     resolve_mode, train_cohort, unflatten)
 from .lock import lock_output
 from .privacy.defenses import check as check_defense
 from .privacy.defenses import (PublicSet, Slicing, client_defense, compensate_, label_public,
@@ -92,10 +92,11 @@ def train_round(cfg: RunConfig, world: World, algo, shared: dict, private: dict,
     cohort = sample_cohort(t.seed, rnd, cfg.data.num_clients, t.frac)
     mine = [c for c in cohort if c in private]
     t0 = time.perf_counter()
-    buf = train_cohort(algo, shared, private, data.clients, mine,
-                       [float(data.num_train[c]) for c in mine], t.batch_size, t.seed, rnd,
-                       world.device, mode, cfg.engine.group_size, data.augment,
-                       client_defense(cfg, algo, data.clients, rnd, once))
+    with precision(cfg.engine.dtype, world.device):
+        buf = train_cohort(algo, shared, private, data.clients, mine,
+                           [float(data.num_train[c]) for c in mine], t.batch_size, t.seed, rnd,
+                           world.device, mode, cfg.engine.group_size, data.augment,
+                           client_defense(cfg, algo, data.clients, rnd, once))
     buf[STOP_SLOT] = float(stop)
     world.synchronize()
     t1 = time.perf_counter()
@@ -195,6 +196,10 @@ def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
         sizes, world.size, unit)[world.rank])
     blocks = balanced_blocks(data.num_train, world.size, unit)
     algo = build(cfg, data, world.device)
+    if (cfg.engine.dtype, world.device.type, cfg.model.name) == ("bf16", "cpu",
+                                                                 "resnet18_adapter"):
+        raise ConfigError("engine.dtype=bf16: CPU autocast cannot run this model's BatchNorm; "
+                          "use a GPU, or engine.dtype=fp32")
     check_defense(cfg, algo)
     once = defense_context(cfg, world, algo, data.num_classes)
     if world.is_main and algo.attrs():

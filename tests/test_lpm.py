@@ -125,7 +125,8 @@ def test_hyperfl_lpm_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
             f"output.dir={tmp_path}"]
     for extra, words in ((["model.pretrained=/nonexistent/w.pth"], "no weights file"),
                          (["algorithm.name=hyperfl"], "go with model.name"),
-                         (["model.backbone=test_vit"], "not a ResNet")):
+                         (["model.backbone=test_vit"], "not a ResNet"),
+                         (["engine.dtype=bf16"], "CPU autocast cannot")):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and "\n" not in err, err
@@ -180,3 +181,19 @@ def test_the_adapter_and_linear_probe_baselines_train_what_they_should(name, tra
     with h5py.File(tmp_path / "b.h5") as f:
         assert f.attrs["status"] == "completed"
         assert (f["timing/allreduce_bytes"][:] == 8 * (shared + 4)).all()
+
+
+def test_a_bf16_run_trains_near_its_fp32_twin(tmp_path):
+    """engine.dtype=bf16: autocast around local training (a GPU option; CPU autocast runs it
+    here); evaluation stays fp32."""
+    import h5py
+
+    from hpcfl.main import main
+
+    args = [*LPM, "model.name=vit_adapter", "model.backbone=test_vit", "train.rounds=1",
+            f"output.dir={tmp_path}"]
+    assert main([*args, "output.name=fp32"]) == 0
+    assert main([*args, "engine.dtype=bf16", "output.name=bf16"]) == 0
+    with h5py.File(tmp_path / "fp32.h5") as a, h5py.File(tmp_path / "bf16.h5") as b:
+        la, lb = a["metrics/train_loss"][-1], b["metrics/train_loss"][-1]
+    assert la != lb and abs(la - lb) <= 0.05 * abs(la)
