@@ -26,7 +26,7 @@ from torch.func import grad_and_value, vmap
 
 from .algorithms import DPSGD, Algorithm, Params, Phase
 from .data import ClientData
-from .sgd import clip_, rank_one_sgd_, sgd_
+from .sgd import PhaseSGD
 
 BATCH_ORDER, AUGMENT, DP_NOISE = 103, 105, 106  # stream tags, see data.partition.rng
 CROP_PAD = 4  # official CIFAR/CINIC transform: RandomCrop(32, padding=4) + RandomHorizontalFlip
@@ -138,11 +138,8 @@ def train_client(algo: Algorithm, params: Params, data: ClientData, batch_size: 
         frozen = {n: v for n, v in params.items() if n not in trainable}
         if (pre := algo.precompute(phase)) is not None:
             frozen = pre(frozen)
-        rank_one = dict(phase.rank_one)  # weight -> its bias, whose gradient is d
-        dense = [n for n in trainable if n not in rank_one]
-        lr = dict(zip(phase.names, phase.lrs))
-        momentum: list[torch.Tensor] = []
-        rank_one_momentum: dict[str, torch.Tensor | None] = dict.fromkeys(rank_one)
+        opt = PhaseSGD(phase)
+        rank_one = {n: trainable[n] for n in opt.rank_one}
         losses = []
         gen = client_generator(seed, rnd, cid, k)
         aug = client_generator(seed, rnd, cid, k, AUGMENT) if augment else None
@@ -158,20 +155,10 @@ def train_client(algo: Algorithm, params: Params, data: ClientData, batch_size: 
                                   dp_noise(phase.dp, trainable, noise))
                 loss = loss.mean()
             else:  # rank-one weights enter as constants: no gradient of theirs is formed
-                grads, loss = step({n: trainable[n] for n in dense},
-                                   {**frozen, **{n: trainable[n] for n in rank_one}}, xb,
-                                   data.y_train[idx])
-            h = algo.rank_one_input({**frozen, **trainable}) if rank_one else None
-            if phase.clip_norm > 0:
-                for group in phase.groups:
-                    d_sq = sum(grads[rank_one[n]].pow(2).sum() for n in group if n in rank_one)
-                    clip_([grads[n] for n in group if n not in rank_one], phase.clip_norm,
-                          extra_sq=d_sq * h.pow(2).sum() if h is not None else 0.0)
-            for n, bias in rank_one.items():  # before sgd_, which adds weight decay to grads
-                rank_one_momentum[n] = rank_one_sgd_(trainable[n], rank_one_momentum[n],
-                                                     grads[bias], h, phase, lr[n])
-            sgd_([trainable[n] for n in dense], [grads[n] for n in dense], momentum, phase,
-                 [lr[n] for n in dense])
+                grads, loss = step({n: trainable[n] for n in opt.dense}, {**frozen, **rank_one},
+                                   xb, data.y_train[idx])
+            opt.step(trainable, grads,
+                     algo.rank_one_input({**frozen, **trainable}) if rank_one else None)
             losses.append(loss.detach())
         params.update(trainable)
     return params, torch.stack(losses).mean().item()
@@ -253,17 +240,14 @@ def train_group(algo: Algorithm, shared: Params, private: dict[int, Params],
         if (pre := algo.precompute(phase)) is not None:
             frozen = vmap(pre, in_dims=(frozen_dims,))(frozen)
             frozen_dims = {n: 0 for n in frozen}
-        rank_one = dict(phase.rank_one)  # as in train_client
-        dense = [n for n in trainable if n not in rank_one]
-        lr = dict(zip(phase.names, phase.lrs))
+        opt = PhaseSGD(phase, stacked=True)
+        rank_one = {n: trainable[n] for n in opt.rank_one}
         step = vmap(grad_and_value(loss_fn),
                     in_dims=(0, {**frozen_dims, **dict.fromkeys(rank_one, 0)}, 0, 0, 0))
         dp_step = vmap(per_sample_step(algo), in_dims=(0, frozen_dims, 0, 0))
         rank_one_input = vmap(algo.rank_one_input,
                               in_dims=({**frozen_dims, **dict.fromkeys(trainable, 0)},))
         noise = [client_generator(seed, rnd, c, k, DP_NOISE, y.device) for c in cids]
-        momentum: list[torch.Tensor] = []
-        rank_one_momentum: dict[str, torch.Tensor | None] = dict.fromkeys(rank_one)
         losses = torch.zeros(len(cids), device=y.device)
         for s in range(idx.shape[1]):
             rows = offsets[:, None] + idx[:, s]
@@ -276,21 +260,10 @@ def train_group(algo: Algorithm, shared: Params, private: dict[int, Params],
                     phase.dp, trainable, noise, active[:, s]))
                 loss = (loss * weight[:, s]).sum(1) / weight[:, s].sum(1).clamp(min=1)
             else:
-                grads, loss = step({n: trainable[n] for n in dense},
-                                   {**frozen, **{n: trainable[n] for n in rank_one}}, xb,
-                                   y[rows], weight[:, s])
-            h = rank_one_input({**frozen, **trainable}) if rank_one else None
-            if phase.clip_norm > 0:
-                for group in phase.groups:
-                    d_sq = sum(grads[rank_one[n]].pow(2).sum(1) for n in group if n in rank_one)
-                    clip_([grads[n] for n in group if n not in rank_one], phase.clip_norm,
-                          stacked=True,
-                          extra_sq=d_sq * h.pow(2).sum(1) if h is not None else 0.0)
-            for n, bias in rank_one.items():
-                rank_one_momentum[n] = rank_one_sgd_(trainable[n], rank_one_momentum[n],
-                                                     grads[bias], h, phase, lr[n], active[:, s])
-            sgd_([trainable[n] for n in dense], [grads[n] for n in dense], momentum, phase,
-                 [lr[n] for n in dense], active=active[:, s])
+                grads, loss = step({n: trainable[n] for n in opt.dense}, {**frozen, **rank_one},
+                                   xb, y[rows], weight[:, s])
+            opt.step(trainable, grads,
+                     rank_one_input({**frozen, **trainable}) if rank_one else None, active[:, s])
             losses += loss.detach() * active[:, s]
         losses /= active.sum(1)
         stacked.update(trainable)

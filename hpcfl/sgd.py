@@ -84,3 +84,36 @@ def rank_one_sgd_(weight: torch.Tensor, momentum: torch.Tensor | None, d: torch.
     else:
         weight.addcmul_(momentum, per_client(active * -lr, weight))
     return momentum if phase.momentum else None
+
+
+class PhaseSGD:
+    """One phase's optimizer for one client, or a group stacked along dim 0 (`stacked`):
+    clip_grad_norm_ per group, then SGD; the phase's rank-one weights (Phase.rank_one) train
+    from their bias's gradient d and the layer input h, never from a formed gradient."""
+
+    def __init__(self, phase: Phase, stacked: bool = False):
+        self.phase, self.stacked = phase, stacked
+        self.rank_one = dict(phase.rank_one)  # weight -> its bias, whose gradient is d
+        self.dense = [n for n in phase.names if n not in self.rank_one]  # gradients formed
+        self.lr = dict(zip(phase.names, phase.lrs))
+        self.momentum: list[torch.Tensor] = []
+        self.rank_one_momentum: dict[str, torch.Tensor | None] = dict.fromkeys(self.rank_one)
+
+    def _sq(self, t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(1).pow(2).sum(1) if self.stacked else t.pow(2).sum()
+
+    def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+             h: torch.Tensor | None = None, active: torch.Tensor | None = None) -> None:
+        """Update `params` in place from `grads` (of the dense tensors) and, for rank-one
+        weights, `h`; `active`: per-client 0/1 when stacked."""
+        p = self.phase
+        if p.clip_norm > 0:
+            for group in p.groups:
+                d_sq = sum(self._sq(grads[self.rank_one[n]]) for n in group if n in self.rank_one)
+                clip_([grads[n] for n in group if n not in self.rank_one], p.clip_norm,
+                      self.stacked, extra_sq=d_sq * self._sq(h) if h is not None else 0.0)
+        for n, bias in self.rank_one.items():  # before sgd_, which adds weight decay to grads
+            self.rank_one_momentum[n] = rank_one_sgd_(params[n], self.rank_one_momentum[n],
+                                                      grads[bias], h, p, self.lr[n], active)
+        sgd_([params[n] for n in self.dense], [grads[n] for n in self.dense], self.momentum, p,
+             [self.lr[n] for n in self.dense], active)
