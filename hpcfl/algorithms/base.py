@@ -115,5 +115,12 @@ class Algorithm:
             v.add_(upload_sum[k], alpha=1.0 / weight)
 
 
+def rest_of(model: torch.nn.Module, taken) -> Params:
+    """The model's parameters and buffers not in `taken`: what no client trains (a frozen
+    backbone, BatchNorm statistics), the Algorithm's constants."""
+    return {k: v.detach() for k, v in [*model.named_parameters(), *model.named_buffers()]
+            if k not in taken}
+
+
 def clone(params: Params) -> Params:
     return {k: v.detach().clone() for k, v in params.items()}

@@ -8,7 +8,7 @@ from torch.func import functional_call
 from ..config import LPM_MODELS, RunConfig
 from ..models import build_model
 from ..models.lpm import build_lpm
-from .base import Algorithm, Params, Phase, clone
+from .base import Algorithm, Params, Phase, clone, rest_of
 
 
 class FedAvg(Algorithm):
@@ -24,8 +24,7 @@ class FedAvg(Algorithm):
             model, trained = self.build(cfg, shape, num_classes)
         params = dict(model.named_parameters())
         self.initial = clone({k: params[k] for k in trained})
-        self.constants = {k: v.detach() for k, v in [*params.items(), *model.named_buffers()]
-                          if k not in self.initial}
+        self.constants = rest_of(model, self.initial)
         self.model = model.to("meta")  # only its structure is used, through functional_call
         t = cfg.train
         self._phases = [Phase(groups=(tuple(self.initial),), lr=t.lr, momentum=t.momentum,

@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 from ..config import RunConfig
 from ..models import HyperNetwork, build_model
-from .base import Algorithm, Params, Phase, clone
+from .base import Algorithm, Params, Phase, clone, rest_of
 
 HYPER, EXTRACTOR = "hypernet.", "extractor."
 HEADS = HYPER + "heads."
@@ -44,8 +44,7 @@ class HyperFL(Algorithm):
         self.initial_private = {"embedding": embedding,
                                 **clone({k: v for k, v in params.items() if k.startswith("head.")})}
         # What is neither generated nor private (a frozen backbone) is read by every client.
-        self.constants = {k: v.detach() for k, v in [*params.items(), *model.named_buffers()]
-                          if k not in self.generated and not k.startswith("head.")}
+        self.constants = rest_of(model, {*self.generated, *self.initial_private})
         self.model, self.hypernet = model.to("meta"), hypernet.to("meta")
         head = tuple(k for k in self.initial_private if k.startswith("head."))
         self._phases = [
