@@ -131,6 +131,16 @@ class PrivacyConfig:
     compensate: bool = opt(True, "random_slice: the server denoises the aggregate (GradDefense's "
                            "global compensation)")
     hide_batch: int = opt(32, "gradienthide: public images in the extra step", min=1)
+    hide_labeler: str = opt("auto", "gradienthide: who labels the public images: clip (CLIP "
+                            "zero-shot through open_clip, weights already on this machine), "
+                            "public_model (the run's model trained on the public split), auto "
+                            "(clip when open_clip, its weights and the dataset's class names are "
+                            "here, else public_model)", choices=("auto", "clip", "public_model"))
+    clip_model: str = opt("ViT-B-32", "gradienthide's CLIP: an open_clip model name, or "
+                          "local-dir:PATH (a folder with open_clip_config.json and weights)")
+    clip_weights: str = opt("openai", "gradienthide's CLIP weights: an open_clip pretrained tag, "
+                            "looked up in the local Hugging Face cache (never downloaded), or a "
+                            "file; ignored with local-dir:")
     soteria_rate: float = opt(60.0, "soteria: percent of representation units whose column of "
                               "the layer's update is zeroed (Soteria's GS-attack default 60)",
                               min=0, max=100)

@@ -25,8 +25,8 @@ from .engine import (EXTRA_SLOTS, ROUND_DTYPE, STOP_SLOT, evaluate_client, preci
                      resolve_mode, train_cohort, unflatten)
 from .lock import lock_output
 from .privacy.defenses import check as check_defense
-from .privacy.defenses import (PublicSet, Slicing, client_defense, compensate_, label_public,
-                               public_images, public_set, slicing)
+from .privacy.defenses import (PublicSet, Slicing, choose_labeler, client_defense, compensate_,
+                               label_public, public_images, public_set, slicing)
 from .resume import checkpoint, plan_or_error
 from .store import TIMING, ResultsFile, git_commit, load_checkpoint, mark_completed
 from .world import Diverged, World, balanced_blocks
@@ -76,9 +76,18 @@ def defense_context(cfg: RunConfig, world: World, algo, num_classes: int
     if d == "random_slice":
         return world.from_main(slicing(cfg, algo, world.device) if main else None)
     if d == "gradienthide":
-        x, y = public_images(cfg, world.device)
-        labels = world.from_main(label_public(cfg, x, y, num_classes) if main else None)
-        return public_set(x, y, labels)
+        labeler = world.from_main(choose_labeler(cfg) if main else None)
+        if isinstance(labeler, str):
+            raise ConfigError(labeler)
+        if main and labeler.fell_back:
+            log.warning("gradienthide: no CLIP (%s); the public images are labelled by "
+                        "public_model", labeler.fell_back)
+        x, y, pixels = public_images(cfg, world.device)
+        labels = world.from_main(label_public(cfg, labeler, x, y, pixels, num_classes)
+                                 if main else None)
+        if isinstance(labels, str):
+            raise ConfigError(labels)
+        return public_set(x, y, labels, labeler.name)
     return None
 
 

@@ -10,9 +10,9 @@ from hpcfl.config import ConfigError, load_config
 from hpcfl.data import load_federated
 from hpcfl.engine import model_inputs, train_client
 from hpcfl.loop import run
-from hpcfl.privacy.defenses import (ClientView, check, client_defense, compensate_, defend,
-                                    generator, label_public, public_images, public_set, slicing,
-                                    topk)
+from hpcfl.privacy.defenses import (ClientView, Labeler, check, client_defense, compensate_,
+                                    defend, generator, label_public, public_images, public_set,
+                                    slicing, topk)
 from hpcfl.privacy.random_slice import sensitivities, slice_bounds
 from hpcfl.world import World
 
@@ -207,8 +207,10 @@ def test_gradienthide_adds_exactly_one_sgd_step_on_labelled_public_images(tmp_pa
     cfg, algo, data, shared, upload = fedavg_upload("privacy.defense=gradienthide",
                                                     "data.public_fraction=0.1",
                                                     "privacy.hide_batch=8")
-    x, y = public_images(cfg, "cpu")
-    public = public_set(x, y, label_public(cfg, x, y, data.num_classes))
+    x, y, pixels = public_images(cfg, "cpu")
+    labeler = Labeler()  # public_model
+    public = public_set(x, y, label_public(cfg, labeler, x, y, pixels, data.num_classes),
+                        labeler.name)
     assert public.labeler == "public_model" and public.agreement > 0.9
     trained = {k: shared[k] + upload[k] for k in shared}
     v = ClientView(cfg.train.seed, 1, 0, shared, trained, algo, None, public)

@@ -1,6 +1,7 @@
 """Datasets by name, partitioned into clients whose data lives as tensors on the device."""
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
@@ -111,6 +112,19 @@ def load_public(cfg: DataConfig, seed: int, device: torch.device | str = "cpu"
     y = torch.from_numpy(source.labels["train"][public]).to(device)
     source.close()
     return x, y, source.mean, source.std, source.num_classes
+
+
+def class_names(cfg: DataConfig) -> list[str] | None:
+    """The names of the dataset's classes (a prepared file's `classes`, the digits' "0".."9"),
+    or None where the labels name nothing (synthetic images, photos labelled by index)."""
+    if cfg.name == "digits":
+        return [str(c) for c in range(10)]
+    if cfg.name in FILE_DATASETS:
+        source = Source(cfg)
+        names = json.loads(source.file.f.attrs.get("classes", "[]"))  # as prepare writes it
+        source.close()
+        return [str(c) for c in names] if len(names) == source.num_classes else None
+    return None
 
 
 def augment_on(cfg: DataConfig) -> bool:

@@ -7,9 +7,9 @@ Our choices where the abstract is silent: the public data is the run's public sp
 (data.public_fraction, held out from every client); the extra update is one plain SGD step (the
 last phase's learning rates, no momentum, no weight decay) of the uploaded tensors on a batch of
 privacy.hide_batch public images drawn from (seed, round, client); the client's private state
-is not changed by it. Labeler: `public_model`, the run's CNN trained on the public split for
-LABELER_EPOCHS epochs, then labelling it (CLIP through open_clip is not implemented: no weights
-can be had here to test it).
+is not changed by it. Labeler (privacy.hide_labeler): CLIP zero-shot as the paper
+(clip_labels.py, weights already on this machine), or `public_model`, the run's CNN trained on
+the public split for LABELER_EPOCHS epochs, then labelling it; `auto` takes CLIP where it can.
 """
 from __future__ import annotations
 
