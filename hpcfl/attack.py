@@ -113,10 +113,10 @@ def attack_client(cfg: RunConfig, algo, shared: dict, private: dict, client: Cli
     """Train client `cid` in round attack.round as the run does, attack its upload."""
     a, t = cfg.attack, cfg.train
     state = {**shared, **private}
-    trained, _ = train_client(algo, dict(state), client, t.batch_size, t.seed, a.round, cid,
-                              augment)
-    upload = algo.upload(shared, trained)
     defense = client_defense(cfg, algo, {cid: client}, a.round, once)
+    trained, _ = train_client(algo, dict(state), client, t.batch_size, t.seed, a.round, cid,
+                              augment, defense.per_sample([cid]) if defense else None)
+    upload = algo.upload(shared, trained)
     if defense is not None:  # what the server receives
         upload = defense(upload, cid, state, trained)
     # server: the client's private state is unknown; the attacker starts from its public init

@@ -128,6 +128,9 @@ class PrivacyConfig:
                                 "(official 5)", min=1)
     slice_noise: float = opt(5e-4, "random_slice: noise std on the perturbed slices (official "
                              "5e-4)", min=0)
+    slice_clip: float = opt(0.0, "random_slice: at every local step, each sample's gradient "
+                            "on each perturbed slice clipped to this L2 norm (GradDefense's "
+                            "optional clip.py, whose bound is the noise std); 0 = off", min=0)
     compensate: bool = opt(True, "random_slice: the server denoises the aggregate (GradDefense's "
                            "global compensation)")
     hide_batch: int = opt(32, "gradienthide: public images in the extra step", min=1)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +29,10 @@ from torch.func import grad_and_value, vmap
 from .algorithms import DPSGD, Algorithm, Params, Phase
 from .data import ClientData
 from .sgd import PhaseSGD
+
+if TYPE_CHECKING:  # annotations only: defenses import the engine
+    from .privacy.defenses import ClientDefense
+    from .privacy.random_slice import SliceClip
 
 BATCH_ORDER, AUGMENT, DP_NOISE = 103, 105, 106  # stream tags, see data.partition.rng
 CROP_PAD = 4  # official CIFAR/CINIC transform: RandomCrop(32, padding=4) + RandomHorizontalFlip
@@ -90,20 +96,22 @@ def minibatches(n: int, batch_size: int, phase: Phase,
                 return
 
 
-def privatize(grads: Params, w: torch.Tensor, dp: DPSGD, noise: Params) -> Params:
-    """DP-SGD's gradient (see algorithms.DPSGD) from per-sample gradients. grads[n] has the
-    samples on the dim after w's leading dims: (B, ...) with w (B,), or (clients, B, ...) with w
-    (clients, B); w is 1 for a real sample and 0 for padding. noise[n] is the summed gradient's
-    noise, already scaled."""
+def privatize(grads: Params, w: torch.Tensor, dp: DPSGD | None, noise: Params | None) -> Params:
+    """DP-SGD's gradient (see algorithms.DPSGD) from per-sample gradients; without `dp` their
+    plain mean. grads[n] has the samples on the dim after w's leading dims: (B, ...) with w
+    (B,), or (clients, B, ...) with w (clients, B); w is 1 for a real sample and 0 for padding.
+    noise[n] is the summed gradient's noise, already scaled."""
     lead = w.dim()
-    norms = torch.stack([grads[n].flatten(lead).norm(dim=-1) for n in dp.names]).norm(dim=0)
-    clipped = torch.clamp(dp.clip / (norms + 1e-6), max=1.0) * w  # clip_grad_norm_'s factor
+    private = dp.names if dp is not None else ()
+    if private:
+        norms = torch.stack([grads[n].flatten(lead).norm(dim=-1) for n in private]).norm(dim=0)
+        clipped = torch.clamp(dp.clip / (norms + 1e-6), max=1.0) * w  # clip_grad_norm_'s factor
     count = w.sum(-1).clamp(min=1)
     out = {}
     for n, g in grads.items():
-        scale = clipped if n in dp.names else w
+        scale = clipped if n in private else w
         total = (g * scale.view(*scale.shape, *[1] * (g.dim() - lead))).sum(lead - 1)
-        if n in dp.names:
+        if n in private:
             total += noise[n]
         out[n] = total / count.view(*count.shape, *[1] * (total.dim() - count.dim()))
     return out
@@ -122,10 +130,19 @@ def per_sample_step(algo: Algorithm):
     return vmap(grad_and_value(sample_loss), in_dims=(None, None, 0, 0))
 
 
+def per_sample_phase(phase: Phase, clip: SliceClip | None) -> Phase | None:
+    """The phase as trained from per-sample gradients (DP-SGD, or a defense's per-sample clip
+    of tensors it trains), without the rank-one shortcut; None if it needs none."""
+    if phase.dp is None and (clip is None or not clip.touches(phase.names)):
+        return None
+    return replace(phase, rank_one=())
+
+
 def train_client(algo: Algorithm, params: Params, data: ClientData, batch_size: int,
-                 seed: int, rnd: int, cid: int, augment: bool = False) -> tuple[Params, float]:
+                 seed: int, rnd: int, cid: int, augment: bool = False,
+                 clip: SliceClip | None = None) -> tuple[Params, float]:
     """Run every phase of local training; returns the trained state and the mean minibatch loss
-    of the last phase."""
+    of the last phase. `clip`: a defense's transform of per-sample gradients."""
     def loss_fn(trainable, frozen, x, y):
         return F.cross_entropy(algo.forward({**frozen, **trainable}, x), y)
 
@@ -133,6 +150,8 @@ def train_client(algo: Algorithm, params: Params, data: ClientData, batch_size: 
     params = dict(params)
     losses: list[torch.Tensor] = []
     for k, phase in enumerate(algo.phases()):
+        per_sample = per_sample_phase(phase, clip)
+        phase = per_sample or phase
         # Copies, updated in place below; the caller's tensors (the shared state) stay intact.
         trainable = {n: params[n].detach().clone() for n in phase.names}
         frozen = {n: v for n, v in params.items() if n not in trainable}
@@ -149,10 +168,12 @@ def train_client(algo: Algorithm, params: Params, data: ClientData, batch_size: 
             idx = idx.to(dev)
             xb = model_inputs(data, data.x_train[idx],
                               crop_flip_draws(aug, len(idx)) if augment else None)
-            if phase.dp:
-                per_sample, loss = dp_step(trainable, frozen, xb, data.y_train[idx])
-                grads = privatize(per_sample, torch.ones(len(idx), device=dev), phase.dp,
-                                  dp_noise(phase.dp, trainable, noise))
+            if per_sample:
+                grads, loss = dp_step(trainable, frozen, xb, data.y_train[idx])
+                if clip is not None:
+                    grads = clip(grads, lead=1)
+                grads = privatize(grads, torch.ones(len(idx), device=dev), phase.dp,
+                                  dp_noise(phase.dp, trainable, noise) if phase.dp else None)
                 loss = loss.mean()
             else:  # rank-one weights enter as constants: no gradient of theirs is formed
                 grads, loss = step({n: trainable[n] for n in opt.dense}, {**frozen, **rank_one},
@@ -213,7 +234,8 @@ def stack_noise(dp: DPSGD, stacked: Params, gens: list[torch.Generator],
 
 def train_group(algo: Algorithm, shared: Params, private: dict[int, Params],
                 data: dict[int, ClientData], cids: list[int], batch_size: int, seed: int,
-                rnd: int, augment: bool = False) -> tuple[Params, torch.Tensor]:
+                rnd: int, augment: bool = False,
+                clip: SliceClip | None = None) -> tuple[Params, torch.Tensor]:
     """The vectorized path: train clients `cids` together. Returns their trained state stacked
     along dim 0 (every tensor that training changed) and each client's last-phase mean loss."""
     x = torch.cat([data[c].x_train for c in cids])
@@ -228,6 +250,8 @@ def train_group(algo: Algorithm, shared: Params, private: dict[int, Params],
         return (ce * w).sum() / w.sum().clamp(min=1)
 
     for k, phase in enumerate(algo.phases()):
+        per_sample = per_sample_phase(phase, clip)
+        phase = per_sample or phase
         idx, weight, active, draws = schedules(data, cids, batch_size, phase, seed, rnd, k,
                                                y.device, augment)
         # A shared tensor gets one copy per client once it is trained; until then all clients
@@ -254,10 +278,12 @@ def train_group(algo: Algorithm, shared: Params, private: dict[int, Params],
             xb = model_inputs(data[cids[0]], x[rows].flatten(0, 1),
                               draws[:, s].flatten(0, 1) if augment else None)
             xb = xb.view(*rows.shape, *xb.shape[1:])
-            if phase.dp:
-                per_sample, loss = dp_step(trainable, frozen, xb, y[rows])
-                grads = privatize(per_sample, weight[:, s], phase.dp, stack_noise(
-                    phase.dp, trainable, noise, active[:, s]))
+            if per_sample:
+                grads, loss = dp_step(trainable, frozen, xb, y[rows])
+                if clip is not None:
+                    grads = clip(grads, lead=2)
+                grads = privatize(grads, weight[:, s], phase.dp, stack_noise(
+                    phase.dp, trainable, noise, active[:, s]) if phase.dp else None)
                 loss = (loss * weight[:, s]).sum(1) / weight[:, s].sum(1).clamp(min=1)
             else:
                 grads, loss = step({n: trainable[n] for n in opt.dense}, {**frozen, **rank_one},
@@ -292,7 +318,7 @@ def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
                  data: dict[int, ClientData], cohort: list[int], weights: list[float],
                  batch_size: int, seed: int, rnd: int, device: torch.device,
                  mode: str = "sequential", group_size: int = 0,
-                 augment: bool = False, defense: Callable | None = None) -> torch.Tensor:
+                 augment: bool = False, defense: ClientDefense | None = None) -> torch.Tensor:
     """Train `cohort` (clients hosted here, sorted) from `shared`; update their private state in
     place. mode "vectorized" trains together the members of each block of `group_size`
     consecutive client ids (0: all at once).
@@ -300,7 +326,8 @@ def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
     Returns ONE flat float64 buffer, ready for the round's Allreduce:
     [sum of weight * upload | sum of training losses | number of clients | 0 | sum of weights].
     Uploads are added one client at a time in cohort order, whatever the mode, each first
-    through `defense(upload, client id, its state before and after training)` when given.
+    through `defense(upload, client id, its state before and after training)` when given, and
+    trained with `defense.per_sample` (a transform of per-sample gradients) where it has one.
     """
     numel = sum(v.numel() for v in shared.values())
     buf = torch.zeros(numel + EXTRA_SLOTS, dtype=ROUND_DTYPE, device=device)
@@ -317,7 +344,8 @@ def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
     if mode == "sequential":
         for cid, w in zip(cohort, weights):
             add(cid, w, *train_client(algo, {**shared, **private[cid]}, data[cid], batch_size,
-                                      seed, rnd, cid, augment))
+                                      seed, rnd, cid, augment,
+                                      defense.per_sample([cid]) if defense else None))
         return buf
     # A group: the members of the cohort among ids [k * group_size, (k + 1) * group_size), a
     # set that does not depend on which rank hosts them (ranks host whole blocks).
@@ -325,7 +353,8 @@ def train_cohort(algo: Algorithm, shared: Params, private: dict[int, Params],
     for _, members in itertools.groupby(zip(cohort, weights), key=lambda cw: block(cw[0])):
         cids, ws = zip(*members)
         stacked, losses = train_group(algo, shared, private, data, list(cids), batch_size,
-                                      seed, rnd, augment)
+                                      seed, rnd, augment,
+                                      defense.per_sample(list(cids)) if defense else None)
         for i, (cid, w) in enumerate(zip(cids, ws)):
             add(cid, w, {**shared, **{n: v[i] for n, v in stacked.items()}}, float(losses[i]))
     return buf

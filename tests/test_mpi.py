@@ -58,7 +58,8 @@ def test_dp_baselines_give_the_same_results_on_one_and_two_ranks(tmp_path, algor
     assert runs[1]["train_loss"][-1] < runs[1]["train_loss"][0]
 
 
-@pytest.mark.parametrize("defense", ["dp_laplace", "soteria", "random_slice", "gradienthide"])
+@pytest.mark.parametrize("defense", ["dp_laplace", "soteria", "random_slice", "gradienthide",
+                                     "random_slice privacy.slice_clip=1e-2"])
 def test_defended_runs_give_the_same_results_on_one_and_two_ranks(tmp_path, defense):
     """A defense's randomness is drawn per (seed, round, client), never per rank; the
     once-per-run parts (slices, public labels) come from rank 0. (dp_gaussian draws through
@@ -66,7 +67,7 @@ def test_defended_runs_give_the_same_results_on_one_and_two_ranks(tmp_path, defe
     runs = {}
     for ranks in (1, 2):
         r = run_mpi(ranks, *SMALL, "train.rounds=2", "algorithm.name=fedavg",
-                    f"privacy.defense={defense}", "data.public_fraction=0.1",
+                    *f"privacy.defense={defense}".split(), "data.public_fraction=0.1",
                     "privacy.slice_noise=5e-3", f"output.dir={tmp_path}",
                     f"output.name=n{ranks}")
         assert r.returncode == 0, r.stderr

@@ -9,7 +9,6 @@ github jeremy313/Soteria).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,10 +40,13 @@ class ClientView:
     once: Slicing | PublicSet | None = None  # computed once per run (defense_context)
 
 
-def generator(view: ClientView, device: torch.device) -> torch.Generator:
-    state = np.random.SeedSequence([view.seed, DEFENSE_STREAM, view.round,
-                                    view.client]).generate_state(1)
+def defense_stream(seed: int, rnd: int, cid: int, device: torch.device) -> torch.Generator:
+    state = np.random.SeedSequence([seed, DEFENSE_STREAM, rnd, cid]).generate_state(1)
     return torch.Generator(device=device).manual_seed(int(state[0]))
+
+
+def generator(view: ClientView, device: torch.device) -> torch.Generator:
+    return defense_stream(view.seed, view.round, view.client, device)
 
 
 def clip_update(upload: Params, bound: float) -> Params:
@@ -112,6 +114,7 @@ def soteria(upload: Params, view: ClientView, rate: float) -> Params:
 class Slicing:
     """random_slice's slices of the flattened upload (tensors in `names` order)."""
     names: list[str]
+    sizes: list[int]
     bounds: np.ndarray
 
     def attrs(self) -> dict:
@@ -133,14 +136,34 @@ def slicing(cfg: RunConfig, algo, device: torch.device) -> Slicing:
     params = {k: v.to(device) for k, v in {**shared, **algo.init_client(0)}.items()}
     sens = random_slice.sensitivities(algo.forward, params, names, x, y[idx])
     sizes = [params[k].numel() for k in names]
-    return Slicing(names, random_slice.slice_bounds(sizes, sens, cfg.privacy.slices))
+    return Slicing(names, sizes, random_slice.slice_bounds(sizes, sens, cfg.privacy.slices))
+
+
+def chosen_slices(cfg: PrivacyConfig, gen: torch.Generator) -> torch.Tensor:
+    """The client's perturbed slices this round: the first draw of its defense stream."""
+    return torch.randperm(cfg.slices, generator=gen, device=gen.device)[:cfg.slices_perturbed]
 
 
 def slice_noise(upload: Params, view: ClientView, cfg: PrivacyConfig) -> Params:
     gen = generator(view, next(iter(upload.values())).device)
-    chosen = torch.randperm(cfg.slices, generator=gen, device=gen.device)[:cfg.slices_perturbed]
+    chosen = chosen_slices(cfg, gen)
     s = view.once
     return random_slice.perturb(upload, s.names, s.bounds, chosen.cpu(), cfg.slice_noise, gen)
+
+
+def slice_clip(cfg: RunConfig, once: Slicing, rnd: int, cids: list[int],
+               device: torch.device) -> random_slice.SliceClip:
+    """random_slice's per-sample clipping (privacy.slice_clip) of clients `cids` in round
+    `rnd`, on the slices slice_noise perturbs after their training."""
+    p = cfg.privacy
+    chosen = torch.zeros(len(cids), p.slices, dtype=torch.bool, device=device)
+    for i, cid in enumerate(cids):
+        chosen[i, chosen_slices(p, defense_stream(cfg.train.seed, rnd, cid, device))] = True
+    flat = torch.from_numpy(random_slice.slice_ids(once.bounds)).to(device)
+    ids, start = {}, 0
+    for n, size in zip(once.names, once.sizes):
+        ids[n], start = flat[start:start + size], start + size
+    return random_slice.SliceClip(ids, chosen, p.slice_clip)
 
 
 def compensate_(cfg: PrivacyConfig, upload_sum: torch.Tensor, weights: list[float]) -> None:
@@ -239,17 +262,33 @@ def defend(upload: Params, view: ClientView, cfg: PrivacyConfig) -> Params:
     raise ValueError(f"unknown defense {cfg.defense!r}")
 
 
-def client_defense(cfg: RunConfig, algo, clients: dict, rnd: int,
-                   once: Slicing | PublicSet | None = None) -> Callable | None:
-    """The engine's hook for round `rnd`: (upload, client id, its state before and after local
-    training) -> the upload the server receives; None without a defense."""
-    p = cfg.privacy
-    if p.defense == "none":
-        return None
+class ClientDefense:
+    """The engine's hook for one round: called with (upload, client id, its state before and
+    after local training) it gives the upload the server receives; `per_sample(cids)` is what
+    a defense does to per-sample gradients at every local step of those clients (None: it
+    does nothing there, and training needs no per-sample gradients)."""
 
-    def apply(upload: Params, cid: int, start: Params, trained: Params) -> Params:
-        c = clients[cid]
+    def __init__(self, cfg: RunConfig, algo, clients: dict, rnd: int,
+                 once: Slicing | PublicSet | None):
+        self.cfg, self.algo, self.clients, self.rnd, self.once = cfg, algo, clients, rnd, once
+
+    def __call__(self, upload: Params, cid: int, start: Params, trained: Params) -> Params:
+        p, c = self.cfg.privacy, self.clients[cid]
         inputs = model_inputs(c, c.x_train) if p.defense == "soteria" else None
-        view = ClientView(cfg.train.seed, rnd, cid, start, trained, algo, inputs, once)
+        view = ClientView(self.cfg.train.seed, self.rnd, cid, start, trained, self.algo,
+                          inputs, self.once)
         return defend(upload, view, p)
-    return apply
+
+    def per_sample(self, cids: list[int]) -> random_slice.SliceClip | None:
+        p = self.cfg.privacy
+        if p.defense != "random_slice" or p.slice_clip <= 0:
+            return None
+        return slice_clip(self.cfg, self.once, self.rnd, cids,
+                          self.clients[cids[0]].y_train.device)
+
+
+def client_defense(cfg: RunConfig, algo, clients: dict, rnd: int,
+                   once: Slicing | PublicSet | None = None) -> ClientDefense | None:
+    """The engine's hook for round `rnd`; None without a defense."""
+    return None if cfg.privacy.defense == "none" else ClientDefense(cfg, algo, clients, rnd,
+                                                                      once)

@@ -8,6 +8,8 @@ wangjunxiao/GradDefense: sensitivity.py, perturb.py, compensate.py; research/pri
    tensor's sensitivity / its size; the official code packs gcd-sized atoms greedily, which
    gives the same boundaries up to an atom).
 2. Per client and round: m of the M slices drawn at random get i.i.d. N(0, sigma^2) noise.
+   Optionally (the official clip.py), at every local step each sample's gradient restricted to
+   each of those m slices is first clipped to L2 norm C (clip_slices).
 3. The server denoises the aggregate (random-matrix theory): the mean update as a V x W matrix
    (V the smallest factor of its length >= sqrt(Q * length)), the eigenvectors of its W x W
    covariance inside the Marchenko-Pastur bulk of the noise, [(1 - 1/sqrt Q)^2, (1 + 1/sqrt Q)^2]
@@ -19,6 +21,7 @@ wangjunxiao/GradDefense: sensitivity.py, perturb.py, compensate.py; research/pri
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,6 +51,48 @@ def slice_bounds(sizes: list[int], sens: np.ndarray, num_slices: int) -> np.ndar
     # (1 - 1e-9): a share reached up to rounding counts as reached
     inner = np.searchsorted(cum, cum[-1] * np.arange(1, num_slices) / num_slices * (1 - 1e-9))
     return np.concatenate([[0], np.maximum.accumulate(inner + 1), [sum(sizes)]])
+
+
+def slice_ids(bounds: np.ndarray) -> np.ndarray:
+    """The slice of every entry of the flattened upload (slices may be empty)."""
+    return np.searchsorted(bounds, np.arange(bounds[-1]), side="right") - 1
+
+
+def clip_slices(grads: Params, ids: Params, chosen: torch.Tensor, bound: float,
+                lead: int) -> Params:
+    """Per-sample gradients with each sample's part of each chosen slice clipped to L2 norm
+    `bound`. grads[n]: (*lead dims, *shape), the samples the last lead dim ((B,) for a client,
+    (clients, B) for a group); ids[n]: the slice of each entry of n (flat), for the uploaded
+    tensors; chosen: (M,) or (clients, M) bool. Tensors outside `ids` are returned as given."""
+    flat = {n: grads[n].flatten(lead) for n in ids}
+    lead_shape = next(iter(flat.values())).shape[:-1]
+    sq = torch.zeros(*lead_shape, chosen.shape[-1], dtype=torch.float64,
+                     device=chosen.device)
+    for n, g in flat.items():
+        sq.index_add_(lead, ids[n], g.double().pow(2))
+    factor = torch.where(chosen.unsqueeze(-2), (bound / (sq.sqrt() + 1e-12)).clamp(max=1.0),
+                         torch.ones_like(sq)).to(next(iter(flat.values())).dtype)
+    out = dict(grads)
+    for n, g in flat.items():
+        out[n] = (g * factor.index_select(lead, ids[n])).view_as(grads[n])
+    return out
+
+
+@dataclass
+class SliceClip:
+    """clip_slices for given clients: the slice of each entry of the uploaded tensors, each
+    client's chosen slices (clients, M) and the bound."""
+    ids: Params
+    chosen: torch.Tensor
+    bound: float
+
+    def touches(self, names) -> bool:
+        return any(n in self.ids for n in names)
+
+    def __call__(self, grads: Params, lead: int) -> Params:
+        """lead 1: one client's (B, ...) gradients; 2: a group's (clients, B, ...)."""
+        chosen = self.chosen[0] if lead == 1 else self.chosen
+        return clip_slices(grads, self.ids, chosen, self.bound, lead)
 
 
 def perturb(upload: Params, names: list[str], bounds: np.ndarray, chosen: torch.Tensor,
