@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 import torch
 
-from .config import ConfigError, load_config
+from .config import DTYPES, ConfigError, load_config
 from .data import load_federated
 from .engine import EXTRA_SLOTS
 from .loop import build, evaluate, provenance, sample_cohort, to_device, train_round
@@ -58,7 +58,6 @@ WORKLOADS = {
         "model.pretrained=none", "algorithm.name=hyperfl_lpm", "algorithm.head_lr=0.1",
         "train.batch_size=16", "train.lr=0.1"],
 }
-DTYPES = ("fp32", "tf32", "bf16")
 COMPARE_ROUND = 3  # see the module docstring
 
 

@@ -33,6 +33,7 @@ LPM_MODELS = ("vit_adapter", "resnet18_adapter")  # frozen timm backbones with a
 MODELS = ("auto", "digits_cnn", "mnist_cnn", "cifar_cnn", "pfl_cnn", *LPM_MODELS)
 DP_ALGORITHMS = ("dpfedavg", "ppsgd", "centaur")  # DP-SGD baselines: noise set by privacy.dp_*
 LPM_ALGORITHMS = ("hyperfl_lpm", "fedavg_adapter", "local_adapter")  # need an LPM model
+DTYPES = ("fp32", "tf32", "bf16")  # engine.dtype
 ALGORITHMS = ("hyperfl", "fedavg", "local", *LPM_ALGORITHMS, *DP_ALGORITHMS)
 
 
@@ -180,7 +181,7 @@ class EngineConfig:
     dtype: str = opt("fp32", "arithmetic of local training: fp32, tf32 (CUDA), bf16 "
                      "(autocast, for GPUs); evaluation stays fp32; bit-for-bit "
                      "reproducibility holds within one setting",
-                     choices=("fp32", "tf32", "bf16"))
+                     choices=DTYPES)
     threads: int = opt(1, "CPU threads per rank (torch intra-op); fixed, because the thread "
                        "count changes a run's last bits, which HyperFL amplifies; 0 = "
                        "SLURM_CPUS_PER_TASK, else the node's cores shared among its ranks "
