@@ -25,8 +25,8 @@ from .engine import (EXTRA_SLOTS, ROUND_DTYPE, STOP_SLOT, evaluate_client, preci
                      resolve_mode, train_cohort, unflatten)
 from .lock import lock_output
 from .privacy.defenses import check as check_defense
-from .privacy.defenses import (PublicSet, Slicing, choose_labeler, client_defense, compensate_,
-                               label_public, public_images, public_set, slicing)
+from .privacy.defenses import PublicSet, Slicing, client_defense, compensate_, slicing
+from .privacy.gradienthide import choose_labeler, label_public, public_images, public_set
 from .resume import checkpoint, plan_or_error
 from .store import TIMING, ResultsFile, git_commit, load_checkpoint, mark_completed
 from .world import Diverged, World, balanced_blocks

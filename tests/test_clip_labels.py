@@ -15,7 +15,7 @@ from hpcfl.config import PrivacyConfig, load_config
 from hpcfl.loop import run
 from hpcfl.main import main
 from hpcfl.privacy.clip_labels import ClipWeights, find_clip, prompts, zero_shot
-from hpcfl.privacy.defenses import public_images
+from hpcfl.privacy.gradienthide import public_images
 from hpcfl.world import World
 
 TINY = {"embed_dim": 16,

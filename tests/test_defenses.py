@@ -10,9 +10,9 @@ from hpcfl.config import ConfigError, load_config
 from hpcfl.data import load_federated
 from hpcfl.engine import model_inputs, train_client
 from hpcfl.loop import run
-from hpcfl.privacy.defenses import (ClientView, Labeler, check, client_defense, compensate_,
-                                    defend, generator, label_public, public_images, public_set,
-                                    slicing, topk)
+from hpcfl.privacy.defenses import (ClientView, check, client_defense, compensate_, defend,
+                                    generator, slicing, topk)
+from hpcfl.privacy.gradienthide import Labeler, label_public, public_images, public_set
 from hpcfl.privacy.random_slice import sensitivities, slice_bounds
 from hpcfl.world import World
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, PrivacyConfig, RunConfig
-from ..data import class_names, load_public
+from ..data import load_public
 from ..engine import model_inputs
-from . import clip_labels, gradienthide, random_slice
+from . import gradienthide, random_slice
 from .gradienthide import PublicSet
 
 Params = dict[str, torch.Tensor]
@@ -176,61 +176,6 @@ def compensate_(cfg: PrivacyConfig, upload_sum: torch.Tensor, weights: list[floa
     var = (cfg.slices_perturbed / cfg.slices * cfg.slice_noise ** 2
            * sum(w * w for w in weights) / total ** 2)
     upload_sum.copy_(random_slice.denoise(upload_sum / total, var) * total)
-
-
-def public_images(cfg: RunConfig, device: torch.device
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The public split normalized as the model's inputs, its true labels, and its pixels in
-    [0, 1] (what CLIP is given; the synthetic images, normalized already, stand for both)."""
-    x, y, mean, std, _ = load_public(cfg.data, cfg.train.seed, device)
-    x = x.float() / 255 if x.dtype == torch.uint8 else x
-    return (x if mean is None else (x - mean) / std), y, x
-
-
-@dataclass
-class Labeler:
-    """gradienthide's labeler: CLIP (`clip` set, prompted with `class_names`) or the public
-    model; `fell_back` says why privacy.hide_labeler=auto did not use CLIP."""
-    clip: clip_labels.ClipWeights | None = None
-    class_names: list[str] | None = None
-    fell_back: str = ""
-
-    @property
-    def name(self) -> str:
-        return self.clip.describe() if self.clip else "public_model"
-
-
-def choose_labeler(cfg: RunConfig) -> Labeler | str:
-    """The labeler privacy.hide_labeler asks for, or the one line saying why it cannot run."""
-    p = cfg.privacy
-    if p.hide_labeler == "public_model":
-        return Labeler()
-    names = class_names(cfg.data)
-    found = (clip_labels.find_clip(p) if names else
-             f"data.name={cfg.data.name} has no class names to prompt CLIP with")
-    if isinstance(found, clip_labels.ClipWeights):
-        return Labeler(found, names)
-    if p.hide_labeler == "clip":
-        return f"privacy.hide_labeler=clip: {found}; or privacy.hide_labeler=public_model"
-    return Labeler(fell_back=found)
-
-
-def label_public(cfg: RunConfig, labeler: Labeler, x: torch.Tensor, y: torch.Tensor,
-                 pixels: torch.Tensor, num_classes: int) -> np.ndarray | str:
-    """gradienthide's labels of the public images (rank 0 computes them for every rank), or
-    the line saying why CLIP could not label them."""
-    if labeler.clip is None:
-        return gradienthide.public_model_labels(x, y, cfg.model.name, num_classes,
-                                                cfg.train.seed).cpu().numpy()
-    try:
-        return clip_labels.zero_shot(pixels, labeler.class_names, labeler.clip).cpu().numpy()
-    except (OSError, RuntimeError, ValueError) as e:  # an unreadable or mismatched weights file
-        return f"privacy.hide_labeler: {labeler.name} could not label the public images: {e}"
-
-
-def public_set(x: torch.Tensor, y: torch.Tensor, labels: np.ndarray, labeler: str) -> PublicSet:
-    pseudo = torch.from_numpy(labels).to(x.device)
-    return PublicSet(x, pseudo, labeler, float((pseudo == y).float().mean()))
 
 
 def check(cfg: RunConfig, algo) -> None:
