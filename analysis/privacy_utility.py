@@ -21,8 +21,9 @@ def strength(privacy: dict) -> str:
     """The defense's strength keys, as text."""
     keys = dict(dp_gaussian=("clip", "noise"), dp_laplace=("clip", "noise"),
                 topk=("topk_ratio",), soteria=("soteria_rate",),
-                random_slice=("slice_noise",), gradienthide=("hide_batch",))
-    return " ".join(f"{k}={privacy[k]}" for k in keys.get(privacy["defense"], ()))
+                random_slice=("slice_noise", "slice_clip"), gradienthide=("hide_batch",))
+    # files written before a key existed lack it
+    return " ".join(f"{k}={privacy[k]}" for k in keys.get(privacy["defense"], ()) if k in privacy)
 
 
 def collect(dirs: list[str]) -> tuple[pd.DataFrame, int]:
