@@ -95,9 +95,9 @@ def test_both_engine_paths_clip_alike_hyperfl_included():
         cfg, data, algo, once, shared = setup(f"algorithm.name={algorithm}",
                                               "privacy.slice_clip=1e-2", "train.local_steps=2",
                                               "train.momentum=0.5")
-        start = {c: algo.init_client(c) for c in range(6)}
-        settle(algo, shared, start, data, list(range(6)), 2 if algorithm == "hyperfl" else 0)
-        cids = [0, 2, 3]
+        cids = [0, 3]
+        start = {c: algo.init_client(c) for c in cids}
+        settle(algo, shared, start, data, cids, 2 if algorithm == "hyperfl" else 0)
 
         def mean_upload(mode):
             private = {c: dict(p) for c, p in start.items()}
