@@ -140,3 +140,17 @@ def test_class_names_come_from_the_prepared_file(tmp_path):
     assert names == list(CIFAR_CLASSES)
     assert prompts(names)[3] == f"a photo of a {CIFAR_CLASSES[3]}."
     assert class_names(DataConfig(name="photos")) is None
+
+
+def test_weights_that_do_not_load_are_one_line_and_exit_2(tmp_path, capsys):
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY}))
+    (folder / "open_clip_model.safetensors").write_bytes(b"\x07" * 1000)
+    code = main(["privacy.defense=gradienthide", "privacy.hide_labeler=clip",
+                 f"privacy.clip_model=local-dir:{folder}", "data.public_fraction=0.1",
+                 f"output.dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "cannot load" in err and "SafetensorError" in err
+    assert not (tmp_path / "runs").exists()

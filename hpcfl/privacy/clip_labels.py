@@ -9,6 +9,8 @@ with open_clip_config.json and its weights, as open_clip writes and reads them).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,32 @@ def prompts(class_names: list[str]) -> list[str]:
     return [template.format(n) for n in class_names]
 
 
+@contextlib.contextmanager
+def quiet_root_logger():
+    """open_clip logs each loading step at INFO on the root logger, which the runner's log
+    would show."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def load(weights: ClipWeights, device: torch.device) -> torch.nn.Module:
+    """The CLIP model in eval mode; ValueError naming the weights if they cannot be loaded."""
+    import open_clip
+
+    try:
+        return open_clip.create_model(weights.model, pretrained=weights.file, device=device,
+                                      require_pretrained=True).eval()
+    except Exception as e:  # whatever torch, safetensors or pickle raise: the file is at fault
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"cannot load {weights.file or weights.model}: "
+                         f"{type(e).__name__}: {first}") from None
+
+
 def zero_shot(pixels: torch.Tensor, class_names: list[str], weights: ClipWeights
               ) -> torch.Tensor:
     """CLIP's zero-shot class of each image: the prompt of highest cosine similarity.
@@ -80,11 +108,12 @@ def zero_shot(pixels: torch.Tensor, class_names: list[str], weights: ClipWeights
     import open_clip
 
     device = pixels.device
-    model = open_clip.create_model(weights.model, pretrained=weights.file, device=device,
-                                   require_pretrained=True).eval()
+    with quiet_root_logger():
+        model = load(weights, device)
+        tokenizer = open_clip.get_tokenizer(weights.model)
     pre = open_clip.get_model_preprocess_cfg(model)
     mean, std = (torch.tensor(pre[k], device=device).view(1, -1, 1, 1) for k in ("mean", "std"))
-    tokens = open_clip.get_tokenizer(weights.model)(prompts(class_names)).to(device)
+    tokens = tokenizer(prompts(class_names)).to(device)
     with torch.no_grad():
         text = F.normalize(model.encode_text(tokens), dim=-1)
         labels = []
