@@ -9,13 +9,12 @@ github jeremy313/Soteria).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..config import ConfigError, PrivacyConfig, RunConfig
-from ..data import load_public
 from ..engine import model_inputs
 from . import gradienthide, random_slice
 from .gradienthide import PublicSet
@@ -116,9 +115,18 @@ class Slicing:
     names: list[str]
     sizes: list[int]
     bounds: np.ndarray
+    # the slice of every entry of each tensor, on this rank's device: made on first use (after
+    # rank 0 sent the rest), then reused by every client and round
+    _ids: Params | None = field(default=None, repr=False, compare=False)
 
     def attrs(self) -> dict:
         return dict(random_slice_bounds=self.bounds)
+
+    def entry_ids(self, device: torch.device) -> Params:
+        if self._ids is None:
+            flat = torch.from_numpy(random_slice.slice_ids(self.bounds)).to(device)
+            self._ids = dict(zip(self.names, flat.split(self.sizes)))
+        return self._ids
 
 
 ROOT_PER_CLASS = 5  # GradDefense's root set: 5 images per class
@@ -127,14 +135,12 @@ ROOT_PER_CLASS = 5  # GradDefense's root set: 5 images per class
 def slicing(cfg: RunConfig, algo, device: torch.device) -> Slicing:
     """The slices of random_slice, from the sensitivities of the uploaded tensors (at the
     initial state) on a root set of ROOT_PER_CLASS public images per class."""
-    x, y, mean, std, _ = load_public(cfg.data, cfg.train.seed, device)
+    x, y, _ = gradienthide.public_images(cfg, device)
     idx = torch.cat([torch.nonzero(y == c)[:ROOT_PER_CLASS, 0] for c in torch.unique(y)])
-    x = x[idx].float() / 255 if x.dtype == torch.uint8 else x[idx]
-    x = x if mean is None else (x - mean) / std
     shared = algo.init_shared()
     names = list(shared)
     params = {k: v.to(device) for k, v in {**shared, **algo.init_client(0)}.items()}
-    sens = random_slice.sensitivities(algo.forward, params, names, x, y[idx])
+    sens = random_slice.sensitivities(algo.forward, params, names, x[idx], y[idx])
     sizes = [params[k].numel() for k in names]
     return Slicing(names, sizes, random_slice.slice_bounds(sizes, sens, cfg.privacy.slices))
 
@@ -159,11 +165,7 @@ def slice_clip(cfg: RunConfig, once: Slicing, rnd: int, cids: list[int],
     chosen = torch.zeros(len(cids), p.slices, dtype=torch.bool, device=device)
     for i, cid in enumerate(cids):
         chosen[i, chosen_slices(p, defense_stream(cfg.train.seed, rnd, cid, device))] = True
-    flat = torch.from_numpy(random_slice.slice_ids(once.bounds)).to(device)
-    ids, start = {}, 0
-    for n, size in zip(once.names, once.sizes):
-        ids[n], start = flat[start:start + size], start + size
-    return random_slice.SliceClip(ids, chosen, p.slice_clip)
+    return random_slice.SliceClip(once.entry_ids(device), chosen, p.slice_clip)
 
 
 def compensate_(cfg: PrivacyConfig, upload_sum: torch.Tensor, weights: list[float]) -> None:

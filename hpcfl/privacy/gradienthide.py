@@ -114,7 +114,7 @@ def label_public(cfg: RunConfig, labeler: Labeler, x: torch.Tensor, y: torch.Ten
     the line saying why CLIP could not label them."""
     if labeler.clip is None:
         return public_model_labels(x, y, cfg.model.name, num_classes,
-                                                cfg.train.seed).cpu().numpy()
+                                   cfg.train.seed).cpu().numpy()
     try:
         return clip_labels.zero_shot(pixels, labeler.class_names, labeler.clip).cpu().numpy()
     except ValueError as e:  # weights that do not load (clip_labels.load)
