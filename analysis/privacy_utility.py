@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from analysis.summarize import results_files
+
 MARKERS = dict(none="o", dp_gaussian="s", dp_laplace="D", topk="^", soteria="v",
                random_slice="P", gradienthide="X")
 
@@ -30,8 +32,7 @@ def collect(dirs: list[str]) -> tuple[pd.DataFrame, int]:
     """One row per (results file, attack): algorithm, defense, strength, muted, attack,
     psnr, ssim, label_acc, accuracy, rounds, status, file; and the number of files skipped."""
     rows, skipped = [], 0
-    for path in sorted(p for d in dirs for p in Path(d).glob("*.h5")
-                       if not p.name.endswith(".ckpt.h5") and ".prev." not in p.name):
+    for path in results_files(dirs):
         try:
             with h5py.File(path, "r", locking=False) as f:
                 cfg = yaml.safe_load(f.attrs["config"])
