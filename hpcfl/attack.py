@@ -24,20 +24,24 @@ import h5py
 import numpy as np
 import torch
 
-from .config import ConfigError, RunConfig, describe, load_config
+from .config import AttackConfig, ConfigError, RunConfig, describe, load_config
 from .data import ClientData, load_federated
 from .engine import model_inputs, train_client
 from .loop import build, defense_context, provenance, run, sample_cohort, to_device
-from .privacy.attacks import (Knowledge, dlg, gifd, gradient_from_update, idlg_label,
-                              inverting_gradients)
+from .privacy.attacks import (Knowledge, Problem, dlg, gifd, gradient_from_update,
+                              idlg_label, inverting_gradients)
+from .privacy.attacks.hypernet import HypernetProblem, adapt
 from .privacy.defenses import REPRESENTATION_LAYER, client_defense
 from .privacy.defenses import check as check_defense
 from .privacy.generator import Generator, load_generator
 from .privacy.metrics import LPIPS_NOTE, image_scores, label_accuracy, to_unit
+from .progress import progress
 from .store import ResultsFile, checkpoint_paths, load_checkpoint
 from .world import Command, World
 
 log = logging.getLogger("hpcfl")
+# What the adaptive attack read off a hypernetwork upload, against the truth (NaN otherwise).
+RECOVERY = ("theta_rel_error", "h_rel_error", "theta_rel_error_final")
 # The no-argument attack: 20 photos over 10 clients, so each holds one training photo.
 DEFAULT = ["data.name=photos", "data.partition=iid", "data.num_clients=10",
            "data.test_fraction=0.5", "algorithm.name=fedavg", "train.local_epochs=1",
@@ -107,18 +111,25 @@ def prior(cfg: RunConfig, shape: tuple, device: torch.device) -> Generator:
     return gen
 
 
-def attack_client(cfg: RunConfig, algo, shared: dict, private: dict, client: ClientData,
-                  cid: int, num_classes: int, augment: bool,
-                  generator: Generator | None = None, once=None) -> dict:
-    """Train client `cid` in round attack.round as the run does, attack its upload."""
+def client_upload(cfg: RunConfig, algo, shared: dict, private: dict, client: ClientData,
+                  cid: int, augment: bool, once=None) -> dict:
+    """Client `cid` trained in round attack.round as the run trains it (the engine's own
+    code): what the server receives from it (after privacy.defense)."""
     a, t = cfg.attack, cfg.train
     state = {**shared, **private}
     defense = client_defense(cfg, algo, {cid: client}, a.round, once)
     trained, _ = train_client(algo, dict(state), client, t.batch_size, t.seed, a.round, cid,
                               augment, defense.per_sample([cid]) if defense else None)
     upload = algo.upload(shared, trained)
-    if defense is not None:  # what the server receives
-        upload = defense(upload, cid, state, trained)
+    return upload if defense is None else defense(upload, cid, state, trained)
+
+
+def problem_for(cfg: RunConfig, algo, upload: dict, shared: dict, private: dict,
+                client: ClientData, cid: int, num_classes: int) -> Problem:
+    """What the attack inverts, knowing what an honest-but-curious server knows; with
+    attack.adaptive, through the structure of the upload where the algorithm has one."""
+    a, t = cfg.attack, cfg.train
+    state = {**shared, **private}
     # server: the client's private state is unknown; the attacker starts from its public init
     guess = {} if a.threat == "white-box" else to_device(algo.init_client(cid),
                                                          client.y_train.device)
@@ -130,27 +141,51 @@ def attack_client(cfg: RunConfig, algo, shared: dict, private: dict, client: Cli
                      (1 - client.mean) / client.std, phases=tuple(algo.phases()),
                      batch_size=t.batch_size)
     grad = gradient_from_update(upload, shared, t.lr, t.weight_decay)
-    target = [(upload if a.multi_step else grad)[k] for k in know.uploaded]
-    n, show = client.num_train, sys.stderr.isatty()
+    multi = a.multi_step and a.name != "dlg"  # DLG matches one gradient
+    n = client.num_train
     labels = idlg_label(grad) if n == 1 and "head.weight" in grad else None
+    p = Problem(know, [(upload if multi else grad)[k] for k in matched], n, num_classes, labels,
+                guess, multi)
+    if a.adaptive and hasattr(algo, "layout"):
+        return adapt(p, algo, upload, shared)
+    return p
+
+
+def iterations(a: AttackConfig, generator: Generator | None) -> int:
+    """Optimizer steps of one attack (GIFD shares attack.iterations among its stages)."""
+    if a.name == "gifd":
+        stages = generator.num_stages + 1
+        return a.restarts * stages * max(a.iterations // stages, 1)
+    return a.iterations * (1 if a.name == "dlg" else a.restarts)
+
+
+def attack_client(cfg: RunConfig, algo, shared: dict, private: dict, client: ClientData,
+                  cid: int, num_classes: int, augment: bool,
+                  generator: Generator | None = None, once=None, bar=None) -> dict:
+    """Train client `cid` in round attack.round as the run does, attack its upload."""
+    a = cfg.attack
+    upload = client_upload(cfg, algo, shared, private, client, cid, augment, once)
+    p = problem_for(cfg, algo, upload, shared, private, client, cid, num_classes)
+    if isinstance(p, HypernetProblem) and p.observed.empty():
+        log.warning("client %d: its upload carries no gradient, only weight decay (its loss was "
+                    "0 at every step: its head epoch fit its %d image(s)); nothing to invert",
+                    cid, client.num_train)
+    seed = cfg.train.seed
     if a.name == "dlg":
-        x, labels, loss = dlg(know, [grad[k] for k in know.uploaded], n, num_classes, guess,
-                              a.iterations, a.lr, t.seed, show)
+        rec = dlg(p, a, seed, bar)
     elif a.name == "gifd":
-        x, labels, loss = gifd(know, target, labels, generator, n, num_classes, guess,
-                               a.iterations, a.lr, a.tv, a.restarts, a.radius, seed=t.seed,
-                               multi_step=a.multi_step, progress=show)
+        rec = gifd(p, a, generator, seed, bar)
     else:
-        x, labels, loss = inverting_gradients(know, target, labels, n, num_classes, guess,
-                                              a.iterations, a.lr, a.tv, a.restarts,
-                                              seed=t.seed, multi_step=a.multi_step,
-                                              progress=show)
+        rec = inverting_gradients(p, a, seed, bar)
+    found = (p.errors(algo, {**shared, **private}, rec.unknown)
+             if isinstance(p, HypernetProblem) else {})
     truth = to_unit(model_inputs(client, client.x_train), client.mean, client.std)
-    rec = to_unit(x, client.mean, client.std)
-    scores = image_scores(rec, truth)
+    x = to_unit(rec.x, client.mean, client.std)
+    scores = image_scores(x, truth)
     return dict(psnr=scores["psnr"].mean(), ssim=scores["ssim"].mean(),
-                label_acc=label_accuracy(labels, client.y_train), loss=loss,
-                reconstruction=(rec[np.argsort(scores["matched"])] * 255).round().astype(np.uint8),
+                label_acc=label_accuracy(rec.labels, client.y_train), loss=rec.loss,
+                **{k: found.get(k, np.nan) for k in RECOVERY},
+                reconstruction=(x[np.argsort(scores["matched"])] * 255).round().astype(np.uint8),
                 truth=(truth * 255).round().astype(np.uint8))
 
 
@@ -170,14 +205,14 @@ def write(path: Path, cfg: RunConfig, results: list[dict]) -> Path:
         if f"privacy/{a.name}" in f:
             del f[f"privacy/{a.name}"]
         g = f.require_group("privacy").create_group(a.name)
-        for key in ("psnr", "ssim", "label_acc", "loss"):
+        for key in ("psnr", "ssim", "label_acc", "loss", *RECOVERY):
             g[key] = np.array([r[key] for r in results], dtype="f8")
         g["reconstruction"] = np.concatenate([r["reconstruction"] for r in results])
         g["truth"] = np.concatenate([r["truth"] for r in results])
         g["targets"] = np.array([r["client"] for r in results], dtype="i8")
         g.attrs.update(config=cfg.to_yaml(), round=a.round, threat=a.threat,
                        defense=cfg.privacy.defense,
-                       multi_step=a.multi_step, lpips=LPIPS_NOTE)
+                       multi_step=a.multi_step, adaptive=a.adaptive, lpips=LPIPS_NOTE)
     png = path.with_name(f"{path.stem}-{a.name}-r{a.round}.png")
     save_grid(png, np.concatenate([r["truth"] for r in results]),
               np.concatenate([r["reconstruction"] for r in results]))
@@ -210,10 +245,13 @@ def attack(cfg: RunConfig, world: World) -> str | None:
     generator = prior(cfg, data.shape, world.device) if a.name == "gifd" else None
     shared, private, path = state_before(cfg, world, algo, data, mine)
     t0, results = time.perf_counter(), []
+    bar = progress(len(mine) * iterations(a, generator),
+                   cfg.output.progress if world.is_main else "none", f"{a.name} attack")
     for cid in mine:
         r = attack_client(cfg, algo, shared, private[cid], data.clients[cid], cid,
-                          data.num_classes, data.augment, generator, once)
+                          data.num_classes, data.augment, generator, once, bar)
         results.append(dict(r, client=cid))
+    bar.close()
     gathered = world.gather_to_main(results)
     if not world.is_main:
         return None

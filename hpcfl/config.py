@@ -95,6 +95,9 @@ class AlgorithmConfig:
                            min=0)
     clip_norm: float = opt(50.0, "hyperfl: gradient-norm clip of hypernetwork and embedding "
                            "(each separately); 0 = off", min=0)
+    hypernet_bias: bool = opt(True, "hyperfl: the hypernetwork's output layers have biases "
+                              "(official); false: without, so that the upload carries no "
+                              "generated tensor's gradient as such (see README, Attacks)")
 
 
 @dataclass
@@ -229,6 +232,10 @@ class AttackConfig:
                                     "out of the matching loss (the attack that breaks Soteria)")
     multi_step: bool = opt(True, "match the whole local update by simulating the client's local "
                            "training; false: the single-gradient shortcut (update / lr)")
+    adaptive: bool = opt(True, "use what the upload's structure gives away before optimizing "
+                         "(hyperfl, hyperfl_lpm: recover the client's generated extractor from "
+                         "the hypernetwork's update, then invert that extractor); false: the "
+                         "generic attack through the whole shared model")
 
 
 @dataclass

@@ -6,11 +6,11 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from hpcfl.algorithms import build_algorithm
-from hpcfl.config import load_config
+from hpcfl.config import AttackConfig, load_config
 from hpcfl.data import ClientData, load_federated
 from hpcfl.data.builtin import PHOTOS, load_digits
 from hpcfl.engine import model_inputs, train_client
-from hpcfl.privacy.attacks import (Knowledge, dlg, gradient_from_update, idlg_label,
+from hpcfl.privacy.attacks import (Knowledge, Problem, dlg, gradient_from_update, idlg_label,
                                    inverting_gradients)
 from hpcfl.privacy.metrics import image_scores, label_accuracy, psnr, ssim, to_unit
 
@@ -38,8 +38,8 @@ def fedavg_single_step(name: str, index: int = 0, steps: int = 1):
 
 def test_inverting_gradients_recovers_one_image_from_a_fedavg_step():
     know, grad, one, _ = fedavg_single_step("digits")
-    x, labels, loss = inverting_gradients(know, [grad[k] for k in know.uploaded], one.y_train,
-                                          iterations=500, tv=1e-4)
+    p = Problem(know, [grad[k] for k in know.uploaded], 1, 10, one.y_train, multi_step=False)
+    x = inverting_gradients(p, AttackConfig(iterations=500, tv=1e-4)).x
     rec, truth = to_unit(x, one.mean, one.std), to_unit(model_inputs(one, one.x_train),
                                                          one.mean, one.std)
     assert psnr(rec[0], truth[0]) >= 25
@@ -62,7 +62,9 @@ def test_dlg_recovers_a_one_image_8x8_batch():
                      (1, 8, 8), torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
     x, y = load_digits()
     x, y = x[3:4], y[3:4]
-    rec, labels, loss = dlg(know, know.gradient(x, y), 1, 10, iterations=100)
+    p = Problem(know, know.gradient(x, y), 1, 10, multi_step=False)
+    r = dlg(p, AttackConfig(iterations=100, lr=1.0))
+    rec, labels = r.x, r.labels
     assert labels.tolist() == y.tolist()
     assert psnr(to_unit(rec)[0], to_unit(x)[0]) >= 40
 
@@ -110,8 +112,8 @@ def test_the_multi_step_attack_beats_the_single_gradient_shortcut_on_5_steps():
     scores = {}
     for multi in (False, True):
         target = upload if multi else [grad[k] for k in know.uploaded]
-        x, _, _ = inverting_gradients(know, target, one.y_train, iterations=300,
-                                      multi_step=multi)
+        p = Problem(know, target, 1, 10, one.y_train, multi_step=multi)
+        x = inverting_gradients(p, AttackConfig(iterations=300)).x
         scores[multi] = psnr(to_unit(x, one.mean, one.std)[0], truth)
     assert scores[True] >= 25 and scores[True] > scores[False] + 10, scores
 

@@ -165,10 +165,11 @@ def settle(algo, shared, private, data, cids, rounds):
         algo.server_step(shared, unflatten(buf[:-EXTRA_SLOTS].float(), shared), float(buf[-1]))
 
 
-@pytest.mark.parametrize("name", ["hyperfl", "fedavg", "local"])
+@pytest.mark.parametrize("name", ["hyperfl", "fedavg", "local",
+                                  "hyperfl algorithm.hypernet_bias=false"])
 def test_vectorized_and_sequential_paths_give_the_same_uploads(name):
     # Dirichlet sizes: clients run different numbers of steps and have partial last batches.
-    cfg = load_config(None, [f"algorithm.name={name}", "data.num_clients=8",
+    cfg = load_config(None, [*f"algorithm.name={name}".split(), "data.num_clients=8",
                              "data.partition=dirichlet", "data.dirichlet_alpha=0.3",
                              "train.local_epochs=2"])
     data = load_federated(cfg.data, seed=0)
@@ -177,7 +178,7 @@ def test_vectorized_and_sequential_paths_give_the_same_uploads(name):
     shared = algo.init_shared()
     cids = list(range(8))
     private = {c: algo.init_client(c) for c in cids}
-    rounds = 2 if name == "hyperfl" else 0
+    rounds = 2 if name.startswith("hyperfl") else 0
     settle(algo, shared, private, data, cids, rounds)
     r = rounds + 1
     stacked, losses = train_group(algo, shared, private, data.clients, cids, 50, 0, r)

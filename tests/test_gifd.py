@@ -97,7 +97,8 @@ def test_generator_mistakes_are_one_line(tmp_path, capsys):
 def test_gifd_maps_labels_when_the_generators_classes_differ(tmp_path):
     """A generator of 10 digit classes attacking a task of 5 classes optimizes a mixture of
     its classes; the attack runs and returns images in the data range."""
-    from hpcfl.privacy.attacks import Knowledge, gifd
+    from hpcfl.config import AttackConfig
+    from hpcfl.privacy.attacks import Knowledge, Problem, gifd
     from hpcfl.privacy.generator import Generator
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5))
@@ -107,6 +108,7 @@ def test_gifd_maps_labels_when_the_generators_classes_differ(tmp_path):
     gen = Generator((1, 8, 8), 10, 8, 4).eval().requires_grad_(False)
     x_true = torch.rand(1, 1, 8, 8)
     target = know.gradient(x_true, torch.tensor([2]))
-    x, labels, loss = gifd(know, target, None, gen, 1, 5, iterations=30)
+    r = gifd(Problem(know, target, 1, 5, multi_step=False), AttackConfig(iterations=30), gen)
+    x, labels, loss = r.x, r.labels, r.loss
     assert x.shape == (1, 1, 8, 8) and labels.shape == (1,) and 0 <= labels.item() < 5
     assert 0 <= x.min() and x.max() <= 1 and np.isfinite(loss)

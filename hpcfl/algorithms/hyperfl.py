@@ -12,6 +12,8 @@ v_i, the head and theta_i never leave the client.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -24,6 +26,21 @@ HYPER, EXTRACTOR = "hypernet.", "extractor."
 HEADS = HYPER + "heads."
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Which shared tensors generate which extractor tensor: target -> (its head's weight, its
+    bias or None), each target's shape, and the trunk's (weight, bias), fed the client's
+    embedding."""
+    heads: dict[str, tuple[str, str | None]]
+    shapes: dict[str, torch.Size]
+    trunk: tuple[str, str]
+    embedding: str = "embedding"
+
+    @property
+    def biased(self) -> bool:
+        return all(b is not None for _, b in self.heads.values())
+
+
 class HyperFL(Algorithm):
     name = "hyperfl"
 
@@ -34,7 +51,7 @@ class HyperFL(Algorithm):
             model, generated = self.build(cfg, shape, num_classes)
             params = dict(model.named_parameters())
             hypernet = HyperNetwork({k: params[k].shape for k in generated}, a.embed_dim,
-                                    a.hidden_dim)
+                                    a.hidden_dim, bias=a.hypernet_bias)
             # Every client starts from the same embedding (nn.Embedding init, N(0, 1)) and the
             # same head, as the official code deep-copies one model for all clients.
             embedding = torch.randn(a.embed_dim)
@@ -53,8 +70,7 @@ class HyperFL(Algorithm):
             Phase(groups=(tuple(self.initial_shared), ("embedding",)), lr=t.lr,
                   momentum=t.momentum, weight_decay=t.weight_decay, epochs=t.local_epochs,
                   steps=t.local_steps, clip_norm=a.clip_norm,
-                  rank_one=tuple((k, k[:-len("weight")] + "bias") for k in self.initial_shared
-                                 if k.startswith(HEADS) and k.endswith(".weight"))),
+                  rank_one=tuple((w, b) for w, b in self.layout().heads.values() if b)),
         ]
         if a.head_epochs == 0:
             self._phases.pop(0)
@@ -64,6 +80,17 @@ class HyperFL(Algorithm):
         hypernetwork generates: the paper's CNN and its feature extractor."""
         model = build_model(cfg.model.name, shape, num_classes)
         return model, [k for k, _ in model.named_parameters() if k.startswith(EXTRACTOR)]
+
+    def layout(self) -> Layout:
+        """Which hypernetwork tensors generate which extractor tensor (the adaptive attack's
+        map of the upload): theta_k = W_k h + b_k, h = relu(trunk(v))."""
+        heads = {}
+        for target in self.hypernet.shapes:
+            head = f"{HEADS}{target.replace('.', '_')}."
+            bias = head + "bias"
+            heads[target] = (head + "weight", bias if bias in self.initial_shared else None)
+        return Layout(heads, dict(self.hypernet.shapes), (HYPER + "trunk.weight",
+                                                          HYPER + "trunk.bias"))
 
     def init_shared(self) -> Params:
         return clone(self.initial_shared)

@@ -12,15 +12,18 @@ class HyperNetwork(nn.Module):
 
     Default PyTorch init on purpose: it is what the official code uses, and it makes the generated
     weights far too large at first (round-1 loss ~1e4 on CIFAR-10), a transient the paper's
-    numbers include.
+    numbers include. `bias=False`: heads without biases (algorithm.hypernet_bias), a variant
+    whose upload does not carry the generated tensors' gradients as such.
     """
 
-    def __init__(self, targets: dict[str, torch.Size], embed_dim: int = 64, hidden_dim: int = 128):
+    def __init__(self, targets: dict[str, torch.Size], embed_dim: int = 64, hidden_dim: int = 128,
+                 bias: bool = True):
         super().__init__()
         self.shapes = {name: torch.Size(s) for name, s in targets.items()}
         self.trunk = nn.Linear(embed_dim, hidden_dim)
         # ModuleDict keys may not contain '.', target names do.
-        self.heads = nn.ModuleDict({name.replace(".", "_"): nn.Linear(hidden_dim, s.numel())
+        self.heads = nn.ModuleDict({name.replace(".", "_"): nn.Linear(hidden_dim, s.numel(),
+                                                                      bias=bias)
                                     for name, s in self.shapes.items()})
 
     def forward(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,8 +1,8 @@
 """Gradient-inversion attacks: from what a client uploads, reconstruct its training images."""
-from .common import Knowledge, gradient_from_update, idlg_label
+from .common import Knowledge, Problem, Reconstruction, gradient_from_update, idlg_label
 from .dlg import dlg
 from .gifd import gifd
 from .ig import inverting_gradients
 
-__all__ = ["Knowledge", "gradient_from_update", "idlg_label", "dlg", "gifd",
-           "inverting_gradients"]
+__all__ = ["Knowledge", "Problem", "Reconstruction", "gradient_from_update", "idlg_label", "dlg",
+           "gifd", "inverting_gradients"]

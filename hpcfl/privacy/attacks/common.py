@@ -8,7 +8,7 @@ shared/research/privacy.md.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,30 +31,39 @@ class Knowledge:
     phases: tuple = ()
     batch_size: int = 0  # 0: every step on all images
 
-    def update(self, x: torch.Tensor, y: torch.Tensor,
-               guess: Params | None = None) -> list[torch.Tensor]:
-        """The change of the uploaded tensors after the client's local training on candidate
+    def batches(self, num_images: int, steps: int) -> list[slice]:
+        """Which candidate images each of `steps` local steps uses: as breaching's multi-step
+        user, step i takes the i-th slice of batch_size images, cyclically (the client's real
+        shuffling is unknown to the server)."""
+        bs = self.batch_size or num_images
+        per_epoch = -(-num_images // bs)
+        return [slice((i % per_epoch) * bs, (i % per_epoch + 1) * bs) for i in range(steps)]
+
+    def steps(self, phase, num_images: int) -> int:
+        """The local steps `phase` takes on `num_images` images (the server knows the recipe)."""
+        bs = self.batch_size or num_images
+        return phase.steps or phase.epochs * -(-num_images // bs)
+
+    def trained(self, x: torch.Tensor, y: torch.Tensor, guess: Params | None = None,
+                phases=None) -> Params:
+        """The client's state after its local training (`phases`, default all) on candidate
         batch (x, y), differentiable in x: every phase's steps with its groups, learning rates,
         per-group gradient clipping, momentum and weight decay (torch.optim.SGD), as the engine
-        trains. As breaching's multi-step user, step i of a phase uses the i-th slice of
-        batch_size images, cyclically (the client's real shuffling is unknown to the server)."""
+        trains."""
+        phases = self.phases if phases is None else phases
         p = {k: v.detach() for k, v in self.params.items()}
-        for k in {k for phase in self.phases for k in phase.names}:
+        for k in {k for phase in phases for k in phase.names}:
             p[k] = p[k].clone().requires_grad_()
         p.update(guess or {})
-        start = {k: p[k] for k in self.uploaded}
-        bs = self.batch_size or len(x)
-        per_epoch = -(-len(x) // bs)
-        for phase in self.phases:
+        for phase in phases:
             names = phase.names
             # New nodes: a phase differentiates with respect to its tensors as they are now,
             # not through what earlier phases made of them (the head trained in HyperFL's first
             # phase is a constant in its second, as in the client's real training).
             p.update({k: p[k] * 1 for k in names})
             buf: dict[str, torch.Tensor] = {}
-            for i in range(phase.steps or phase.epochs * per_epoch):
-                j = (i % per_epoch) * bs
-                loss = label_loss(self.forward(p, x[j:j + bs]), y[j:j + bs])
+            for i, b in enumerate(self.batches(len(x), self.steps(phase, len(x)))):
+                loss = label_loss(self.forward(p, x[b]), y[b])
                 grads = dict(zip(names, torch.autograd.grad(loss, [p[k] for k in names],
                                                             create_graph=True)))
                 if phase.clip_norm > 0:
@@ -66,6 +75,14 @@ class Knowledge:
                     d = grads[k] + phase.weight_decay * p[k]
                     buf[k] = d if i == 0 or not phase.momentum else phase.momentum * buf[k] + d
                     p[k] = p[k] - lr * buf[k]
+        return p
+
+    def update(self, x: torch.Tensor, y: torch.Tensor,
+               guess: Params | None = None) -> list[torch.Tensor]:
+        """The change of the uploaded tensors after the client's local training on candidate
+        batch (x, y) (`trained`), differentiable in x."""
+        start = {**self.params, **(guess or {})}
+        p = self.trained(x, y, guess)
         return [p[k] - start[k] for k in self.uploaded]
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor,
@@ -78,6 +95,56 @@ class Knowledge:
         loss = label_loss(self.forward(params, x), y)
         return list(torch.autograd.grad(loss, [params[k] for k in self.uploaded],
                                         create_graph=True))
+
+
+@dataclass
+class Problem:
+    """One inversion: what the server knows, what it observed of the client's round (`target`:
+    the whole local update with `multi_step`, else one gradient), the client's number of
+    images and classes, the labels where they are known (iDLG's), and the tensors the server
+    does not know, which it optimizes from `guess` (e.g. HyperFL's private head under the
+    server threat)."""
+    know: Knowledge
+    target: list[torch.Tensor]
+    num_images: int
+    num_classes: int
+    labels: torch.Tensor | None = None
+    guess: Params = field(default_factory=dict)
+    multi_step: bool = True
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor, unknown: Params) -> list[torch.Tensor]:
+        """What the client would have uploaded (or its gradient) for candidate batch (x, y)."""
+        return (self.know.update if self.multi_step else self.know.gradient)(x, y, unknown)
+
+    def distance(self, x: torch.Tensor, y: torch.Tensor, unknown: Params,
+                 kind: str = "cosine") -> torch.Tensor:
+        """How far candidate batch (x, y) is from explaining the target: 1 - cosine (Inverting
+        Gradients, GIFD) or the squared distance (DLG)."""
+        got, want = self.observe(x, y, unknown), [t.detach() for t in self.target]
+        return (cosine_distance if kind == "cosine" else euclidean)(got, want)
+
+    def unknowns(self) -> Params:
+        """Fresh leaves for the unknown tensors, starting from the guess."""
+        return {k: v.detach().clone().requires_grad_() for k, v in self.guess.items()}
+
+
+@dataclass
+class Reconstruction:
+    """An attack's answer: images (normalized, like the model's inputs), their labels, the
+    loss at which they were found, and the unknown tensors' values there."""
+    x: torch.Tensor | None
+    labels: torch.Tensor | None
+    loss: float
+    unknown: Params = field(default_factory=dict)
+
+    def keep(self, x: torch.Tensor, y: torch.Tensor, loss: float,
+             unknown: Params | None = None) -> "Reconstruction":
+        """This reconstruction, or (x, y) if its loss is lower (y: labels, or soft labels)."""
+        if not loss < self.loss:
+            return self
+        labels = y.detach().argmax(-1) if y.dtype.is_floating_point else y
+        return Reconstruction(x.detach().clone(), labels, loss,
+                              {k: v.detach().clone() for k, v in (unknown or {}).items()})
 
 
 def label_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

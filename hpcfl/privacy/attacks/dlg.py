@@ -4,34 +4,35 @@ their gradient and the uploaded one."""
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
 
-from .common import Knowledge, Params, euclidean
+from ...config import AttackConfig
+from .common import Problem, Reconstruction
 
 
-def dlg(know: Knowledge, target: list[torch.Tensor], num_images: int, num_classes: int,
-        guess: Params | None = None, iterations: int = 300, lr: float = 1.0, seed: int = 0,
-        progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Returns the images (normalized, like the model's inputs), their labels (argmax of the
-    soft labels) and the final gradient distance. `guess`: tensors the attacker does not know,
-    optimized jointly from these starting values."""
-    target = [t.detach() for t in target]
-    dev = target[0].device
+def dlg(p: Problem, a: AttackConfig, seed: int = 0, bar=None) -> Reconstruction:
+    """Matches p.target as one gradient (DLG's setting). Returns the images (normalized, like
+    the model's inputs), their labels (argmax of the soft labels) and the gradient distance of
+    the best candidate L-BFGS evaluated (`a.lr`: L-BFGS's step size)."""
+    dev = p.know.low.device
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_images, *know.shape, generator=gen).to(dev).requires_grad_()
-    y = torch.randn(num_images, num_classes, generator=gen).to(dev).requires_grad_()
-    unknown = {k: v.detach().clone().requires_grad_() for k, v in (guess or {}).items()}
-    opt = torch.optim.LBFGS([x, y, *unknown.values()], lr=lr)
+    x = torch.randn(p.num_images, *p.know.shape, generator=gen).to(dev).requires_grad_()
+    y = torch.randn(p.num_images, p.num_classes, generator=gen).to(dev).requires_grad_()
+    unknown = p.unknowns()
+    opt = torch.optim.LBFGS([x, y, *unknown.values()], lr=a.lr)
+    best = Reconstruction(None, None, float("inf"))
 
     def closure():
+        nonlocal best
         opt.zero_grad()
-        loss = euclidean(know.gradient(x, y, unknown), target)
+        loss = p.distance(x, y, unknown, "euclidean")
         loss.backward()
+        best = best.keep(x, y, loss.item(), unknown)  # where this loss was
         return loss
 
-    loss = torch.tensor(float("nan"))
-    for _ in tqdm(range(iterations), disable=not progress, unit="it", leave=False):
+    for _ in range(a.iterations):
         loss = opt.step(closure)
-        if not torch.isfinite(loss):  # L-BFGS diverged: keep what it had
+        if bar is not None:
+            bar.update()
+        if not torch.isfinite(loss):  # L-BFGS diverged: keep the best it had
             break
-    return x.detach(), y.detach().argmax(-1), loss.item()
+    return best

@@ -19,10 +19,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from ...config import AttackConfig
 from ..generator import Generator
-from .common import Knowledge, Params, cosine_distance, total_variation
+from .common import Problem, Reconstruction, total_variation
 
 
 def project_l1(delta: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
@@ -47,35 +47,30 @@ def ramp(t: float) -> float:
     return (0.5 - 0.5 * math.cos(math.pi * down)) * min(1.0, t / 0.05)
 
 
-def gifd(know: Knowledge, target: list[torch.Tensor], labels: torch.Tensor | None,
-         generator: Generator, num_images: int = 1, num_classes: int = 10,
-         guess: Params | None = None, iterations: int = 4800, lr: float = 0.1,
-         tv: float = 1e-4, restarts: int = 1, radius: float = 0.1, seed: int = 0,
-         multi_step: bool = False, progress: bool = False
-         ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Reconstruct the client's images from `target` (as inverting_gradients) with the
-    generator as the prior; returns the normalized images, their labels and the loss."""
-    observe = know.update if multi_step else know.gradient
-    target = [t.detach() for t in target]
-    dev = target[0].device
-    n = num_images if labels is None else len(labels)
+def gifd(p: Problem, a: AttackConfig, generator: Generator, seed: int = 0,
+         bar=None) -> Reconstruction:
+    """Reconstruct the client's images from p.target (as inverting_gradients) with the
+    generator as the prior; `a.iterations` are shared by its stages."""
+    dev = p.know.low.device
+    labels, num_classes = p.labels, p.num_classes
+    n = p.num_images if labels is None else len(labels)
     same_classes = generator.num_classes == num_classes
     stages = generator.num_stages + 1
-    per_stage = max(iterations // stages, 1)
+    per_stage = max(a.iterations // stages, 1)
     gen = torch.Generator().manual_seed(seed)
+    know = p.know
 
     def to_inputs(img: torch.Tensor) -> torch.Tensor:  # tanh output -> normalized pixels
         return know.low + (img + 1) / 2 * (know.high - know.low)
 
-    best, best_loss = None, float("inf")
-    bar = tqdm(total=restarts * stages * per_stage, disable=not progress, unit="it", leave=False)
-    for _ in range(restarts):
+    best = Reconstruction(None, None, float("inf"))
+    for _ in range(a.restarts):
         z = torch.randn(n, generator.latent, generator=gen).to(dev).requires_grad_()
         z_norm = z.detach().norm(dim=1, keepdim=True)
         y = (torch.randn(n, num_classes, generator=gen).to(dev).requires_grad_()
              if labels is None else labels)
         mix = torch.zeros(n, generator.num_classes, device=dev, requires_grad=not same_classes)
-        unknown = {k: v.detach().clone().requires_grad_() for k, v in (guess or {}).items()}
+        unknown = p.unknowns()
         free = list(unknown.values()) + ([y] if labels is None else [])
 
         def classes() -> torch.Tensor:
@@ -92,15 +87,15 @@ def gifd(know: Knowledge, target: list[torch.Tensor], labels: torch.Tensor | Non
                 with torch.no_grad():
                     start = generator.features(z, classes(), k)
                 var = start.clone().requires_grad_()
-                r = radius * k * start.flatten(1).abs().sum(1)
+                r = a.radius * k * start.flatten(1).abs().sum(1)
                 image = lambda: generator.finish(var, k)  # noqa: E731,B023
             params = [var, *free, *([mix] if k == 0 and not same_classes else [])]
-            opt = torch.optim.Adam(params, lr=lr)
+            opt = torch.optim.Adam(params, lr=a.lr)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: ramp(i / per_stage))
             for _ in range(per_stage):
                 x = to_inputs(image())
-                y_now = labels if labels is not None else y
-                loss = cosine_distance(observe(x, y_now, unknown), target) + tv * total_variation(x)
+                loss = p.distance(x, y, unknown) + a.tv * total_variation(x)
+                best = best.keep(x, y, loss.item(), unknown)  # before the step
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -110,12 +105,8 @@ def gifd(know: Knowledge, target: list[torch.Tensor], labels: torch.Tensor | Non
                         z.mul_(z_norm / z.norm(dim=1, keepdim=True))
                     else:
                         var.copy_(start + project_l1(var - start, r))
-                if loss.item() < best_loss:
-                    best_loss = loss.item()
-                    best = (x.detach().clone(),
-                            labels if labels is not None else y.detach().argmax(-1))
-                bar.update()
+                if bar is not None:
+                    bar.update()
             if k == 0:
                 z = z.detach()
-    bar.close()
-    return best[0], best[1], best_loss
+    return best
