@@ -30,7 +30,7 @@ def opt(default, help: str, choices: tuple = (), min: float | None = None,
 DATASETS = ("digits", "synthetic-cifar10", "synthetic-mnist", "photos", "mnist", "fmnist",
             "emnist", "cifar10", "cinic10")
 LPM_MODELS = ("vit_adapter", "resnet18_adapter")  # frozen timm backbones with adapters
-MODELS = ("auto", "digits_cnn", "mnist_cnn", "cifar_cnn", "pfl_cnn", *LPM_MODELS)
+MODELS = ("auto", "digits_cnn", "mnist_cnn", "cifar_cnn", "pfl_cnn", "lenet", *LPM_MODELS)
 DP_ALGORITHMS = ("dpfedavg", "ppsgd", "centaur")  # DP-SGD baselines: noise set by privacy.dp_*
 LPM_ALGORITHMS = ("hyperfl_lpm", "fedavg_adapter", "local_adapter")  # need an LPM model
 DTYPES = ("fp32", "tf32", "bf16")  # engine.dtype
@@ -73,6 +73,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = opt("auto", "network; auto picks the paper's CNN for the dataset's shape; "
+                    "lenet: DLG's sigmoid LeNet (GradDefense's victim), any input shape; "
                     "vit_adapter, resnet18_adapter: a frozen pretrained timm backbone with "
                     "adapters (algorithm.name hyperfl_lpm, fedavg_adapter, local_adapter, or fedavg / "
                     "local: the linear probe)", choices=MODELS)

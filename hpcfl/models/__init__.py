@@ -12,7 +12,7 @@ def resolve_name(name: str, shape: tuple[int, int, int]) -> str:
     if name == "auto":
         return AUTO[tuple(shape)]
     want = CNNS[name][2]
-    if tuple(shape) != want:
+    if want is not None and tuple(shape) != want:
         fmt = "x".join
         raise ConfigError(f"model.name: {name} expects {fmt(map(str, want))} inputs, the dataset "
                           f"has {fmt(map(str, shape))}; use model.name=auto")
@@ -21,7 +21,9 @@ def resolve_name(name: str, shape: tuple[int, int, int]) -> str:
 
 def build_model(name: str, shape: tuple[int, int, int], num_classes: int) -> SplitModel:
     """A freshly initialized model (uses torch's global RNG: seed it first)."""
-    extractor, feature_dim, _ = CNNS[resolve_name(name, shape)]
+    extractor, feature_dim, want = CNNS[resolve_name(name, shape)]
+    if want is None:  # any input shape
+        return SplitModel(extractor(shape[0]), feature_dim(shape), num_classes)
     return SplitModel(extractor(), feature_dim, num_classes)
 
 

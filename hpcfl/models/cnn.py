@@ -90,10 +90,34 @@ class PflExtractor(nn.Module):
         return F.relu(self.fc1(x.flatten(1)))
 
 
-# name -> (extractor class, feature dim, input shape it expects)
+class LeNetExtractor(nn.Module):
+    """The LeNet of DLG (mit-han-lab/dlg, models/vision.py) that GradDefense's INFOCOM 2022
+    experiments attack: conv5x5(C->12, stride 2) conv5x5(12->12, stride 2) conv5x5(12->12),
+    padding 2, sigmoid after each; any input size (32x32 -> 768 features, 8x8 -> 48). PyTorch's
+    default init, as GradDefense's code (DLG's own draws U(-0.5, 0.5))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 12, 5, padding=2, stride=2)
+        self.conv2 = nn.Conv2d(12, 12, 5, padding=2, stride=2)
+        self.conv3 = nn.Conv2d(12, 12, 5, padding=2)
+
+    @staticmethod
+    def features(shape: tuple[int, int, int]) -> int:
+        return 12 * -(-shape[1] // 4) * -(-shape[2] // 4)
+
+    def forward(self, x):
+        x = torch.sigmoid(self.conv1(x))
+        x = torch.sigmoid(self.conv2(x))
+        return torch.sigmoid(self.conv3(x)).flatten(1)
+
+
+# name -> (extractor, feature dim, input shape it expects); None: any shape, the extractor
+# built from the channel count and its feature dim from the shape
 CNNS = {
     "digits_cnn": (DigitsExtractor, 64, (1, 8, 8)),
     "mnist_cnn": (MnistExtractor, 128, (1, 28, 28)),
     "cifar_cnn": (CifarExtractor, 128, (3, 32, 32)),
     "pfl_cnn": (PflExtractor, 128, (3, 32, 32)),
+    "lenet": (LeNetExtractor, LeNetExtractor.features, None),
 }
