@@ -50,3 +50,14 @@ def test_generated_weights_are_the_extractor_of_the_target_model():
     model = build_model("cifar_cnn", (3, 32, 32), 10)
     assert {k: v.shape for k, v in theta.items()} == {
         k: p.shape for k, p in model.named_parameters() if k.startswith("extractor.")}
+
+
+def test_lenet_is_dlgs_for_any_input_shape():
+    """DLG's LeNet: 15,826 parameters on 32x32 RGB with 10 classes (GradDefense's victim);
+    the same three convolutions on 8x8 digits and 28x28 images."""
+    for shape, params, features in (((3, 32, 32), 15826, 768), ((1, 8, 8), 8026, 48),
+                                    ((1, 28, 28), 13426, 588)):
+        model = build_model("lenet", shape, 10)
+        assert sum(p.numel() for p in model.parameters()) == params
+        out = model.extractor(torch.rand(2, *shape))
+        assert out.shape == (2, features) and 0 < out.min() and out.max() < 1  # sigmoid
