@@ -150,11 +150,20 @@ class HypernetProblem(Problem):
     does not know, the embedding among them where it is not known exactly."""
 
     def __init__(self, p: Problem, net: Hypernet, observed: Observed, phases: list[Phase],
-                 embedding: Tensor, head: Params, steps: int):
+                 embedding: Tensor | None, head: Params, steps: int):
         super().__init__(p.know, [], p.num_images, p.num_classes, p.labels, p.guess, True)
         *self.before, self.phase = phases
         self.net, self.observed, self.embedding, self.head, self.steps = (
             net, observed, embedding, head, steps)
+        # A known embedding: the start (h and W h + b) is the same at every iteration.
+        known = net.layout.embedding not in p.guess
+        self.start = self.begin(embedding) if known else None
+
+    def begin(self, v: Tensor | None) -> tuple[Tensor, Tensor]:
+        """h and the flat extractor W h + b at embedding v (None: h is 0, see Observed)."""
+        net = self.net
+        h = net.h(v)
+        return h, net.W0 @ h + (net.b0 if net.b0 is not None else 0)
 
     def errors(self, algo, truth: Params, unknown: Params) -> dict[str, float]:
         """How far the extractor the server read off the upload is from the client's true one
@@ -172,68 +181,80 @@ class HypernetProblem(Problem):
 
     def distance(self, x: Tensor, y: Tensor, unknown: Params, kind: str = "cosine") -> Tensor:
         v = unknown.get(self.net.layout.embedding, self.embedding)
+        start = self.start or self.begin(v)
         head = {k: unknown.get(k, t) for k, t in self.head.items()}
         know = self.know
         if self.before:  # the head trains on the generated extractor, which stays put
-            theta = self.net.generate(v)
+            theta = self.net.theta(start[1])
             first = Knowledge(know.forward, {**theta, **head}, (), know.shape, know.low,
                               know.high, tuple(self.before), know.batch_size)
             guess = {**theta, **{k: t for k, t in unknown.items() if k in head}}
             head = {k: t for k, t in first.trained(x, y, guess).items() if k in head}
-        return self.compare(*self.simulate(x, y, v, head), kind)
+        return self.compare(*self.simulate(x, y, v, head, start), kind)
 
-    def simulate(self, x: Tensor, y: Tensor, v: Tensor, head: Params
-                 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-        """The hypernetwork phase from embedding v, exactly as PhaseSGD trains it: returns the
-        steps' clipped extractor gradients G (steps, entries), their h (steps, hidden) and the
-        trunk after the phase."""
+    def simulate(self, x: Tensor, y: Tensor, v: Tensor | None, head: Params,
+                 start: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """The hypernetwork phase from embedding v (h and W h + b there: `start`), exactly as
+        PhaseSGD trains it: returns the steps' clipped extractor gradients G (steps, entries),
+        their h (steps, hidden) and the trunk after the phase. The gradients of h, the trunk and
+        v follow by the chain rule from the extractor's: dL/dh = W_t^T g."""
         net, ph, o = self.net, self.phase, self.observed
         lr = dict(zip(ph.names, ph.lrs))
         lr_h, lr_v = lr[net.layout.trunk[0]], lr[net.layout.embedding]
         bias = float(net.b0 is not None)
-        T, t = (p.clone().requires_grad_() for p in net.trunk)
-        dead = v is None  # h is 0 throughout: trunk and embedding get no gradient
-        v = net.trunk[0].new_zeros(net.trunk[0].shape[1]) if dead else v
-        v = v if v.requires_grad else v.clone().requires_grad_()
+        T, t = net.trunk
         G: list[Tensor] = []  # the steps' clipped extractor gradients
         H: list[Tensor] = []
         blocks: dict[int, Tensor] = {}  # G stacked BLOCK steps at a time, once they are all in
 
-        def stacked(G: list[Tensor]) -> list[Tensor]:
+        def stacked() -> list[Tensor]:
             for j in range(len(G) // BLOCK):
                 if j not in blocks:
                     blocks[j] = torch.stack(G[j * BLOCK:(j + 1) * BLOCK])
             rest = G[len(blocks) * BLOCK:]
             return [*blocks.values(), *([torch.stack(rest)] if rest else [])]
+
         buf: dict[str, Tensor] = {}
         for i, b in enumerate(self.know.batches(len(x), self.steps)):
-            h = torch.zeros_like(t) if dead else net.h(v, (T, t))
-            flat = o.a[i] * (net.W0 @ h + (net.b0 if net.b0 is not None else 0))
-            if i:  # sum_s w_is G_s (h_s . h + 1): what the steps so far added to W h + b
-                coef = torch.tensor(o.w[i], dtype=h.dtype, device=h.device)
-                coef = coef * (torch.stack(H) @ h + bias)
-                for j, block in enumerate(stacked(G)):
-                    flat = flat + coef[j * BLOCK:(j + 1) * BLOCK] @ block
-            if not flat.requires_grad:  # h is 0 and no step has trained yet: a constant
-                flat.requires_grad_()
+            earlier = list(zip(stacked(), torch.stack(H).split(BLOCK))) if i else []
+            w = torch.tensor(o.w[i], dtype=T.dtype, device=T.device).split(BLOCK)
+            if i == 0:
+                h, flat = start
+            else:
+                h = torch.zeros_like(t) if v is None else net.h(v, (T, t))
+                flat = o.a[i] * (net.W0 @ h + (net.b0 if net.b0 is not None else 0))
+                for wj, (Gj, Hj) in zip(w, earlier):  # sum_s w_is G_s (h_s . h + 1)
+                    flat = flat + (wj * (Hj @ h + bias)) @ Gj
+            if not flat.requires_grad:  # a constant start: still the variable of the loss
+                flat = flat.detach().requires_grad_()
             loss = label_loss(self.know.forward({**net.theta(flat), **head}, x[b]), y[b])
-            g, gT, gt, gv = torch.autograd.grad(loss, [flat, T, t, v], create_graph=True,
-                                                allow_unused=True, materialize_grads=True)
+            (g,) = torch.autograd.grad(loss, [flat], create_graph=True)
             scale = vscale = 1.0
+            if v is None:  # h stays 0: neither the trunk nor v gets a gradient
+                gT, gt, gv = torch.zeros_like(T), torch.zeros_like(t), None
+            else:
+                dh = o.a[i] * (net.W0.T @ g)
+                for wj, (Gj, Hj) in zip(w, earlier):  # + sum_s w_is h_s (G_s . g)
+                    dh = dh + (wj * (Gj @ g)) @ Hj
+                gt = dh * (T @ v + t > 0)  # relu'
+                gT, gv = torch.outer(gt, v), T.T @ gt
             if ph.clip_norm > 0:  # clip_grad_norm_ per group: the hypernetwork, the embedding
                 sq = g.pow(2).sum() * (h.pow(2).sum() + bias) + gT.pow(2).sum() + gt.pow(2).sum()
                 scale = torch.clamp(ph.clip_norm / (sq.sqrt() + 1e-6), max=1.0)
-                vscale = torch.clamp(ph.clip_norm / (gv.norm() + 1e-6), max=1.0)
+                if gv is not None:
+                    vscale = torch.clamp(ph.clip_norm / (gv.norm() + 1e-6), max=1.0)
             G.append(g * scale)
             H.append(h)
+            steps = [("T", T, gT * scale, lr_h), ("t", t, gt * scale, lr_h)]
+            if v is not None:
+                steps.append(("v", v, gv * vscale, lr_v))
             new = {}
-            for name, p, d, rate in (("T", T, gT * scale, lr_h), ("t", t, gt * scale, lr_h),
-                                     ("v", v, gv * vscale, lr_v)):
+            for name, p, d, rate in steps:
                 d = d + ph.weight_decay * p
                 buf[name] = d if i == 0 or not ph.momentum else ph.momentum * buf[name] + d
                 new[name] = p - rate * buf[name]
-            T, t, v = new["T"], new["t"], new["v"]
-        return torch.cat(stacked(G)), torch.stack(H), (T, t)
+            T, t, v = new["T"], new["t"], new.get("v")
+        return torch.cat(stacked()), torch.stack(H), (T, t)
 
     def compare(self, G: Tensor, H: Tensor, trunk: tuple[Tensor, Tensor], kind: str) -> Tensor:
         """1 - cosine (or the squared distance) between the candidate's upload and the observed
