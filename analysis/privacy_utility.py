@@ -11,42 +11,48 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
-import yaml
 
-from analysis.summarize import results_files
+from analysis.results import results_files, run_config
 
 MARKERS = dict(none="o", dp_gaussian="s", dp_laplace="D", topk="^", soteria="v",
                random_slice="P", gradienthide="X")
 
 
-def strength(privacy: dict) -> str:
-    """The defense's strength keys, as text."""
-    keys = dict(dp_gaussian=("clip", "noise"), dp_laplace=("clip", "noise"),
+def strength(cfg: dict) -> str:
+    """The defense's strength keys (of a flat config), as text."""
+    keys = dict(dp_gaussian=("update_clip", "noise"), dp_laplace=("update_clip", "noise"),
                 topk=("topk_ratio",), soteria=("soteria_rate",),
-                random_slice=("slice_noise", "slice_clip"), gradienthide=("hide_batch",))
+                random_slice=("slice_noise", "slice_sample_clip"), gradienthide=("hide_batch",))
     # files written before a key existed lack it
-    return " ".join(f"{k}={privacy[k]}" for k in keys.get(privacy["defense"], ()) if k in privacy)
+    return " ".join(f"{k}={cfg[f'privacy.{k}']}" for k in keys.get(cfg["privacy.defense"], ())
+                    if f"privacy.{k}" in cfg)
 
 
 def collect(dirs: list[str]) -> tuple[pd.DataFrame, int]:
-    """One row per (results file, attack): algorithm, defense, strength, muted, attack,
-    psnr, ssim, label_acc, accuracy, rounds, status, file; and the number of files skipped."""
+    """One row per (results file, attack): algorithm, defense, strength, muted, attack, threat,
+    adaptive, local_steps, psnr, ssim, label_acc, theta_rel_error (NaN but for an adaptive
+    attack on a hypernetwork), accuracy, rounds, status, file; and the number of files skipped.
+    """
     rows, skipped = [], 0
     for path in results_files(dirs):
         try:
             with h5py.File(path, "r", locking=False) as f:
-                cfg = yaml.safe_load(f.attrs["config"])
+                cfg = run_config(f.attrs["config"])
                 if "privacy" not in f or len(f["metrics/round"]) == 0:
                     skipped += 1
                     continue
                 for name, g in f["privacy"].items():
                     rows.append(dict(
-                        algorithm=cfg["algorithm"]["name"], defense=cfg["privacy"]["defense"],
-                        strength=strength(cfg["privacy"]),
-                        muted=bool(cfg["attack"].get("mute_defended_layer", False)),
-                        attack=name, psnr=float(np.mean(g["psnr"][:])),
-                        ssim=float(np.mean(g["ssim"][:])),
+                        algorithm=cfg["algorithm.name"], defense=cfg["privacy.defense"],
+                        strength=strength(cfg),
+                        muted=bool(cfg.get("attack.mute_defended_layer", False)),
+                        attack=name, threat=str(g.attrs.get("threat", "")),
+                        adaptive=bool(g.attrs.get("adaptive", False)),
+                        local_steps=int(cfg.get("train.local_steps", 0)),
+                        psnr=float(np.mean(g["psnr"][:])), ssim=float(np.mean(g["ssim"][:])),
                         label_acc=float(np.mean(g["label_acc"][:])),
+                        theta_rel_error=(float(np.mean(g["theta_rel_error"][:]))
+                                         if "theta_rel_error" in g else np.nan),
                         accuracy=float(f["metrics/test_acc_mean"][-1]),
                         rounds=int(f["metrics/round"][-1]), status=str(f.attrs["status"]),
                         file=str(path)))
@@ -97,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(table, Path(args.out))
     if args.csv:
         table.to_csv(args.csv, index=False)
-    cols = ["algorithm", "defense", "strength", "muted", "attack", "psnr", "ssim", "accuracy",
-            "status"]
+    cols = ["algorithm", "defense", "strength", "muted", "attack", "threat", "adaptive",
+            "local_steps", "psnr", "ssim", "label_acc", "theta_rel_error", "accuracy", "status"]
     print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"{len(table)} points -> {args.out}" + (f", {args.csv}" if args.csv else "")
           + (f"; {skipped} files without /privacy or rounds left out" if skipped else ""))

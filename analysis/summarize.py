@@ -16,7 +16,8 @@ runs-seeds.csv; numbers in `*_mean`, `*_std` columns).
 `--plot DIR` writes DIR/accuracy.png (accuracy per round, one line per group: the mean over
 seeds, a min-max band), DIR/scaling.png (seconds per round against world size at a fixed number
 of clients (strong scaling) and at a fixed number of clients per rank (weak scaling), and its
-split into phases; only when the runs have more than one world size or client count) and DIR/privacy_utility.png (analysis.privacy_utility, when a file has /privacy).
+split into phases; only when the runs have more than one world size or client count) and
+DIR/privacy_utility.png (analysis.privacy_utility, when a file has /privacy).
 Files that cannot be read as results files are counted and named in one line. No results file:
 exit code 2.
 """
@@ -31,6 +32,8 @@ import h5py
 import numpy as np
 import pandas as pd
 import yaml
+
+from analysis.results import results_files, run_config
 
 PHASES = ("compute", "allreduce", "eval", "io")
 SEED = "train.seed"
@@ -47,22 +50,9 @@ class Run:
     phases: pd.DataFrame    # one row per timed round: seconds of each phase on its slowest rank
 
 
-def results_files(dirs: list[str]) -> list[Path]:
-    return sorted(p for d in dirs for p in Path(d).glob("*.h5")
-                  if not p.name.endswith((".ckpt.h5", ".ckpt.prev.h5")))
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict)
-                    else {f"{prefix}{key}": value})
-    return flat
-
-
 def read_run(path: Path) -> Run:
     with h5py.File(path, "r", locking=False) as f:
-        config = flatten(yaml.safe_load(f.attrs["config"]) or {})
+        config = run_config(f.attrs["config"])
         # The writer appends one dataset after the other, so a file read mid-write can have one
         # more row in some datasets than in others: keep only the rows complete everywhere.
         m = f["metrics"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -26,18 +27,21 @@ import torch
 
 from .config import AttackConfig, ConfigError, RunConfig, describe, load_config
 from .data import ClientData, load_federated
-from .engine import model_inputs, train_client
-from .loop import build, defense_context, provenance, run, sample_cohort, to_device
+from .cli import Command
+from .data.transforms import model_inputs
+from .engine import ClientUpload, RoundSpec, train_client
+from .loop import (build, prepare_defense, provenance, round_spec, run, sample_cohort,
+                   to_device)
 from .privacy.attacks import (Knowledge, Problem, dlg, gifd, gradient_from_update,
                               idlg_label, inverting_gradients)
+from .privacy.attacks.common import total_variation
 from .privacy.attacks.hypernet import HypernetProblem, adapt
-from .privacy.defenses import REPRESENTATION_LAYER, client_defense
-from .privacy.defenses import check as check_defense
+from .privacy.defenses import Defense, build_defense
 from .privacy.generator import Generator, load_generator
 from .privacy.metrics import LPIPS_NOTE, image_scores, label_accuracy, to_unit
 from .progress import progress
 from .store import ResultsFile, checkpoint_paths, load_checkpoint
-from .world import Command, World
+from .world import World
 
 log = logging.getLogger("hpcfl")
 # What the adaptive attack read off a hypernetwork upload, against the truth (NaN otherwise).
@@ -88,7 +92,7 @@ def state_before(cfg: RunConfig, world: World, algo, data, mine: list[int]
             {c: to_device(algo.init_client(c), world.device) for c in mine}, path)
 
 
-def prior(cfg: RunConfig, shape: tuple, device: torch.device) -> Generator:
+def load_prior(cfg: RunConfig, shape: tuple, device: torch.device) -> Generator:
     """attack.generator, checked against the data it is to reconstruct."""
     if not cfg.attack.generator:
         raise ConfigError("attack.name=gifd needs attack.generator=FILE (python -m "
@@ -111,31 +115,32 @@ def prior(cfg: RunConfig, shape: tuple, device: torch.device) -> Generator:
     return gen
 
 
-def client_upload(cfg: RunConfig, algo, shared: dict, private: dict, client: ClientData,
-                  cid: int, augment: bool, once=None) -> dict:
-    """Client `cid` trained in round attack.round as the run trains it (the engine's own
-    code): what the server receives from it (after privacy.defense)."""
-    a, t = cfg.attack, cfg.train
+def client_upload(target: Target, algo, shared: dict, private: dict,
+                  defense: Defense | None) -> dict:
+    """The target client trained in its round as the run trains it (the engine's own code):
+    what the server receives from it (after the run's defense)."""
+    spec, cid, client = target.spec, target.client, target.data
     state = {**shared, **private}
-    defense = client_defense(cfg, algo, {cid: client}, a.round, once)
-    trained, _ = train_client(algo, dict(state), client, t.batch_size, t.seed, a.round, cid,
-                              augment, defense.per_sample([cid]) if defense else None)
+    clip = defense.per_sample(spec.round, [cid], client.y_train.device) if defense else None
+    trained, _ = train_client(algo, dict(state), client, spec, cid, clip)
     upload = algo.upload(shared, trained)
-    return upload if defense is None else defense(upload, cid, state, trained)
+    if defense is None:
+        return upload
+    return defense.upload(upload, ClientUpload(cid, spec.round, client, state, trained))
 
 
 def problem_for(cfg: RunConfig, algo, upload: dict, shared: dict, private: dict,
-                client: ClientData, cid: int, num_classes: int) -> Problem:
+                target: Target, defense: Defense | None) -> Problem:
     """What the attack inverts, knowing what an honest-but-curious server knows; with
     attack.adaptive, through the structure of the upload where the algorithm has one."""
     a, t = cfg.attack, cfg.train
-    state = {**shared, **private}
+    state, client, cid = {**shared, **private}, target.data, target.client
     # server: the client's private state is unknown; the attacker starts from its public init
     guess = {} if a.threat == "white-box" else to_device(algo.init_client(cid),
                                                          client.y_train.device)
-    # The attack that breaks Soteria: match every uploaded tensor but the pruned one.
-    muted = a.mute_defended_layer and cfg.privacy.defense == "soteria"
-    matched = tuple(k for k in upload if not (muted and k == REPRESENTATION_LAYER))
+    # The attack that breaks Soteria: match every uploaded tensor but those the defense hides.
+    hidden = defense.defended if a.mute_defended_layer and defense is not None else ()
+    matched = tuple(k for k in upload if k not in hidden)
     know = Knowledge(algo.forward, {**state, **guess}, matched,
                      tuple(client.x_train.shape[1:]), (0 - client.mean) / client.std,
                      (1 - client.mean) / client.std, phases=tuple(algo.phases()),
@@ -144,11 +149,22 @@ def problem_for(cfg: RunConfig, algo, upload: dict, shared: dict, private: dict,
     multi = a.multi_step and a.name != "dlg"  # DLG matches one gradient
     n = client.num_train
     labels = idlg_label(grad) if n == 1 and "head.weight" in grad else None
-    p = Problem(know, [(upload if multi else grad)[k] for k in matched], n, num_classes, labels,
-                guess, multi)
+    p = Problem(know, [(upload if multi else grad)[k] for k in matched], n, target.num_classes,
+                labels, guess, multi)
     if a.adaptive and hasattr(algo, "layout"):
         return adapt(p, algo, upload, shared)
     return p
+
+
+def truth_loss(p: Problem, a: AttackConfig, x: torch.Tensor, y: torch.Tensor,
+               state: dict) -> float:
+    """The attack's loss at the client's true images, labels and unknown tensors (which the
+    simulation knows): far below the attack's own final loss, the upload identifies the images
+    and the optimizer did not find them; near it, the objective cannot tell them apart."""
+    unknown = {k: state[k].detach().clone().requires_grad_() for k in p.guess}
+    if a.name == "dlg":
+        return float(p.distance(x, y, unknown, "euclidean"))
+    return float(p.distance(x, y, unknown) + a.tv * total_variation(x))
 
 
 def iterations(a: AttackConfig, generator: Generator | None) -> int:
@@ -159,13 +175,25 @@ def iterations(a: AttackConfig, generator: Generator | None) -> int:
     return a.iterations * (1 if a.name == "dlg" else a.restarts)
 
 
-def attack_client(cfg: RunConfig, algo, shared: dict, private: dict, client: ClientData,
-                  cid: int, num_classes: int, augment: bool,
-                  generator: Generator | None = None, once=None, bar=None) -> dict:
-    """Train client `cid` in round attack.round as the run does, attack its upload."""
-    a = cfg.attack
-    upload = client_upload(cfg, algo, shared, private, client, cid, augment, once)
-    p = problem_for(cfg, algo, upload, shared, private, client, cid, num_classes)
+@dataclass
+class Target:
+    """One attacked client: its round (the run's RoundSpec of attack.round), id, data and the
+    dataset's number of classes."""
+    spec: RoundSpec
+    client: int
+    data: ClientData
+    num_classes: int
+
+
+def attack_client(cfg: RunConfig, algo, state: tuple[dict, dict], target: Target,
+                  defense: Defense | None = None, prior: Generator | None = None,
+                  bar=None) -> dict:
+    """Train the target client in attack.round as the run does, attack its upload. `state`:
+    the shared state and the client's private state at the start of the round."""
+    a, (shared, private) = cfg.attack, state
+    client, cid = target.data, target.client
+    upload = client_upload(target, algo, shared, private, defense)
+    p = problem_for(cfg, algo, upload, shared, private, target, defense)
     if isinstance(p, HypernetProblem) and p.observed.empty():
         log.warning("client %d: its upload carries no gradient, only weight decay (its loss was "
                     "0 at every step: its head epoch fit its %d image(s)); nothing to invert",
@@ -174,16 +202,18 @@ def attack_client(cfg: RunConfig, algo, shared: dict, private: dict, client: Cli
     if a.name == "dlg":
         rec = dlg(p, a, seed, bar)
     elif a.name == "gifd":
-        rec = gifd(p, a, generator, seed, bar)
+        rec = gifd(p, a, prior, seed, bar)
     else:
         rec = inverting_gradients(p, a, seed, bar)
     found = (p.errors(algo, {**shared, **private}, rec.unknown)
              if isinstance(p, HypernetProblem) else {})
-    truth = to_unit(model_inputs(client, client.x_train), client.mean, client.std)
+    x_true = model_inputs(client, client.x_train)
+    truth = to_unit(x_true, client.mean, client.std)
     x = to_unit(rec.x, client.mean, client.std)
     scores = image_scores(x, truth)
     return dict(psnr=scores["psnr"].mean(), ssim=scores["ssim"].mean(),
                 label_acc=label_accuracy(rec.labels, client.y_train), loss=rec.loss,
+                truth_loss=truth_loss(p, a, x_true, client.y_train, {**shared, **private}),
                 **{k: found.get(k, np.nan) for k in RECOVERY},
                 reconstruction=(x[np.argsort(scores["matched"])] * 255).round().astype(np.uint8),
                 truth=(truth * 255).round().astype(np.uint8))
@@ -205,7 +235,7 @@ def write(path: Path, cfg: RunConfig, results: list[dict]) -> Path:
         if f"privacy/{a.name}" in f:
             del f[f"privacy/{a.name}"]
         g = f.require_group("privacy").create_group(a.name)
-        for key in ("psnr", "ssim", "label_acc", "loss", *RECOVERY):
+        for key in ("psnr", "ssim", "label_acc", "loss", "truth_loss", *RECOVERY):
             g[key] = np.array([r[key] for r in results], dtype="f8")
         g["reconstruction"] = np.concatenate([r["reconstruction"] for r in results])
         g["truth"] = np.concatenate([r["truth"] for r in results])
@@ -229,6 +259,7 @@ def attack(cfg: RunConfig, world: World) -> str | None:
     if a.round > cfg.train.rounds:
         raise ConfigError(f"attack.round={a.round} is past the run's train.rounds="
                           f"{cfg.train.rounds}")
+    defense = build_defense(cfg.privacy, cfg.train.seed)
     cohort = sample_cohort(cfg.train.seed, a.round, cfg.data.num_clients, cfg.train.frac)
     targets = cohort[:a.clients]
     # Each rank attacks a contiguous share of the targets and reads only their data.
@@ -240,16 +271,16 @@ def attack(cfg: RunConfig, world: World) -> str | None:
         raise ConfigError("attack.name=idlg reads the label of one image from the last "
                           "layer's gradient: it needs clients of one training image and an "
                           "algorithm that uploads the head (not hyperfl)")
-    check_defense(cfg, algo)
-    once = defense_context(cfg, world, algo, data.num_classes)
-    generator = prior(cfg, data.shape, world.device) if a.name == "gifd" else None
+    prepare_defense(defense, cfg, world, algo, data.num_classes)
+    prior = load_prior(cfg, data.shape, world.device) if a.name == "gifd" else None
     shared, private, path = state_before(cfg, world, algo, data, mine)
     t0, results = time.perf_counter(), []
-    bar = progress(len(mine) * iterations(a, generator),
+    bar = progress(len(mine) * iterations(a, prior),
                    cfg.output.progress if world.is_main else "none", f"{a.name} attack")
     for cid in mine:
-        r = attack_client(cfg, algo, shared, private[cid], data.clients[cid], cid,
-                          data.num_classes, data.augment, generator, once, bar)
+        spec = round_spec(cfg, "sequential", a.round, [cid], data)
+        target = Target(spec, cid, data.clients[cid], data.num_classes)
+        r = attack_client(cfg, algo, (shared, private[cid]), target, defense, prior, bar)
         results.append(dict(r, client=cid))
     bar.close()
     gathered = world.gather_to_main(results)

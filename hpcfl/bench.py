@@ -28,9 +28,10 @@ import torch
 
 from .config import DTYPES, ConfigError, load_config
 from .data import load_federated
-from .engine import EXTRA_SLOTS
+from .engine import Slot
 from .loop import build, evaluate, provenance, sample_cohort, to_device, train_round
-from .world import World, balanced_blocks
+from .placement import balanced_blocks
+from .world import World
 
 WORKLOADS = {
     # The default run's round: HyperFL on digits, 20 clients.
@@ -67,7 +68,7 @@ def starting_state(cfg, world: World, data) -> tuple[dict, dict]:
     shared = to_device(algo.init_shared(), world.device)
     private = {c: to_device(algo.init_client(c), world.device) for c in data.clients}
     for rnd in range(1, COMPARE_ROUND):
-        train_round(cfg, world, algo, shared, private, data, "sequential", rnd)
+        train_round(cfg, world, algo, (shared, private), data, "sequential", rnd)
     return shared, private
 
 
@@ -81,14 +82,14 @@ def bench_mode(cfg, world: World, data, state: tuple[dict, dict], mode: str,
     times, first_update, cohort_size = [], None, 0
     for rnd in range(COMPARE_ROUND, COMPARE_ROUND + rounds + 1):  # the first: warm-up, compared
         t0 = time.perf_counter()
-        buf, compute_s, allreduce_s = train_round(cfg, world, algo, shared, private, data,
+        buf, compute_s, allreduce_s = train_round(cfg, world, algo, (shared, private), data,
                                                   mode, rnd)  # in cfg.engine.dtype
         world.synchronize()
         t2 = time.perf_counter()
         evaluate(algo, shared, private, data, cfg.data.num_clients)
         t3 = time.perf_counter()
         if rnd == COMPARE_ROUND:  # the averaged upload, the server step's input
-            first_update = (buf[:-EXTRA_SLOTS] / buf[-1]).float().cpu()
+            first_update = (buf.upload / buf[Slot.WEIGHT]).float().cpu()
         else:
             times.append((t2 - t0, compute_s, allreduce_s, t3 - t2))
             cohort_size = len(sample_cohort(cfg.train.seed, rnd, cfg.data.num_clients,
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(None, [*WORKLOADS[a.workload], *a.overrides,
                                  f"engine.dtype={a.dtype}"])
         world = World(cfg.train.device, cfg.engine.threads)
-        unit = cfg.engine.group_size if "vectorized" in modes else 1  # as a run hosts them
+        unit = cfg.engine.block_size if "vectorized" in modes else 1  # as a run hosts them
         data = load_federated(cfg.data, cfg.train.seed, world.device,
                               hosted=lambda s: balanced_blocks(s, world.size, unit)[world.rank])
     except ConfigError as e:

@@ -75,8 +75,8 @@ class ModelConfig:
     name: str = opt("auto", "network; auto picks the paper's CNN for the dataset's shape; "
                     "lenet: DLG's sigmoid LeNet (GradDefense's victim), any input shape; "
                     "vit_adapter, resnet18_adapter: a frozen pretrained timm backbone with "
-                    "adapters (algorithm.name hyperfl_lpm, fedavg_adapter, local_adapter, or fedavg / "
-                    "local: the linear probe)", choices=MODELS)
+                    "adapters (algorithm.name hyperfl_lpm, fedavg_adapter, local_adapter, or "
+                    "fedavg / local: the linear probe)", choices=MODELS)
     backbone: str = opt("", "vit_adapter / resnet18_adapter: the timm model; empty = the "
                         "official vit_small_patch16_384 / resnet18")
     pretrained: str = opt("auto", "vit_adapter / resnet18_adapter: the backbone's weights: a "
@@ -94,8 +94,8 @@ class AlgorithmConfig:
                          min_exclusive=True)
     head_epochs: int = opt(1, "hyperfl, centaur: epochs training only the head first",
                            min=0)
-    clip_norm: float = opt(50.0, "hyperfl: gradient-norm clip of hypernetwork and embedding "
-                           "(each separately); 0 = off", min=0)
+    grad_clip: float = opt(50.0, "hyperfl: gradient-norm clip (clip_grad_norm_) of the "
+                           "hypernetwork and of the embedding, each separately; 0 = off", min=0)
     hypernet_bias: bool = opt(True, "hyperfl: the hypernetwork's output layers have biases "
                               "(official); false: without, so that the upload carries no "
                               "generated tensor's gradient as such (see README, Attacks)")
@@ -103,8 +103,8 @@ class AlgorithmConfig:
 
 @dataclass
 class PrivacyConfig:
-    dp_clip: float = opt(0.04, "dpfedavg, ppsgd, centaur: per-sample gradient-norm bound C of "
-                         "DP-SGD (official 0.04)", min=0, min_exclusive=True)
+    sample_clip: float = opt(0.04, "dpfedavg, ppsgd, centaur: DP-SGD's bound C on each "
+                             "sample's gradient norm (official 0.04)", min=0, min_exclusive=True)
     dp_epsilon: float = opt(4.0, "dpfedavg, ppsgd, centaur: target epsilon after all rounds; "
                             "the noise multiplier is calibrated to it (official 4)", min=0,
                             min_exclusive=True)
@@ -112,17 +112,16 @@ class PrivacyConfig:
                           max=1, min_exclusive=True)
     defense: str = opt("none", "a transform of every client's upload before the round's sum "
                        "(and before any attack sees it): dp_gaussian / dp_laplace (clip to "
-                       "privacy.clip, add noise of scale privacy.noise), topk (keep "
+                       "privacy.update_clip, add noise of scale privacy.noise), topk (keep "
                        "privacy.topk_ratio of each tensor), soteria (prune "
                        "privacy.soteria_rate percent of the representation layer), random_slice "
                        "(GradDefense: noise on random sensitivity-balanced slices, the server "
                        "denoises; needs data.public_fraction for its root set), "
                        "gradienthide (one more SGD step on labelled public images before the "
-                       "upload; needs data.public_fraction)",
-                       choices=("none", "dp_gaussian", "dp_laplace", "topk", "soteria",
-                                "random_slice", "gradienthide"))
-    clip: float = opt(4.0, "dp_gaussian, dp_laplace: L2 bound of the whole update; 0 = no clip "
-                      "(GIFD's default 4)", min=0)
+                       "upload; needs data.public_fraction); more can be registered (README, "
+                       "Add a defense)")
+    update_clip: float = opt(4.0, "dp_gaussian, dp_laplace: L2 bound of the whole update; 0 = "
+                             "no clip (GIFD's default 4)", min=0)
     noise: float = opt(0.01, "dp_gaussian: noise std; dp_laplace: Laplace scale; absolute, per "
                        "entry (GIFD's default 0.01)", min=0)
     topk_ratio: float = opt(0.03, "topk: share of each tensor's entries kept, the largest in "
@@ -133,9 +132,10 @@ class PrivacyConfig:
                                 "(official 5)", min=1)
     slice_noise: float = opt(5e-4, "random_slice: noise std on the perturbed slices (official "
                              "5e-4)", min=0)
-    slice_clip: float = opt(0.0, "random_slice: at every local step, each sample's gradient "
-                            "on each perturbed slice clipped to this L2 norm (GradDefense's "
-                            "optional clip.py, whose bound is the noise std); 0 = off", min=0)
+    slice_sample_clip: float = opt(0.0, "random_slice: at every local step, each sample's "
+                                   "gradient on each perturbed slice clipped to this L2 norm "
+                                   "(GradDefense's optional clip.py, whose bound is the noise "
+                                   "std); 0 = off", min=0)
     compensate: bool = opt(True, "random_slice: the server denoises the aggregate (GradDefense's "
                            "global compensation)")
     hide_batch: int = opt(32, "gradienthide: public images in the extra step", min=1)
@@ -144,11 +144,12 @@ class PrivacyConfig:
                             "public_model (the run's model trained on the public split), auto "
                             "(clip when open_clip, its weights and the dataset's class names are "
                             "here, else public_model)", choices=("auto", "clip", "public_model"))
-    clip_model: str = opt("ViT-B-32", "gradienthide's CLIP: an open_clip model name, or "
-                          "local-dir:PATH (a folder with open_clip_config.json and weights)")
-    clip_weights: str = opt("openai", "gradienthide's CLIP weights: an open_clip pretrained tag, "
-                            "looked up in the local Hugging Face cache (never downloaded), or a "
-                            "file; ignored with local-dir:")
+    labeler_model: str = opt("ViT-B-32", "gradienthide's CLIP labeler: an open_clip model name, "
+                             "or local-dir:PATH (a folder with open_clip_config.json and "
+                             "weights)")
+    labeler_weights: str = opt("openai", "gradienthide's CLIP weights: an open_clip pretrained "
+                               "tag, looked up in the local Hugging Face cache (never "
+                               "downloaded), or a file; ignored with local-dir:")
     soteria_rate: float = opt(60.0, "soteria: percent of representation units whose column of "
                               "the layer's update is zeroed (Soteria's GS-attack default 60)",
                               min=0, max=100)
@@ -178,10 +179,10 @@ class EngineConfig:
                     "vectorized (many at once with torch.func.vmap), auto (the faster on this "
                     "device type, measured with python -m hpcfl.bench)",
                     choices=("auto", "sequential", "vectorized"))
-    group_size: int = opt(32, "vectorized: clients trained together are the cohort's members "
-                          "among ids [k*G, (k+1)*G), and ranks host whole such blocks, so the "
-                          "groups, and the results, do not depend on the rank count; 0 = all of "
-                          "a rank's members at once (results then depend on it)", min=0)
+    block_size: int = opt(32, "vectorized: clients trained stacked together are the cohort's "
+                          "members among ids [k*B, (k+1)*B), and ranks host whole such blocks, "
+                          "so the stacks, and the results, do not depend on the rank count; 0 = "
+                          "all of a rank's members at once (results then depend on it)", min=0)
     dtype: str = opt("fp32", "arithmetic of local training: fp32, tf32 (CUDA), bf16 "
                      "(autocast, for GPUs); evaluation stays fp32; bit-for-bit "
                      "reproducibility holds within one setting",
@@ -303,7 +304,9 @@ def _check(key: str, f: dataclasses.Field, value: Any) -> None:
 
 
 def set_value(cfg: RunConfig, key: str, value: Any) -> None:
-    """Set `section.field` to an already-parsed value, with type and range checks."""
+    """Set `section.field` (or its old name, RENAMED) to an already-parsed value, with type and
+    range checks."""
+    key = RENAMED.get(key, key)
     parts = key.split(".")
     sections = _sections(cfg)
     if len(parts) != 2:
@@ -321,8 +324,15 @@ def set_value(cfg: RunConfig, key: str, value: Any) -> None:
     setattr(section, name, value)
 
 
-# Old names still read (configs and results files of earlier versions).
-RENAMED = {"engine.max_clients_in_memory": "engine.group_size"}
+# Old names still read (configs, results files and command lines of earlier versions).
+RENAMED = {"engine.max_clients_in_memory": "engine.block_size",
+           "engine.group_size": "engine.block_size",
+           "algorithm.clip_norm": "algorithm.grad_clip",
+           "privacy.dp_clip": "privacy.sample_clip",
+           "privacy.clip": "privacy.update_clip",
+           "privacy.slice_clip": "privacy.slice_sample_clip",
+           "privacy.clip_model": "privacy.labeler_model",
+           "privacy.clip_weights": "privacy.labeler_weights"}
 
 
 def apply_dict(cfg: RunConfig, tree: Any, source: str) -> None:
@@ -334,8 +344,7 @@ def apply_dict(cfg: RunConfig, tree: Any, source: str) -> None:
         if not isinstance(body, dict):
             raise ConfigError(f"{source}: section '{sec_name}' must be a mapping of keys")
         for name, value in body.items():
-            key = f"{sec_name}.{name}"
-            set_value(cfg, RENAMED.get(key, key), value)
+            set_value(cfg, f"{sec_name}.{name}", value)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -376,13 +385,6 @@ def validate(cfg: RunConfig) -> None:
     dev = cfg.train.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"train.device: {dev!r} is not one of auto, cpu, cuda, cuda:N")
-    p = cfg.privacy
-    if p.defense == "random_slice" and p.slices_perturbed > p.slices:
-        raise ConfigError(f"privacy.slices_perturbed={p.slices_perturbed} exceeds "
-                          f"privacy.slices={p.slices}")
-    if p.defense in ("random_slice", "gradienthide") and cfg.data.public_fraction <= 0:
-        raise ConfigError(f"privacy.defense={p.defense} needs public images: set "
-                          "data.public_fraction (e.g. 0.1)")
     alg, model = cfg.algorithm.name, cfg.model.name
     if (alg in LPM_ALGORITHMS and model not in LPM_MODELS) or (
             model in LPM_MODELS and alg not in (*LPM_ALGORITHMS, "fedavg", "local")):

@@ -15,7 +15,7 @@ import os
 import socket
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, OutputConfig
 
 log = logging.getLogger("hpcfl")
 
@@ -66,13 +66,13 @@ class RunLock:
             self.fd = None
 
 
-def lock_output(cfg, world) -> RunLock | None:
-    """Rank 0 takes the run's lock (None on the other ranks); if it cannot, every rank raises
-    the same ConfigError."""
+def lock_output(output: OutputConfig, world) -> RunLock | None:
+    """Rank 0 takes the run's lock (None on the other ranks: the lock is rank 0's alone); if it
+    cannot, every rank raises the same ConfigError."""
     lock, why = None, None
     if world.is_main:
         try:
-            lock = RunLock(Path(cfg.output.dir) / f"{cfg.output.name}.h5").acquire()
+            lock = RunLock(Path(output.dir) / f"{output.name}.h5").acquire()
         except ConfigError as e:
             why = str(e)
     why = world.from_main(why)

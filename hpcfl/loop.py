@@ -1,6 +1,7 @@
 """The run: config -> world -> data -> the clients hosted here -> for each round: cohort, local
 training, one Allreduce, server step, evaluation -> results file, and a checkpoint every few rounds
-that a rerun with the same output.name resumes from (DESIGN §1). One home for the round loop:
+that a rerun with the same output.name resumes from (docs/ARCHITECTURE.md, "The round"). One home
+for the round loop:
 `python -m hpcfl.main` runs it, `hpcfl.bench` times its rounds, `hpcfl.attack` trains to the round
 it attacks with it.
 """
@@ -19,26 +20,26 @@ from tqdm import tqdm
 from . import __version__
 from .algorithms import build_algorithm
 from .config import ConfigError, RunConfig
+from .cli import Diverged
 from .data import load_federated
-from .data.partition import rng
-from .engine import (EXTRA_SLOTS, ROUND_DTYPE, STOP_SLOT, evaluate_client, precision,
+from .engine import (ROUND_DTYPE, RoundBuffer, RoundSpec, Slot, evaluate_client, precision,
                      resolve_mode, train_cohort, unflatten)
 from .lock import lock_output
-from .privacy.defenses import check as check_defense
-from .privacy.defenses import PublicSet, Slicing, client_defense, compensate_, slicing
-from .privacy.gradienthide import choose_labeler, label_public, public_images, public_set
+from .placement import balanced_blocks
+from .privacy.defenses import Defense, Setup, build_defense
 from .resume import checkpoint, plan_or_error
 from .store import TIMING, ResultsFile, git_commit, load_checkpoint, mark_completed
-from .world import Diverged, World, balanced_blocks
+from .streams import Stream, numpy_stream
+from .world import World
 
 log = logging.getLogger("hpcfl")
-COHORT = 104  # stream tag, see data.partition.rng
 
 
 def sample_cohort(seed: int, rnd: int, num_clients: int, frac: float) -> list[int]:
     """The clients of round `rnd`: identical on every rank, drawn from (seed, rnd) alone."""
     m = max(int(frac * num_clients), 1)  # as the official code
-    return sorted(rng(seed, COHORT, rnd).choice(num_clients, m, replace=False).tolist())
+    return sorted(numpy_stream(seed, Stream.COHORT, rnd).choice(num_clients, m,
+                                                               replace=False).tolist())
 
 
 def provenance(cfg: RunConfig, world: World) -> dict:
@@ -68,52 +69,43 @@ def build(cfg: RunConfig, data, device: torch.device):
     return algo
 
 
-def defense_context(cfg: RunConfig, world: World, algo, num_classes: int
-                    ) -> Slicing | PublicSet | None:
-    """What a defense computes once per run, the same on every rank (rank 0 computes, the
-    others receive): random_slice's slices, gradienthide's labelled public set."""
-    d, main = cfg.privacy.defense, world.is_main
-    if d == "random_slice":
-        return world.from_main(slicing(cfg, algo, world.device) if main else None)
-    if d == "gradienthide":
-        labeler = world.from_main(choose_labeler(cfg) if main else None)
-        if isinstance(labeler, str):
-            raise ConfigError(labeler)
-        if main and labeler.fell_back:
-            log.warning("gradienthide: no CLIP (%s); the public images are labelled by "
-                        "public_model", labeler.fell_back)
-        x, y, pixels = public_images(cfg, world.device)
-        labels = world.from_main(label_public(cfg, labeler, x, y, pixels, num_classes)
-                                 if main else None)
-        if isinstance(labels, str):
-            raise ConfigError(labels)
-        return public_set(x, y, labels, labeler.name)
-    return None
+def prepare_defense(defense: Defense | None, cfg: RunConfig, world: World, algo,
+                    num_classes: int) -> None:
+    """The run's defense checked against the run and prepared: what it computes once per run
+    is computed on rank 0 and installed on every rank (a ConfigError there stops them all)."""
+    if defense is not None:
+        defense.check(cfg.data, algo)
+        setup = Setup(algo, cfg.data, cfg.model.name, cfg.train.seed, num_classes, world.device)
+        defense.install(world.on_main(lambda: defense.prepare(setup)), setup)
 
 
-def train_round(cfg: RunConfig, world: World, algo, shared: dict, private: dict, data,
-                mode: str, rnd: int, stop: bool = False,
-                once: Slicing | PublicSet | None = None) -> tuple[torch.Tensor, float, float]:
+def round_spec(cfg: RunConfig, mode: str, rnd: int, mine: list[int], data) -> RoundSpec:
+    """Round `rnd` as this rank trains it: its members of the cohort (`mine`)."""
+    return RoundSpec(rnd, cfg.train.seed, cfg.train.batch_size, data.augment, mode,
+                     cfg.engine.block_size, tuple(mine),
+                     tuple(float(data.num_train[c]) for c in mine))
+
+
+def train_round(cfg: RunConfig, world: World, algo, state: tuple[dict, dict], data, mode: str,
+                rnd: int, defense: Defense | None = None) -> tuple[RoundBuffer, float, float]:
     """One round on this rank: train its members of the cohort, the one Allreduce (which also
-    carries this rank's stop vote), the server step. Returns the reduced buffer and the seconds
-    of local training and of the Allreduce."""
-    t = cfg.train
-    cohort = sample_cohort(t.seed, rnd, cfg.data.num_clients, t.frac)
-    mine = [c for c in cohort if c in private]
+    carries this rank's stop vote, read after local training: a signal that arrived during it
+    counts this round), the server step. `state`: (shared, private), updated in place. Returns
+    the reduced buffer and the seconds of local training and of the Allreduce."""
+    shared, private = state
+    cohort = sample_cohort(cfg.train.seed, rnd, cfg.data.num_clients, cfg.train.frac)
+    spec = round_spec(cfg, mode, rnd, [c for c in cohort if c in private], data)
     t0 = time.perf_counter()
     with precision(cfg.engine.dtype, world.device):
-        buf = train_cohort(algo, shared, private, data.clients, mine,
-                           [float(data.num_train[c]) for c in mine], t.batch_size, t.seed, rnd,
-                           world.device, mode, cfg.engine.group_size, data.augment,
-                           client_defense(cfg, algo, data.clients, rnd, once))
-    buf[STOP_SLOT] = float(stop)
+        buf = train_cohort(algo, spec, shared, private, data.clients, world.device, defense)
+    buf[Slot.STOP] = float(world.stop_requested)
     world.synchronize()
     t1 = time.perf_counter()
-    world.allreduce_sum_(buf)
-    if isinstance(once, Slicing):  # random_slice's server side, in place
-        compensate_(cfg.privacy, buf[:-EXTRA_SLOTS], [float(data.num_train[c]) for c in cohort])
+    world.allreduce_sum_(buf.data)
+    if defense is not None:  # the server's side, in place on the reduced sum
+        defense.server(buf.upload, [float(data.num_train[c]) for c in cohort])
     t2 = time.perf_counter()
-    algo.server_step(shared, unflatten(buf[:-EXTRA_SLOTS], shared), float(buf[-1]))
+    algo.server_step(shared, unflatten(buf.upload, shared), buf[Slot.WEIGHT])
     return buf, t1 - t0, t2 - t1
 
 
@@ -199,8 +191,9 @@ def run(cfg: RunConfig, world: World, until: int = 0) -> dict:
 def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
     t, n = cfg.train, cfg.data.num_clients
     last = min(until or t.rounds, t.rounds)
+    defense = build_defense(cfg.privacy, t.seed)
     mode = resolve_mode(cfg.engine.mode, world.device)
-    unit = cfg.engine.group_size if mode == "vectorized" else 1  # ranks host whole groups
+    unit = cfg.engine.block_size if mode == "vectorized" else 1  # ranks host whole blocks
     data = load_federated(cfg.data, t.seed, world.device, hosted=lambda sizes: balanced_blocks(
         sizes, world.size, unit)[world.rank])
     blocks = balanced_blocks(data.num_train, world.size, unit)
@@ -209,12 +202,11 @@ def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
                                                                  "resnet18_adapter"):
         raise ConfigError("engine.dtype=bf16: CPU autocast cannot run this model's BatchNorm; "
                           "use a GPU, or engine.dtype=fp32")
-    check_defense(cfg, algo)
-    once = defense_context(cfg, world, algo, data.num_classes)
+    prepare_defense(defense, cfg, world, algo, data.num_classes)
     if world.is_main and algo.attrs():
         log.info("%s", ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
                                  for k, v in algo.attrs().items()))
-    locks.append(lock_output(cfg, world))
+    locks.append(lock_output(cfg.output, world))
     start = plan_or_error(cfg, world)
     if start.done:
         if world.is_main:
@@ -242,13 +234,13 @@ def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
     numel = sum(v.numel() for v in shared.values())
 
     store, attrs = None, {**provenance(cfg, world), **algo.attrs(),  # collective: all ranks
-                          **(once.attrs() if once is not None else {})}
+                          **(defense.attrs() if defense is not None else {})}
     if world.is_main:
         store = (ResultsFile.resume(start.path, start.round, attrs)
                  if start.checkpoint else
                  ResultsFile.create(start.path, attrs, data.num_train, data.num_test,
                                     world.size, () if algo.epsilon(0) is None else ("epsilon",)))
-    rec = Recorder(world, store, (numel + EXTRA_SLOTS) * ROUND_DTYPE.itemsize)
+    rec = Recorder(world, store, (numel + len(Slot)) * ROUND_DTYPE.itemsize)
     show = cfg.output.progress
     if show == "auto":
         show = "bar" if sys.stderr.isatty() else "log"
@@ -259,11 +251,10 @@ def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
     try:
         for rnd in range(start.round + 1, last + 1):
             t0 = time.perf_counter()
-            buf, compute_s, allreduce_s = train_round(cfg, world, algo, shared, private, data,
-                                                      mode, rnd, world.stop_requested,
-                                                      once)
-            loss_sum, trained, stops, _ = buf[-EXTRA_SLOTS:].tolist()
-            if not (math.isfinite(loss_sum) and torch.isfinite(buf).all()):
+            buf, compute_s, allreduce_s = train_round(cfg, world, algo, (shared, private), data,
+                                                      mode, rnd, defense)
+            loss_sum, trained, stops, _ = buf.slots.tolist()
+            if not (math.isfinite(loss_sum) and torch.isfinite(buf.data).all()):
                 # the same reduced buffer on every rank: all of them stop here
                 raise Diverged(f"round {rnd}: the training loss or the shared update is NaN "
                                "or inf; stopped before checkpointing it (status diverged; a "
@@ -290,8 +281,8 @@ def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
             every = cfg.output.checkpoint_every
             if stop or rnd == t.rounds or (every and rnd % every == 0):
                 rec.flush_timing()
-                checkpoint(world, start.path, cfg, rnd, time.perf_counter() - t_start, shared,
-                           private, template, blocks)
+                checkpoint(world, start.path, cfg, rnd, time.perf_counter() - t_start,
+                           (shared, private), template, blocks)
             if stop:
                 break
     except BaseException as e:

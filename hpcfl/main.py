@@ -4,7 +4,7 @@
     mpiexec -n 4 python -m hpcfl.main jobs/quickstart.yaml
     srun --mpi=pmi2 python -m hpcfl.main jobs/quickstart.yaml
 
-The command line of the run in hpcfl.loop (the round of DESIGN §1).
+The command line of the run in hpcfl.loop (docs/ARCHITECTURE.md, "The round").
 Exit codes: 0 done, or stopped by a signal after checkpointing (status `preempted`; under
 slurm/*.sbatch the job then requeues itself); 2 bad input (one line on stderr, no results file
 written); 3 diverged (a round's loss or update was NaN/inf: status `diverged`, nothing
@@ -19,7 +19,7 @@ import h5py
 
 from .config import ConfigError, RunConfig, describe, load_config
 from .loop import run
-from .world import Command, requeue_own_job
+from .cli import Command, requeue_own_job
 
 USAGE = """usage: python -m hpcfl.main [CONFIG.yaml] [--from RESULTS.h5] [section.key=value ...]
 

@@ -92,22 +92,15 @@ def check_same_experiment(stored: dict, now: dict, where: Path) -> None:
 def plan_or_error(cfg: RunConfig, world: World) -> Start:
     """Rank 0 plans the start (it alone touches the results file); all ranks follow, or all
     stop with the same ConfigError."""
-    plan = None
-    if world.is_main:
-        try:
-            plan = plan_start(cfg)
-        except ConfigError as e:
-            plan = str(e)
-    plan = world.from_main(plan)
-    if isinstance(plan, str):
-        raise ConfigError(plan)
-    return plan
+    return world.on_main(lambda: plan_start(cfg))
 
 
 def checkpoint(world: World, path: Path, cfg: RunConfig, rnd: int, elapsed: float,
-               shared: dict, private: dict, template: dict, blocks: list[range]) -> None:
+               state: tuple[dict, dict], template: dict, blocks: list[range]) -> None:
     """Every client's private state (laid out as `template`) reaches rank 0 in one Gatherv,
-    rows in client-id order (blocks are contiguous); rank 0 writes the checkpoint."""
+    rows in client-id order (blocks are contiguous); rank 0 writes the checkpoint. `state`: the
+    shared state and this rank's clients' private state."""
+    shared, private = state
     width = sum(v.numel() for v in template.values())
     rows = np.zeros((len(private), width), np.float32)
     for i, cid in enumerate(sorted(private)):

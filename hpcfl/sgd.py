@@ -107,10 +107,10 @@ class PhaseSGD:
         """Update `params` in place from `grads` (of the dense tensors) and, for rank-one
         weights, `h`; `active`: per-client 0/1 when stacked."""
         p = self.phase
-        if p.clip_norm > 0:
-            for group in p.groups:
+        if p.grad_clip > 0:
+            for group in p.param_groups:
                 d_sq = sum(self._sq(grads[self.rank_one[n]]) for n in group if n in self.rank_one)
-                clip_([grads[n] for n in group if n not in self.rank_one], p.clip_norm,
+                clip_([grads[n] for n in group if n not in self.rank_one], p.grad_clip,
                       self.stacked, extra_sq=d_sq * self._sq(h) if h is not None else 0.0)
         for n, bias in self.rank_one.items():  # before sgd_, which adds weight decay to grads
             self.rank_one_momentum[n] = rank_one_sgd_(params[n], self.rank_one_momentum[n],

@@ -29,7 +29,7 @@ import yaml
 from .config import (ConfigError, RunConfig, apply_dict, load_config, parse_override, set_value,
                      validate)
 from .loop import run
-from .world import Command, requeue_own_job
+from .cli import Command, requeue_own_job
 
 log = logging.getLogger("hpcfl")
 

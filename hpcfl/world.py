@@ -1,7 +1,9 @@
 """The processes of a run: mpi4py COMM_WORLD, or a single process with the same interface.
 
 The world knows ranks, devices, signals and buffers; it never sees a model. Collectives take
-contiguous host buffers (numpy, or CPU tensors copied from the device), never pickled tensors.
+contiguous host buffers (numpy, or CPU tensors copied from the device), never pickled tensors
+(docs/ARCHITECTURE.md, "Invariants"). What a command does on failure is hpcfl.cli's; where
+clients live, hpcfl.placement's.
 """
 from __future__ import annotations
 
@@ -9,8 +11,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import torch
@@ -32,6 +32,13 @@ def _import_mpi():
         return MPI, ""
     except (ImportError, RuntimeError, OSError) as e:
         return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+class _Refused:
+    """A ConfigError's line, on its way from rank 0 to the others."""
+
+    def __init__(self, line: str):
+        self.line = line
 
 
 class World:
@@ -153,84 +160,30 @@ class World:
         """Rank 0's value of a small Python object (a name, a decision) on every rank."""
         return value if self.comm is None else self.comm.bcast(value, root=0)
 
+    def on_main(self, compute):
+        """compute() run on rank 0 alone, its result on every rank; a ConfigError there is
+        raised on every rank (the same one line), so that all stop together."""
+        result = None
+        if self.is_main:
+            try:
+                result = compute()
+            except ConfigError as e:
+                result = _Refused(str(e))
+        result = self.from_main(result)
+        if isinstance(result, _Refused):
+            raise ConfigError(result.line)
+        return result
+
+    def abort_on_exit(self, exc: BaseException) -> None:
+        """Make this process abort every rank as it exits with `exc` (MPI_Abort): without it
+        the other ranks would wait in the next collective forever."""
+        if self.size > 1:
+            import mpi4py.run
+            mpi4py.run.set_abort_status(exc)
+
     def hostnames(self) -> list[str]:
         name = socket.gethostname()
         return [name] if self.comm is None else sorted(set(self.comm.allgather(name)))
 
     def mpi_version(self) -> str:
         return "none" if self.MPI is None else self.MPI.Get_library_version().splitlines()[0]
-
-
-def requeue_own_job() -> str | None:
-    """Put this Slurm job (an array element is a job of its own id) back in the queue, so that
-    it resumes from the checkpoint just written: only where the batch script asks for it with
-    HPCFL_REQUEUE=1 (slurm/*.sbatch do), since an interactive srun cannot be requeued. Called by
-    rank 0 as its last act: Slurm ends the job's processes right away. A line for the log."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if os.environ.get("HPCFL_REQUEUE") != "1" or not job:
-        return None
-    try:
-        r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
-                           timeout=60)
-        why = r.stderr.strip() if r.returncode else ""
-    except (OSError, subprocess.SubprocessError) as e:
-        why = str(e)
-    return (f"scontrol requeue {job} failed ({why}): submit the same job again to resume"
-            if why else f"requeued Slurm job {job}: it resumes from the checkpoint")
-
-
-class Diverged(Exception):
-    """A round whose loss or shared update is not finite: the run stops, exit code 3."""
-
-
-class Command:
-    """A command line's handling of failure, the same for every hpcfl command: a ConfigError
-    (a user mistake) is one line on stderr (rank 0's, once the world exists) and exit code 2;
-    a run that diverged (every rank sees it in the same round) one line and exit code 3; any
-    other exception on one rank of several aborts every rank rather than hang the job.
-
-        cmd = Command("hpcfl.attack")
-        with cmd:
-            world = cmd.start(device)   # after parsing: errors before it print on every rank
-            ...
-        if cmd.code: return cmd.code
-    """
-
-    def __init__(self, prog: str):
-        self.prog, self.world, self.code = prog, None, 0
-
-    def start(self, device: str, threads: int = 1) -> World:
-        self.world = World(device, threads)
-        return self.world
-
-    def __enter__(self) -> "Command":
-        return self
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if kind is None:
-            return False
-        for error, code, what in ((ConfigError, 2, "error"), (Diverged, 3, "diverged")):
-            if issubclass(kind, error):
-                if self.world is None or self.world.is_main:
-                    print(f"{self.prog}: {what}: {exc}", file=sys.stderr)
-                self.code = code
-                return True
-        if self.world is not None and self.world.size > 1:
-            import mpi4py.run
-            mpi4py.run.set_abort_status(exc)
-        return False
-
-
-def balanced_blocks(sizes: list[int], parts: int, unit: int = 1) -> list[range]:
-    """Split client ids 0..n-1 into `parts` contiguous blocks of about equal total sample count
-    (block r ends where the running total first reaches (r+1)/parts of the whole), each made of
-    whole units of `unit` consecutive ids (the vectorized engine's groups)."""
-    unit = max(unit, 1)
-    n = len(sizes)
-    total = np.cumsum([sum(sizes[i:i + unit]) for i in range(0, n, unit)])
-    bounds = [0]
-    for r in range(1, parts):
-        bounds.append(max(bounds[-1], int(np.searchsorted(total, total[-1] * r / parts)) + 1))
-    bounds.append(len(total))
-    bounds = [min(b * unit, n) for b in bounds]
-    return [range(bounds[r], bounds[r + 1]) for r in range(parts)]

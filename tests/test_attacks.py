@@ -9,7 +9,8 @@ from hpcfl.algorithms import build_algorithm
 from hpcfl.config import AttackConfig, load_config
 from hpcfl.data import ClientData, load_federated
 from hpcfl.data.builtin import PHOTOS, load_digits
-from hpcfl.engine import model_inputs, train_client
+from hpcfl.data.transforms import model_inputs
+from hpcfl.engine import RoundSpec, train_client
 from hpcfl.privacy.attacks import (Knowledge, Problem, dlg, gradient_from_update, idlg_label,
                                    inverting_gradients)
 from hpcfl.privacy.metrics import image_scores, label_accuracy, psnr, ssim, to_unit
@@ -27,7 +28,7 @@ def fedavg_single_step(name: str, index: int = 0, steps: int = 1):
     shared, c = algo.init_shared(), data.clients[0]
     one = ClientData(c.x_train[index:index + 1], c.y_train[index:index + 1], c.x_test, c.y_test,
                      c.mean, c.std)
-    trained, _ = train_client(algo, dict(shared), one, 50, 0, 1, 0)
+    trained, _ = train_client(algo, dict(shared), one, RoundSpec(1, 0, 50), 0)
     upload = algo.upload(shared, trained)  # exactly what the server receives
     t = cfg.train
     know = Knowledge(algo.forward, shared, tuple(upload), data.shape, (0 - c.mean) / c.std,
@@ -122,13 +123,13 @@ def test_simulated_hyperfl_round_reproduces_its_hypernetwork_update():
     """Head epoch, then hypernetwork + embedding steps with their clip: the attacker's
     simulation (white-box: embedding and head known) gives the engine's upload."""
     cfg = load_config(None, ["data.partition=iid", "data.num_clients=5", "train.local_steps=3",
-                             "algorithm.clip_norm=5"])
+                             "algorithm.grad_clip=5"])
     data = load_federated(cfg.data, 0)
     algo = build_algorithm(cfg, data.shape, data.num_classes)
     shared, c = algo.init_shared(), data.clients[0]
     state = {**shared, **algo.init_client(0)}
     one = ClientData(c.x_train[:2], c.y_train[:2], c.x_test, c.y_test, c.mean, c.std)
-    trained, _ = train_client(algo, dict(state), one, 50, 0, 1, 0)
+    trained, _ = train_client(algo, dict(state), one, RoundSpec(1, 0, 50), 0)
     upload = algo.upload(shared, trained)
     know = Knowledge(algo.forward, state, tuple(upload), data.shape, c.mean, c.std,
                      phases=tuple(algo.phases()), batch_size=50)

@@ -12,7 +12,7 @@ def bench(*args, cwd):
 
 def test_bench_writes_a_table_and_the_documented_file(tmp_path):
     r = bench("digits-hyperfl", "--rounds", "2", "--out", "b.h5", "algorithm.name=fedavg",
-              "data.num_clients=6", "train.local_epochs=1", "engine.group_size=4",
+              "data.num_clients=6", "train.local_epochs=1", "engine.block_size=4",
               cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()

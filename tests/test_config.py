@@ -123,3 +123,30 @@ def test_the_readme_table_lists_every_key_and_choice():
             for choice in f.metadata.get("choices", ()):
                 assert re.search(rf"\b{re.escape(choice)}\b", row[1]), \
                     f"{section.name}.{f.name}={choice}"
+
+
+def test_renamed_keys_are_still_read_from_files_and_command_lines(tmp_path):
+    """Configs and results files of earlier versions (privacy.clip, engine.group_size, ...)
+    keep working: every old name lands on its new key, and an unknown key still does not."""
+    from hpcfl.config import RENAMED, ConfigError, RunConfig
+
+    values = {"engine.max_clients_in_memory": 7, "algorithm.clip_norm": 3.0,
+              "privacy.dp_clip": 0.5, "privacy.clip": 2.0, "privacy.slice_clip": 1e-3,
+              "privacy.clip_model": "local-dir:x", "privacy.clip_weights": "w.bin"}
+    assert set(values) <= set(RENAMED) and len(RENAMED) == len(values) + 1  # + group_size
+    tree: dict = {}
+    for key, value in values.items():
+        section, name = key.split(".")
+        tree.setdefault(section, {})[name] = value
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    from_file = load_config(str(path))
+    from_cli = load_config(None, [f"{k}={v}" for k, v in values.items()] +
+                           ["engine.group_size=7"])
+    for cfg in (from_file, from_cli):
+        for old, value in values.items():
+            section, name = RENAMED[old].split(".")
+            assert getattr(getattr(cfg, section), name) == value, old
+    assert not hasattr(RunConfig().privacy, "clip")
+    with pytest.raises(ConfigError, match="privacy.clipp"):
+        load_config(None, ["privacy.clipp=1"])

@@ -8,12 +8,11 @@ from hpcfl.algorithms import build_algorithm
 from hpcfl.attack import main as attack
 from hpcfl.config import ConfigError, load_config
 from hpcfl.data import load_federated
-from hpcfl.engine import model_inputs, train_client
+from hpcfl.engine import ClientUpload, RoundSpec, train_client
 from hpcfl.loop import run
-from hpcfl.privacy.defenses import (ClientView, check, client_defense, compensate_, defend,
-                                    generator, slicing, topk)
-from hpcfl.privacy.gradienthide import Labeler, label_public, public_images, public_set
-from hpcfl.privacy.random_slice import sensitivities, slice_bounds
+from hpcfl.privacy.defenses import Setup, build_defense
+from hpcfl.privacy.defenses.random_slice import sensitivities, slice_bounds
+from hpcfl.privacy.defenses.topk import topk
 from hpcfl.world import World
 
 
@@ -23,14 +22,26 @@ def fedavg_upload(*overrides):
     data = load_federated(cfg.data, 0)
     algo = build_algorithm(cfg, data.shape, data.num_classes)
     shared = algo.init_shared()
-    trained, _ = train_client(algo, dict(shared), data.clients[0], 50, 0, 1, 0)
+    trained, _ = train_client(algo, dict(shared), data.clients[0], RoundSpec(1, 0, 50), 0)
     return cfg, algo, data, shared, algo.upload(shared, trained)
 
 
+def ready(cfg, algo, data):
+    """privacy.defense, checked and prepared as a one-process run does it."""
+    defense = build_defense(cfg.privacy, cfg.train.seed)
+    setup = Setup(algo, cfg.data, cfg.model.name, cfg.train.seed, data.num_classes,
+                  torch.device("cpu"))
+    defense.check(cfg.data, algo)
+    defense.install(defense.prepare(setup), setup)
+    return defense
+
+
 def view(cfg, algo, data, shared, cid=0, rnd=1):
-    c = data.clients[cid]
-    return ClientView(cfg.train.seed, rnd, cid, shared, shared, algo,
-                      model_inputs(c, c.x_train))
+    return ClientUpload(cid, rnd, data.clients[cid], shared, shared)
+
+
+def defend(upload, client, cfg, algo, data):
+    return ready(cfg, algo, data).upload(upload, client)
 
 
 def norm(upload):
@@ -54,16 +65,17 @@ def test_topk_keeps_exactly_the_k_largest_entries_of_each_tensor():
 @pytest.mark.parametrize("name", ["dp_gaussian", "dp_laplace"])
 def test_dp_clips_the_update_then_adds_noise_drawn_per_seed_round_and_client(name):
     cfg, algo, data, shared, upload = fedavg_upload(f"privacy.defense={name}",
-                                                    "privacy.clip=0.05", "privacy.noise=0")
+                                                    "privacy.update_clip=0.05", "privacy.noise=0")
     assert norm(upload) > 0.05
-    assert norm(defend(upload, view(cfg, algo, data, shared), cfg.privacy)) == \
+    assert norm(defend(upload, view(cfg, algo, data, shared), cfg, algo, data)) == \
         pytest.approx(0.05, rel=1e-5)
-    cfg, *_ = fedavg_upload(f"privacy.defense={name}", "privacy.clip=0", "privacy.noise=0.01")
-    a = defend(upload, view(cfg, algo, data, shared), cfg.privacy)
+    cfg, *_ = fedavg_upload(f"privacy.defense={name}", "privacy.update_clip=0",
+                            "privacy.noise=0.01")
+    a = defend(upload, view(cfg, algo, data, shared), cfg, algo, data)
     assert all(torch.equal(a[k], b) for k, b in
-               defend(upload, view(cfg, algo, data, shared), cfg.privacy).items())
+               defend(upload, view(cfg, algo, data, shared), cfg, algo, data).items())
     for other in (view(cfg, algo, data, shared, cid=1), view(cfg, algo, data, shared, rnd=2)):
-        b = defend(upload, other, cfg.privacy)
+        b = defend(upload, other, cfg, algo, data)
         assert not torch.equal(a["head.weight"], b["head.weight"])
     noise = torch.cat([(a[k] - v).flatten() for k, v in upload.items()])
     assert noise.std().item() == pytest.approx(0.01 * (2 ** 0.5 if name == "dp_laplace" else 1),
@@ -72,7 +84,7 @@ def test_dp_clips_the_update_then_adds_noise_drawn_per_seed_round_and_client(nam
 
 def test_soteria_prunes_only_columns_of_the_representation_layer():
     cfg, algo, data, shared, upload = fedavg_upload("privacy.defense=soteria")
-    out = defend(upload, view(cfg, algo, data, shared), cfg.privacy)
+    out = defend(upload, view(cfg, algo, data, shared), cfg, algo, data)
     for k, v in upload.items():
         if k != "head.weight":
             assert torch.equal(out[k], v), k
@@ -87,7 +99,8 @@ def test_soteria_is_refused_where_the_representation_layer_is_not_uploaded():
     cfg = load_config(None, ["data.num_clients=6", "privacy.defense=soteria"])  # hyperfl
     data = load_federated(cfg.data, 0)
     with pytest.raises(ConfigError, match="soteria"):
-        check(cfg, build_algorithm(cfg, data.shape, data.num_classes))
+        build_defense(cfg.privacy, 0).check(cfg.data,
+                                            build_algorithm(cfg, data.shape, data.num_classes))
 
 
 def test_the_round_sums_defended_uploads(tmp_path):
@@ -101,10 +114,11 @@ def test_the_round_sums_defended_uploads(tmp_path):
     data = load_federated(cfg.data, 0)
     algo = build_algorithm(cfg, data.shape, data.num_classes)
     shared = algo.init_shared()
-    defense, total, weight = client_defense(cfg, algo, data.clients, 1), None, 0.0
+    defense, total, weight = ready(cfg, algo, data), None, 0.0
     for cid in range(4):
-        trained, _ = train_client(algo, dict(shared), data.clients[cid], 50, 0, 1, cid)
-        up = defense(algo.upload(shared, trained), cid, shared, trained)
+        trained, _ = train_client(algo, dict(shared), data.clients[cid], RoundSpec(1, 0, 50), cid)
+        up = defense.upload(algo.upload(shared, trained),
+                            ClientUpload(cid, 1, data.clients[cid], shared, trained))
         w = float(data.num_train[cid])
         total = {k: w * v.double() for k, v in up.items()} if total is None else \
             {k: total[k] + w * v.double() for k, v in up.items()}
@@ -129,7 +143,8 @@ def test_every_defense_lowers_ig_psnr_and_muting_soterias_layer_raises_it(tmp_pa
     images, they did not lower IG's PSNR here (README, Defenses)."""
     psnr = {}
     for name, extra in (("none", []), ("dp_gaussian", []), ("dp_laplace", []), ("topk", []),
-                        ("random_slice", ["privacy.slice_noise=5e-3"]), ("gradienthide", ["privacy.hide_batch=1"]),
+                        ("random_slice", ["privacy.slice_noise=5e-3"]),
+                        ("gradienthide", ["privacy.hide_batch=1"]),
                         ("soteria", []),
                         ("muted", ["attack.mute_defended_layer=true"])):
         defense = "soteria" if name == "muted" else name
@@ -149,14 +164,13 @@ def honest_round(noise: float):
                              f"privacy.slice_noise={noise}"])
     data = load_federated(cfg.data, 0)
     algo = build_algorithm(cfg, data.shape, data.num_classes)
-    slices, shared = slicing(cfg, algo, "cpu"), algo.init_shared()
-    defense = client_defense(cfg, algo, data.clients, 1, slices)
+    slices, shared = ready(cfg, algo, data), algo.init_shared()
     clean, defended = [], []
     for cid in range(20):
-        trained, _ = train_client(algo, dict(shared), data.clients[cid], 50, 0, 1, cid)
+        trained, _ = train_client(algo, dict(shared), data.clients[cid], RoundSpec(1, 0, 50), cid)
         up = algo.upload(shared, trained)
         clean.append(torch.cat([up[k].flatten() for k in shared]).double())
-        d = defense(up, cid, shared, trained)
+        d = slices.upload(up, ClientUpload(cid, 1, data.clients[cid], shared, trained))
         defended.append(torch.cat([d[k].flatten() for k in shared]).double())
     return cfg, algo, data, slices, clean, defended
 
@@ -180,19 +194,19 @@ def test_random_slice_perturbs_exactly_the_chosen_slices_of_balanced_sensitivity
 
 
 def test_compensation_brings_the_honest_aggregate_closer_to_the_clean_one():
-    cfg, *_, clean, defended = honest_round(5e-3)
+    cfg, algo, data, slices, clean, defended = honest_round(5e-3)
     w = [1.0] * 20
     clean_mean = torch.stack(clean).mean(0)
     noisy_sum = torch.stack(defended).sum(0)
     compensated = noisy_sum.clone()
-    compensate_(cfg.privacy, compensated, w)
+    slices.server(compensated, w)
     compensated /= 20
     raw = (noisy_sum / 20 - clean_mean).norm()
     assert (compensated - clean_mean).norm() < 0.6 * raw
     off = load_config(None, ["privacy.defense=random_slice", "data.public_fraction=0.1",
                              "privacy.compensate=false"]).privacy
     kept = noisy_sum.clone()
-    compensate_(off, kept, w)
+    build_defense(off, 0).server(kept, w)
     assert torch.equal(kept, noisy_sum)
 
 
@@ -206,17 +220,14 @@ def test_random_slice_without_public_data_is_one_line(capsys):
 def test_gradienthide_adds_exactly_one_sgd_step_on_labelled_public_images(tmp_path):
     cfg, algo, data, shared, upload = fedavg_upload("privacy.defense=gradienthide",
                                                     "data.public_fraction=0.1",
-                                                    "privacy.hide_batch=8")
-    x, y, pixels = public_images(cfg, "cpu")
-    labeler = Labeler()  # public_model
-    public = public_set(x, y, label_public(cfg, labeler, x, y, pixels, data.num_classes),
-                        labeler.name)
-    assert public.labeler == "public_model" and public.agreement > 0.9
+                                                    "privacy.hide_batch=8",
+                                                    "privacy.hide_labeler=public_model")
+    public = ready(cfg, algo, data)  # the public_model labeler (no CLIP weights here)
+    assert public.state.labeler == "public_model" and public.agreement > 0.9
     trained = {k: shared[k] + upload[k] for k in shared}
-    v = ClientView(cfg.train.seed, 1, 0, shared, trained, algo, None, public)
-    out = defend(upload, v, cfg.privacy)
+    out = public.upload(upload, ClientUpload(0, 1, data.clients[0], shared, trained))
     # the same step, by hand: the batch the client's defense stream draws, one SGD step
-    idx = torch.randperm(len(public.y), generator=generator(v, torch.device("cpu")))[:8]
+    idx = torch.randperm(len(public.y), generator=public.stream(1, 0, torch.device("cpu")))[:8]
     moved = {k: (shared[k] + upload[k]).requires_grad_() for k in upload}
     loss = torch.nn.functional.cross_entropy(algo.forward(moved, public.x[idx]), public.y[idx])
     grads = torch.autograd.grad(loss, list(moved.values()))
@@ -232,3 +243,34 @@ def test_gradienthide_adds_exactly_one_sgd_step_on_labelled_public_images(tmp_pa
         assert f.attrs["gradienthide_labeler"] == "public_model"
         assert f.attrs["gradienthide_public_images"] == 180
         assert f["metrics/test_acc_mean"].shape == (1,)
+
+
+def test_a_defense_added_as_the_readme_says_runs_in_a_round(tmp_path):
+    """README, "Add a defense", followed from this file alone: one class and a register call.
+    The loop prepares it, the engine calls its upload hook, the server its server hook."""
+    from hpcfl.privacy.defenses import DEFENSES, Defense, register
+
+    @register
+    class Halve(Defense):
+        """Every upload halved; the server doubles the sum back (a defense that hides
+        nothing, to check the hooks)."""
+        name = "halve"
+
+        def upload(self, upload, client):
+            return {k: 0.5 * v for k, v in upload.items()}
+
+        def server(self, upload_sum, weights):
+            upload_sum.mul_(2)
+
+    try:
+        base = ["data.num_clients=4", "algorithm.name=fedavg", "train.local_steps=1",
+                "train.rounds=2", "output.progress=none", f"output.dir={tmp_path}"]
+        run(load_config(None, [*base, "privacy.defense=halve", "output.name=h"]), World("cpu"))
+        run(load_config(None, [*base, "output.name=n"]), World("cpu"))
+    finally:
+        DEFENSES.pop("halve")
+    with h5py.File(tmp_path / "h.ckpt.h5") as h, h5py.File(tmp_path / "n.ckpt.h5") as n:
+        for k in n["shared"]:  # halved, then doubled: exactly the undefended run
+            assert np.array_equal(h["shared"][k][...], n["shared"][k][...]), k
+    with pytest.raises(ConfigError, match="privacy.defense: 'halve' is not one of"):
+        run(load_config(None, [*base, "privacy.defense=halve", "output.name=g"]), World("cpu"))

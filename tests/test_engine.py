@@ -7,19 +7,20 @@ from torch.func import functional_call
 from hpcfl.algorithms import Phase, build_algorithm
 from hpcfl.config import load_config
 from hpcfl.data import load_federated
-from hpcfl.engine import (EXTRA_SLOTS, client_generator, crop_flip, crop_flip_draws,
-                          minibatches, model_inputs, train_client, train_cohort, train_group,
+from hpcfl.data.transforms import crop_flip, crop_flip_draws, model_inputs
+from hpcfl.engine import (RoundSpec, Slot, minibatches, train_client, train_cohort, train_stacked,
                           unflatten)
+from hpcfl.streams import Stream, torch_stream
 from hpcfl.sgd import clip_, rank_one_sgd_, sgd_
 
 
 def test_minibatches_cover_each_epoch_once_and_count_steps():
     g = torch.Generator().manual_seed(0)
-    batches = list(minibatches(23, 5, Phase(groups=(), lr=1, momentum=0, weight_decay=0,
+    batches = list(minibatches(23, 5, Phase(param_groups=(), lr=1, momentum=0, weight_decay=0,
                                              epochs=2), g))
     assert [len(b) for b in batches] == [5, 5, 5, 5, 3] * 2
     assert sorted(torch.cat(batches[:5]).tolist()) == list(range(23))
-    steps = list(minibatches(23, 5, Phase(groups=(), lr=1, momentum=0, weight_decay=0,
+    steps = list(minibatches(23, 5, Phase(param_groups=(), lr=1, momentum=0, weight_decay=0,
                                            epochs=9, steps=7), g))
     assert len(steps) == 7
 
@@ -32,7 +33,7 @@ def test_functional_sgd_and_clip_match_torch_optim(momentum, wd, clip):
     ref = [[torch.nn.Parameter(p.clone()) for p in g] for g in groups]
     opt = torch.optim.SGD([{"params": g} for g in ref], lr=0.1, momentum=momentum,
                           weight_decay=wd)
-    phase = Phase(groups=(), lr=0.1, momentum=momentum, weight_decay=wd, clip_norm=clip)
+    phase = Phase(param_groups=(), lr=0.1, momentum=momentum, weight_decay=wd, grad_clip=clip)
     params = [p.clone() for g in groups for p in g]
     buf: list[torch.Tensor] = []
     for _ in range(4):
@@ -56,7 +57,7 @@ def test_rank_one_update_matches_torch_optim_on_the_dense_gradient(momentum, wd)
     alone, with clip_grad_norm_ over W and its bias, W follows torch.optim.SGD on the dense
     gradient; stacked (3 clients, the last inactive at the last step) likewise per client."""
     torch.manual_seed(0)
-    phase = Phase(groups=(), lr=0.1, momentum=momentum, weight_decay=wd, clip_norm=0.5)
+    phase = Phase(param_groups=(), lr=0.1, momentum=momentum, weight_decay=wd, grad_clip=0.5)
     ws = [torch.randn(6, 4) for _ in range(3)]
     ref = [[torch.nn.Parameter(w.clone()), torch.nn.Parameter(torch.zeros(6))] for w in ws]
     opts = [torch.optim.SGD(r, lr=0.1, momentum=momentum, weight_decay=wd) for r in ref]
@@ -107,13 +108,13 @@ def official_hyperfl_client(algo, shared, private, data, cfg, seed, rnd, cid):
             opt = torch.optim.SGD([{"params": hyper.parameters()}, {"params": [emb]}], lr=t.lr,
                                   momentum=t.momentum, weight_decay=t.weight_decay)
         for idx in minibatches(data.num_train, t.batch_size, phase,
-                               client_generator(seed, rnd, cid, k)):
+                               torch_stream(seed, Stream.BATCH_ORDER, rnd, cid, k)):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(logits(model_inputs(data, data.x_train[idx])),
                                               data.y_train[idx]).backward()
             if k == 1:
-                torch.nn.utils.clip_grad_norm_(hyper.parameters(), a.clip_norm)
-                torch.nn.utils.clip_grad_norm_([emb], a.clip_norm)
+                torch.nn.utils.clip_grad_norm_(hyper.parameters(), a.grad_clip)
+                torch.nn.utils.clip_grad_norm_([emb], a.grad_clip)
             opt.step()
     return hyper, emb, head
 
@@ -125,11 +126,11 @@ def test_hyperfl_local_training_matches_the_official_update_order():
     difference grows about tenfold per step (1e-2 after 12 steps whichever side rounds better),
     so more steps would measure that growth, not the update order."""
     cfg = load_config(None, ["data.num_clients=4", "train.local_steps=3",
-                             "algorithm.clip_norm=5"])  # a clip that bites
+                             "algorithm.grad_clip=5"])  # a clip that bites
     data = load_federated(cfg.data, seed=0)
     algo = build_algorithm(cfg, data.shape, data.num_classes)
     shared, private = algo.init_shared(), algo.init_client(2)
-    mine, _ = train_client(algo, {**shared, **private}, data.clients[2], 50, 0, 1, 2)
+    mine, _ = train_client(algo, {**shared, **private}, data.clients[2], RoundSpec(1, 0, 50), 2)
     hyper, emb, head = official_hyperfl_client(algo, shared, private, data.clients[2], cfg, 0, 1, 2)
     for k, v in hyper.state_dict().items():
         assert torch.allclose(mine["hypernet." + k], v, atol=1e-5, rtol=1e-4), k
@@ -145,13 +146,14 @@ def test_a_clients_training_does_not_depend_on_its_cohort():
     alone = {3: algo.init_client(3)}
     crowd = {c: algo.init_client(c) for c in (1, 3, 5)}
     w = [float(n) for n in data.num_train]
-    b1 = train_cohort(algo, shared, alone, data.clients, [3], [w[3]], 50, 0, 7, "cpu")
-    train_cohort(algo, shared, crowd, data.clients, [1, 3, 5], [w[1], w[3], w[5]], 50, 0, 7,
-                 "cpu")
+    b1 = train_cohort(algo, RoundSpec(7, 0, 50, cohort=(3,), weights=(w[3],)), shared, alone,
+                      data.clients, "cpu").data
+    train_cohort(algo, RoundSpec(7, 0, 50, cohort=(1, 3, 5), weights=(w[1], w[3], w[5])), shared,
+                 crowd, data.clients, "cpu")
     for k in alone[3]:
         assert torch.equal(alone[3][k], crowd[3][k])
-    b3 = train_cohort(algo, shared, {3: algo.init_client(3)}, data.clients, [3], [w[3]], 50, 0,
-                      7, "cpu")
+    b3 = train_cohort(algo, RoundSpec(7, 0, 50, cohort=(3,), weights=(w[3],)), shared,
+                      {3: algo.init_client(3)}, data.clients, "cpu").data
     assert torch.equal(b1, b3)  # and it is deterministic
 
 
@@ -161,8 +163,9 @@ def settle(algo, shared, private, data, cids, rounds):
     paths from the state a few sequential rounds reach."""
     w = [float(data.num_train[c]) for c in cids]
     for rnd in range(1, rounds + 1):
-        buf = train_cohort(algo, shared, private, data.clients, cids, w, 50, 0, rnd, "cpu")
-        algo.server_step(shared, unflatten(buf[:-EXTRA_SLOTS].float(), shared), float(buf[-1]))
+        buf = train_cohort(algo, RoundSpec(rnd, 0, 50, cohort=tuple(cids), weights=tuple(w)),
+                           shared, private, data.clients, "cpu")
+        algo.server_step(shared, unflatten(buf.upload.float(), shared), buf[Slot.WEIGHT])
 
 
 @pytest.mark.parametrize("name", ["hyperfl", "fedavg", "local",
@@ -181,9 +184,10 @@ def test_vectorized_and_sequential_paths_give_the_same_uploads(name):
     rounds = 2 if name.startswith("hyperfl") else 0
     settle(algo, shared, private, data, cids, rounds)
     r = rounds + 1
-    stacked, losses = train_group(algo, shared, private, data.clients, cids, 50, 0, r)
+    stacked, losses = train_stacked(algo, shared, private, data.clients, cids, RoundSpec(r, 0, 50))
     for i, c in enumerate(cids):
-        ref, ref_loss = train_client(algo, {**shared, **private[c]}, data.clients[c], 50, 0, r, c)
+        ref, ref_loss = train_client(algo, {**shared, **private[c]}, data.clients[c],
+                                     RoundSpec(r, 0, 50), c)
         mine = {**shared, **{n: v[i] for n, v in stacked.items()}}
         up, ref_up = algo.upload(shared, mine), algo.upload(shared, ref)
         for n in [*up, *private[c]]:
@@ -207,8 +211,9 @@ def test_micro_cohorts_give_the_same_round(name):
     for mode, size in [("sequential", 0), ("vectorized", 0), ("vectorized", 3),
                        ("vectorized", 1)]:
         private = {c: dict(p) for c, p in start.items()}
-        bufs[mode, size] = train_cohort(algo, shared, private, data.clients, cids, w, 50, 0, 3,
-                                        "cpu", mode, size)
+        spec = RoundSpec(3, 0, 50, mode=mode, block_size=size, cohort=tuple(cids),
+                         weights=tuple(w))
+        bufs[mode, size] = train_cohort(algo, spec, shared, private, data.clients, "cpu").data
     mean = {k: b[:-4] / b[-1] for k, b in bufs.items()}
     for key in mean:
         assert (mean[key] - mean["vectorized", 0]).abs().max() <= 1e-5, key
@@ -220,8 +225,9 @@ def test_a_rank_without_cohort_members_contributes_zeros(mode):
     data = load_federated(cfg.data, seed=0)
     algo = build_algorithm(cfg, data.shape, data.num_classes)
     shared = algo.init_shared()
-    buf = train_cohort(algo, shared, {}, data.clients, [], [], 50, 0, 1, "cpu", mode)
-    assert buf.numel() == sum(v.numel() for v in shared.values()) + EXTRA_SLOTS
+    buf = train_cohort(algo, RoundSpec(1, 0, 50, mode=mode), shared, {}, data.clients,
+                       "cpu").data
+    assert buf.numel() == sum(v.numel() for v in shared.values()) + len(Slot)
     assert not buf.any()
 
 
@@ -246,8 +252,9 @@ def test_augmented_training_is_the_same_in_both_paths():
     algo = build_algorithm(cfg, data.shape, data.num_classes)
     shared, cids = algo.init_shared(), [0, 1, 2]
     w = [float(data.num_train[c]) for c in cids]
-    plain, seq, vec = (train_cohort(algo, shared, {c: {} for c in cids}, data.clients, cids, w,
-                                    50, 0, 1, "cpu", mode, 0, aug)
+    plain, seq, vec = (train_cohort(algo, RoundSpec(1, 0, 50, aug, mode, 0, tuple(cids),
+                                                    tuple(w)),
+                                    shared, {c: {} for c in cids}, data.clients, "cpu").data
                        for mode, aug in [("sequential", False), ("sequential", True),
                                          ("vectorized", True)])
     assert (seq[:-4] / seq[-1] - vec[:-4] / vec[-1]).abs().max() <= 1e-5

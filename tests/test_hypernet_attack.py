@@ -9,13 +9,15 @@ from hpcfl.algorithms import build_algorithm
 from hpcfl.attack import main as attack
 from hpcfl.config import AttackConfig, load_config
 from hpcfl.data import load_federated
-from hpcfl.engine import model_inputs, train_client
+from hpcfl.data.transforms import model_inputs
+from hpcfl.engine import RoundSpec, train_client
 from hpcfl.privacy.attacks import Knowledge, Problem, inverting_gradients
 from hpcfl.privacy.attacks.common import total_variation
 from hpcfl.privacy.attacks.hypernet import adapt, coefficients
 
 # Digits clients of 4 training images (and one test image), round 1, HyperFL.
-DIGITS4 = ["data.name=digits", "data.partition=iid", "data.num_clients=360", "data.test_fraction=0.2",
+DIGITS4 = ["data.name=digits", "data.partition=iid", "data.num_clients=360",
+           "data.test_fraction=0.2",
            "train.lr=0.05", "train.device=cpu"]
 
 
@@ -27,7 +29,7 @@ def engine_upload(steps: int, *extra: str, cid: int = 1):
     algo = build_algorithm(cfg, data.shape, data.num_classes)
     shared, c = algo.init_shared(), data.clients[cid]
     state = {**shared, **algo.init_client(cid)}
-    trained, loss = train_client(algo, dict(state), c, 50, 0, 1, cid)
+    trained, loss = train_client(algo, dict(state), c, RoundSpec(1, 0, 50), cid)
     assert loss > 0  # a client whose loss is 0 uploads weight decay and nothing else
     return algo, shared, state, c, algo.upload(shared, trained)
 
@@ -43,7 +45,7 @@ def adapted(algo, shared, state, c, upload, threat: str):
 def test_coefficients_are_sgds_with_momentum_and_weight_decay():
     """W_t = a_t W_0 + sum_s w_ts X_s, checked against torch.optim.SGD on random gradients."""
     from hpcfl.algorithms import Phase
-    phase = Phase(groups=(("w",),), lr=0.3, momentum=0.5, weight_decay=0.1)
+    phase = Phase(param_groups=(("w",),), lr=0.3, momentum=0.5, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
     w0, xs = torch.randn(5, generator=g), torch.randn(4, 5, generator=g)
     w = w0.clone().requires_grad_()
@@ -117,6 +119,9 @@ def test_the_adaptive_attack_beats_the_generic_one_under_the_server_threat(tmp_p
             assert g.attrs["adaptive"] == adaptive and g["targets"][:].tolist() == [0, 1]
             if adaptive:
                 assert (g["theta_rel_error"][:] <= 1e-4).all()
+                # the upload identifies the images: at them the loss is TV alone, far below
+                # where the optimizer stopped
+                assert (g["truth_loss"][:] < 0.1 * g["loss"][:]).all()
     assert psnr[True] > psnr[False], psnr
 
     cfg = load_config(None, [*base, "output.name=aTrue"])
@@ -126,7 +131,7 @@ def test_the_adaptive_attack_beats_the_generic_one_under_the_server_threat(tmp_p
     algo = build_algorithm(cfg, data.shape, data.num_classes)
     c, shared = data.clients[0], {k: torch.as_tensor(v) for k, v in ck.shared.items()}
     state = {**shared, **{k: torch.as_tensor(v[0]) for k, v in ck.private.items()}}
-    trained, _ = train_client(algo, dict(state), c, 50, 0, 2, 0)
+    trained, _ = train_client(algo, dict(state), c, RoundSpec(2, 0, 50), 0)
     upload, x = algo.upload(shared, trained), model_inputs(c, c.x_train)
     truth = {k: state[k].clone().requires_grad_() for k in ("head.weight", "head.bias")}
     guess = algo.init_client(0)
@@ -154,7 +159,7 @@ def test_a_client_whose_head_fits_its_one_photo_uploads_weight_decay_alone(tmp_p
     algo = build_algorithm(cfg, data.shape, data.num_classes)
     shared, c = algo.init_shared(), data.clients[0]
     state = {**shared, **algo.init_client(0)}
-    trained, loss = train_client(algo, dict(state), c, 50, 0, 1, 0)
+    trained, loss = train_client(algo, dict(state), c, RoundSpec(1, 0, 50), 0)
     assert c.num_train == 1 and loss == 0
     assert adapted(algo, shared, state, c, algo.upload(shared, trained), "server").observed.empty()
     assert not adapted(*engine_upload(1), "server").observed.empty()

@@ -90,7 +90,7 @@ def test_hyperfl_lpm_learns_uploads_only_its_hypernetwork_and_never_moves_the_ba
     from hpcfl.algorithms import build_algorithm
     from hpcfl.config import load_config
     from hpcfl.data import load_federated
-    from hpcfl.engine import train_client
+    from hpcfl.engine import RoundSpec, train_client
     from hpcfl.main import main
 
     args = [*LPM, "model.name=vit_adapter", "model.backbone=test_vit"]
@@ -101,7 +101,7 @@ def test_hyperfl_lpm_learns_uploads_only_its_hypernetwork_and_never_moves_the_ba
     assert backbone and not set(backbone) & set(algo.init_shared())
     assert all(k.startswith("hypernet.") for k in algo.init_shared())
     trained, _ = train_client(algo, {**algo.init_shared(), **algo.init_client(0)},
-                              data.clients[0], 16, 0, 1, 0)
+                              data.clients[0], RoundSpec(1, 0, 16), 0)
     assert all(torch.equal(algo.constants[k], v) for k, v in backbone.items())
     assert not torch.equal(trained["head.weight"], algo.init_client(0)["head.weight"])
 
@@ -137,17 +137,18 @@ def test_hyperfl_lpm_trains_the_same_on_both_engine_paths():
     from hpcfl.algorithms import build_algorithm
     from hpcfl.config import load_config
     from hpcfl.data import load_federated
-    from hpcfl.engine import EXTRA_SLOTS, train_cohort
+    from hpcfl.engine import RoundSpec, Slot, train_cohort
 
     cfg = load_config(None, [*LPM, "model.name=resnet18_adapter", "model.backbone=test_resnet"])
     data = load_federated(cfg.data, 0)
     algo = build_algorithm(cfg, data.shape, data.num_classes)
     shared, cids = algo.init_shared(), [0, 1, 2]
     w = [float(data.num_train[c]) for c in cids]
-    seq, vec = (train_cohort(algo, shared, {c: algo.init_client(c) for c in cids}, data.clients,
-                             cids, w, 16, 0, 1, "cpu", mode) for mode in ("sequential",
-                                                                          "vectorized"))
-    mean_seq, mean_vec = seq[:-EXTRA_SLOTS] / seq[-1], vec[:-EXTRA_SLOTS] / vec[-1]
+    seq, vec = (train_cohort(algo, RoundSpec(1, 0, 16, mode=mode, cohort=tuple(cids),
+                                             weights=tuple(w)), shared,
+                             {c: algo.init_client(c) for c in cids}, data.clients, "cpu").data
+                for mode in ("sequential", "vectorized"))
+    mean_seq, mean_vec = seq[:-len(Slot)] / seq[-1], vec[:-len(Slot)] / vec[-1]
     assert (mean_seq - mean_vec).abs().max() <= 1e-6  # the averaged upload
     assert mean_seq.abs().max() > 0
 

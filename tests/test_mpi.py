@@ -32,11 +32,11 @@ def test_one_two_and_three_ranks_give_the_same_results(tmp_path, algorithm, rank
 
 def test_by_default_vectorized_hyperfl_is_the_same_on_one_and_two_ranks(tmp_path):
     """No thread count pinned in the environment (engine.threads fixes it), and vectorized
-    groups of fixed client-id blocks (engine.group_size), whichever rank hosts them."""
+    groups of fixed client-id blocks (engine.block_size), whichever rank hosts them."""
     runs = {}
     for ranks in (1, 2):
         r = run_mpi(ranks, *SMALL, "train.rounds=2", "engine.mode=vectorized",
-                    "engine.group_size=4", f"output.dir={tmp_path}", f"output.name=v{ranks}",
+                    "engine.block_size=4", f"output.dir={tmp_path}", f"output.name=v{ranks}",
                     pin_threads=False)
         assert r.returncode == 0, r.stderr
         runs[ranks] = results(tmp_path / f"v{ranks}.h5")
@@ -48,7 +48,7 @@ def test_dp_baselines_give_the_same_results_on_one_and_two_ranks(tmp_path, algor
     """Their noise, too, is drawn per (seed, round, client), never per rank."""
     runs = {}
     for ranks in (1, 2):
-        r = run_mpi(ranks, *SMALL, f"algorithm.name={algorithm}", "privacy.dp_clip=0.5",
+        r = run_mpi(ranks, *SMALL, f"algorithm.name={algorithm}", "privacy.sample_clip=0.5",
                     f"output.dir={tmp_path}", f"output.name=n{ranks}")
         assert r.returncode == 0, r.stderr
         runs[ranks] = results(tmp_path / f"n{ranks}.h5")
@@ -59,7 +59,7 @@ def test_dp_baselines_give_the_same_results_on_one_and_two_ranks(tmp_path, algor
 
 
 @pytest.mark.parametrize("defense", ["dp_laplace", "soteria", "random_slice", "gradienthide",
-                                     "random_slice privacy.slice_clip=1e-2"])
+                                     "random_slice privacy.slice_sample_clip=1e-2"])
 def test_defended_runs_give_the_same_results_on_one_and_two_ranks(tmp_path, defense):
     """A defense's randomness is drawn per (seed, round, client), never per rank; the
     once-per-run parts (slices, public labels) come from rank 0. (dp_gaussian draws through

@@ -102,9 +102,7 @@ def noniid_split(dataset, labels, num_clients, seed=0, test=False):
     spec = FILE_DATASETS[dataset]
     r = spec.rules
     size = (r.test_size or spec.local_size) if test else spec.local_size
-    return noniid_s(labels, spec.num_classes, num_clients, size, 20, r.groups,
-                    r.test_cursor if test else r.train_cursor, seed, int(test),
-                    r.advance_by_share)
+    return noniid_s(labels, spec.num_classes, num_clients, size, 20, r, int(test), seed)
 
 
 @pytest.mark.parametrize("num_clients", [20, 100])

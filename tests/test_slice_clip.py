@@ -1,14 +1,16 @@
 """random_slice's optional per-sample clipping (GradDefense's clip.py): at every local step,
-each sample's gradient on each of its client's perturbed slices clipped to privacy.slice_clip."""
+each sample's gradient on each of its client's perturbed slices clipped to
+privacy.slice_sample_clip."""
 import numpy as np
 import torch
 
 from hpcfl.algorithms import build_algorithm
 from hpcfl.config import load_config
 from hpcfl.data import load_federated
-from hpcfl.engine import flatten, train_client, train_cohort
-from hpcfl.privacy.defenses import chosen_slices, client_defense, defense_stream, slicing
-from hpcfl.privacy.random_slice import clip_slices, slice_ids
+from hpcfl.engine import RoundSpec, flatten, train_client, train_cohort
+from hpcfl.privacy.defenses.random_slice import clip_slices, slice_ids
+
+from .test_defenses import ready
 
 
 def slice_norms(g: torch.Tensor, ids: torch.Tensor, m: int) -> torch.Tensor:
@@ -56,21 +58,21 @@ def setup(*over):
                              "train.momentum=0", "train.weight_decay=0", *over])
     data = load_federated(cfg.data, 0)
     algo = build_algorithm(cfg, data.shape, data.num_classes)
-    return cfg, data, algo, slicing(cfg, algo, "cpu"), algo.init_shared()
+    return cfg, data, algo, ready(cfg, algo, data), algo.init_shared()
 
 
 def test_local_training_clips_the_chosen_slices_per_sample_and_only_them():
     bound = 1e-3
-    cfg, data, algo, once, shared = setup(f"privacy.slice_clip={bound}")
+    cfg, data, algo, once, shared = setup(f"privacy.slice_sample_clip={bound}")
     ids = torch.from_numpy(slice_ids(once.bounds))
     for cid in range(3):
-        clip = client_defense(cfg, algo, data.clients, 1, once).per_sample([cid])
+        clip = once.per_sample(1, [cid], torch.device("cpu"))
         assert clip is not None
-        plain, _ = train_client(algo, dict(shared), data.clients[cid], 50, 0, 1, cid)
-        clipped, _ = train_client(algo, dict(shared), data.clients[cid], 50, 0, 1, cid,
-                                  clip=clip)
+        plain, _ = train_client(algo, dict(shared), data.clients[cid], RoundSpec(1, 0, 50), cid)
+        clipped, _ = train_client(algo, dict(shared), data.clients[cid], RoundSpec(1, 0, 50),
+                                  cid, clip=clip)
         step = [flatten({k: shared[k] - v[k] for k in shared}, shared) for v in (plain, clipped)]
-        chosen = chosen_slices(cfg.privacy, defense_stream(0, 1, cid, torch.device("cpu")))
+        chosen = once.chosen(once.stream(1, cid, torch.device("cpu")))
         assert sorted(torch.nonzero(clip.chosen[0])[:, 0].tolist()) == sorted(chosen.tolist())
         for j in range(cfg.privacy.slices):
             part = ids == j
@@ -80,10 +82,11 @@ def test_local_training_clips_the_chosen_slices_per_sample_and_only_them():
             else:  # the plain step, up to the order of the mean over samples
                 assert torch.allclose(step[1][part], step[0][part], atol=1e-7)
     # with a bound nothing reaches, training is plain training (per-sample mean = batch mean)
-    cfg, data, algo, once, shared = setup("privacy.slice_clip=1e9", "train.local_steps=3")
-    clip = client_defense(cfg, algo, data.clients, 1, once).per_sample([0])
-    plain, _ = train_client(algo, dict(shared), data.clients[0], 50, 0, 1, 0)
-    loose, _ = train_client(algo, dict(shared), data.clients[0], 50, 0, 1, 0, clip=clip)
+    cfg, data, algo, once, shared = setup("privacy.slice_sample_clip=1e9", "train.local_steps=3")
+    clip = once.per_sample(1, [0], torch.device("cpu"))
+    plain, _ = train_client(algo, dict(shared), data.clients[0], RoundSpec(1, 0, 50), 0)
+    loose, _ = train_client(algo, dict(shared), data.clients[0], RoundSpec(1, 0, 50), 0,
+                            clip=clip)
     assert all(torch.allclose(plain[k], loose[k], atol=1e-6) for k in shared)
 
 
@@ -93,7 +96,8 @@ def test_both_engine_paths_clip_alike_hyperfl_included():
     from .test_engine import settle
     for algorithm in ("fedavg", "hyperfl"):
         cfg, data, algo, once, shared = setup(f"algorithm.name={algorithm}",
-                                              "privacy.slice_clip=1e-2", "train.local_steps=2",
+                                              "privacy.slice_sample_clip=1e-2",
+                                              "train.local_steps=2",
                                               "train.momentum=0.5")
         cids = [0, 3]
         start = {c: algo.init_client(c) for c in cids}
@@ -101,12 +105,12 @@ def test_both_engine_paths_clip_alike_hyperfl_included():
 
         def mean_upload(mode):
             private = {c: dict(p) for c, p in start.items()}
-            buf = train_cohort(algo, shared, private, data.clients, cids,
-                               [float(data.num_train[c]) for c in cids], 50, 0, 3,
-                               torch.device("cpu"), mode, 0, False,
-                               client_defense(cfg, algo, data.clients, 3, once))
+            spec = RoundSpec(3, 0, 50, mode=mode, cohort=tuple(cids),
+                             weights=tuple(float(data.num_train[c]) for c in cids))
+            buf = train_cohort(algo, spec, shared, private, data.clients, torch.device("cpu"),
+                               once).data
             return buf[:-4] / buf[-1]
         clipped = {mode: mean_upload(mode) for mode in ("sequential", "vectorized")}
         assert (clipped["sequential"] - clipped["vectorized"]).abs().max() <= 1e-5, algorithm
-        cfg.privacy.slice_clip = 0
+        cfg.privacy.slice_sample_clip = 0
         assert (mean_upload("sequential") - clipped["sequential"]).abs().max() > 1e-3, algorithm

@@ -1,4 +1,4 @@
-"""`python -m hpcfl.sweep`: grids and points of runs; the privacy-utility figure from their files."""
+"""`python -m hpcfl.sweep`: grids and points of runs; the privacy-utility figure from them."""
 from pathlib import Path
 
 import h5py
@@ -64,7 +64,10 @@ def test_an_attacked_sweep_trains_attacks_skips_and_feeds_the_figure(tmp_path, c
                    str(tmp_path / "t.csv")]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert (tmp_path / "t.csv").read_text().count("\n") == 4
-    assert figure([str(tmp_path)]) == 2  # no results files there
+    # folders are searched below them too; one without results files is an error
+    assert figure([str(tmp_path), "--out", str(tmp_path / "all.png")]) == 0
+    (tmp_path / "empty").mkdir()
+    assert figure([str(tmp_path / "empty")]) == 2
 
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"

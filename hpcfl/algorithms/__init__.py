@@ -1,4 +1,5 @@
-"""Federated methods by name (DESIGN §7); each one file, none touching MPI, files or devices."""
+"""Federated methods by name (docs/ARCHITECTURE.md, "Plugging in"); each one file, none touching
+MPI, files or devices."""
 from __future__ import annotations
 
 from ..config import RunConfig

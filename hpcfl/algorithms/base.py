@@ -30,19 +30,19 @@ class DPSGD:
 class Phase:
     """One stage of a client's local training: which tensors move, and the SGD that moves them.
 
-    Each group is gradient-norm clipped separately (clip_norm > 0), as the official code calls
-    clip_grad_norm_ once per parameter group. SGD follows torch.optim.SGD: weight decay added to
-    the clipped gradient, momentum buffer started from the first gradient, a fresh optimizer
-    (zero momentum) every round.
+    Each parameter group is gradient-norm clipped separately (grad_clip > 0), as the official
+    code calls clip_grad_norm_ once per parameter group. SGD follows torch.optim.SGD: weight
+    decay added to the clipped gradient, momentum buffer started from the first gradient, a
+    fresh optimizer (zero momentum) every round.
     """
-    groups: tuple[tuple[str, ...], ...]
+    param_groups: tuple[tuple[str, ...], ...]
     lr: float
     momentum: float
     weight_decay: float
     epochs: int = 1
     steps: int = 0          # > 0: this many minibatch steps instead of epochs
-    clip_norm: float = 0.0  # 0: no clipping
-    group_lrs: tuple[float, ...] = ()  # one learning rate per group; () = lr for every group
+    grad_clip: float = 0.0  # clip_grad_norm_'s max norm per parameter group; 0: no clipping
+    param_group_lrs: tuple[float, ...] = ()  # one learning rate per group; () = lr for every group
     dp: DPSGD | None = None
     # (weight, bias) of Linear layers applied to the one vector Algorithm.rank_one_input gives
     # per client: the weight's gradient is rank one, trained without forming it (hpcfl.sgd)
@@ -54,13 +54,13 @@ class Phase:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(n for g in self.groups for n in g)
+        return tuple(n for g in self.param_groups for n in g)
 
     @property
     def lrs(self) -> list[float]:
         """The learning rate of every tensor, in `names` order."""
-        per_group = self.group_lrs or (self.lr,) * len(self.groups)
-        return [lr for g, lr in zip(self.groups, per_group) for _ in g]
+        per_group = self.param_group_lrs or (self.lr,) * len(self.param_groups)
+        return [lr for g, lr in zip(self.param_groups, per_group) for _ in g]
 
 
 class Algorithm:

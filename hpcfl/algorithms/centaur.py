@@ -21,7 +21,7 @@ class SharedExtractor(FedAvg):
         self.extractor = tuple(k for k in self.initial if k.startswith("extractor."))
         self.head = tuple(k for k in self.initial if k.startswith("head."))
         self.budget = Budget(cfg, num_train)
-        self.dp = DPSGD(self.extractor, cfg.privacy.dp_clip, self.budget.noise_multiplier)
+        self.dp = DPSGD(self.extractor, cfg.privacy.sample_clip, self.budget.noise_multiplier)
 
     def init_shared(self) -> Params:
         return {k: self.initial[k].clone() for k in self.extractor}
@@ -35,10 +35,10 @@ class Centaur(SharedExtractor):
 
     def phases(self) -> list[Phase]:
         a, t = self.cfg.algorithm, self.cfg.train
-        body = Phase(groups=(self.extractor,), lr=t.lr, momentum=t.momentum,
+        body = Phase(param_groups=(self.extractor,), lr=t.lr, momentum=t.momentum,
                      weight_decay=t.weight_decay, epochs=t.local_epochs, steps=t.local_steps,
                      dp=self.dp)
         if not a.head_epochs:
             return [body]
-        return [Phase(groups=(self.head,), lr=a.head_lr, momentum=t.momentum,
+        return [Phase(param_groups=(self.head,), lr=a.head_lr, momentum=t.momentum,
                       weight_decay=t.weight_decay, epochs=a.head_epochs), body]

@@ -16,7 +16,8 @@ class DPFedAvg(FedAvg):
         super().__init__(cfg, shape, num_classes)
         self.budget = Budget(cfg, num_train)
         t, names = cfg.train, tuple(self.initial)
-        self._phases = [Phase(groups=(names,), lr=t.lr, momentum=t.momentum,
+        self._phases = [Phase(param_groups=(names,), lr=t.lr, momentum=t.momentum,
                               weight_decay=t.weight_decay, epochs=t.local_epochs,
                               steps=t.local_steps,
-                              dp=DPSGD(names, cfg.privacy.dp_clip, self.budget.noise_multiplier))]
+                              dp=DPSGD(names, cfg.privacy.sample_clip,
+                                       self.budget.noise_multiplier))]

@@ -27,7 +27,7 @@ class FedAvg(Algorithm):
         self.constants = rest_of(model, self.initial)
         self.model = model.to("meta")  # only its structure is used, through functional_call
         t = cfg.train
-        self._phases = [Phase(groups=(tuple(self.initial),), lr=t.lr, momentum=t.momentum,
+        self._phases = [Phase(param_groups=(tuple(self.initial),), lr=t.lr, momentum=t.momentum,
                               weight_decay=t.weight_decay, epochs=t.local_epochs,
                               steps=t.local_steps)]
 

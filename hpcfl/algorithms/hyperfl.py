@@ -5,7 +5,7 @@ Client i keeps a private embedding v_i and a private classifier head; the shared
 h(.; phi) generates its feature extractor theta_i = h(v_i; phi). Per round a client
   1. trains only its head for `head_epochs` epoch(s) (SGD, lr = head_lr),
   2. trains its copy of phi together with v_i for `local_epochs` epochs (SGD, lr = train.lr,
-     gradient norms of phi and of v_i clipped to clip_norm separately), theta_i regenerated from
+     gradient norms of phi and of v_i clipped to grad_clip separately), theta_i regenerated from
      h(v_i; phi) at every step,
 and uploads only the change of phi; the server averages it weighted by training-set size.
 v_i, the head and theta_i never leave the client.
@@ -65,11 +65,11 @@ class HyperFL(Algorithm):
         self.model, self.hypernet = model.to("meta"), hypernet.to("meta")
         head = tuple(k for k in self.initial_private if k.startswith("head."))
         self._phases = [
-            Phase(groups=(head,), lr=a.head_lr, momentum=t.momentum,
+            Phase(param_groups=(head,), lr=a.head_lr, momentum=t.momentum,
                   weight_decay=t.weight_decay, epochs=a.head_epochs),
-            Phase(groups=(tuple(self.initial_shared), ("embedding",)), lr=t.lr,
+            Phase(param_groups=(tuple(self.initial_shared), ("embedding",)), lr=t.lr,
                   momentum=t.momentum, weight_decay=t.weight_decay, epochs=t.local_epochs,
-                  steps=t.local_steps, clip_norm=a.clip_norm,
+                  steps=t.local_steps, grad_clip=a.grad_clip,
                   rank_one=tuple((w, b) for w, b in self.layout().heads.values() if b)),
         ]
         if a.head_epochs == 0:

@@ -19,6 +19,7 @@ class PPSGD(SharedExtractor):
 
     def phases(self) -> list[Phase]:
         a, t = self.cfg.algorithm, self.cfg.train
-        return [Phase(groups=(self.head, self.extractor), lr=t.lr, group_lrs=(a.head_lr, t.lr),
+        return [Phase(param_groups=(self.head, self.extractor), lr=t.lr,
+                      param_group_lrs=(a.head_lr, t.lr),
                       momentum=t.momentum, weight_decay=t.weight_decay, epochs=t.local_epochs,
                       steps=t.local_steps, dp=self.dp)]

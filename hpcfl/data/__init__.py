@@ -17,7 +17,6 @@ from .partition import hold_out, noniid_s, partition, split_train_test
 SHAPES = {"digits": (1, 8, 8), "synthetic-cifar10": (3, 32, 32), "synthetic-mnist": (1, 28, 28),
           "photos": (3, 32, 32),
           **{name: spec.shape for name, spec in FILE_DATASETS.items()}}
-TRAIN_STREAM, TEST_STREAM = 0, 1  # noniid_s draws the two splits' class orders independently
 
 
 @dataclass
@@ -155,12 +154,11 @@ def client_splits(cfg: DataConfig, seed: int, labels: dict[str, np.ndarray], num
         spec = FILE_DATASETS[cfg.name]
         rules, size = spec.rules, cfg.local_size or spec.local_size
 
-        def split(name, n, cursor, stream):
-            return noniid_s(labels[name], num_classes, cfg.num_clients, n, cfg.noniid_s,
-                            rules.groups, cursor, seed, stream, rules.advance_by_share)
-        return "train", "test", list(zip(
-            split("train", size, rules.train_cursor, TRAIN_STREAM),
-            split("test", rules.test_size or size, rules.test_cursor, TEST_STREAM)))
+        def split(name: str, n: int, which: int) -> list[np.ndarray]:
+            return noniid_s(labels[name], num_classes, cfg.num_clients, n, cfg.noniid_s, rules,
+                            which, seed)
+        return "train", "test", list(zip(split("train", size, 0),
+                                         split("test", rules.test_size or size, 1)))
     # Other partitions spread the training split; each client's test part comes from its share.
     parts = partition(labels["train"], cfg.partition, cfg.num_clients, seed,
                       classes_per_client=cfg.classes_per_client, alpha=cfg.dirichlet_alpha)

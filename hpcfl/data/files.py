@@ -27,9 +27,10 @@ READ_BLOCK = 8192  # images per read
 class NoniidRules:
     """How the official loader (FedPAC's data_loader.py, `*_noniid_s`) builds each client's
     split: `iid_percent` of its images spread evenly over all classes, the rest over the label
-    group `groups[client % len(groups)]`, taken class by class with a cursor per class that
+    group `class_groups[client % len(class_groups)]`, taken class by class with a cursor per
+    class that
     starts at `cursor` and wraps to the class start when a request would overflow it."""
-    groups: tuple[tuple[int, ...], ...]
+    class_groups: tuple[tuple[int, ...], ...]
     test_size: int         # test images per client; 0 = the same as local_size
     train_cursor: int = 0
     test_cursor: int = 0

@@ -8,29 +8,22 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import ConfigError
+from ..streams import Stream, numpy_stream
+from .files import NoniidRules
 
 
-def rng(*key: int) -> np.random.Generator:
-    """An independent random stream for a tuple of integers, e.g. (seed, round, client)."""
-    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
-
-
-# Stream tags so that different uses of one seed never share random numbers.
-# (PUBLIC shares 105 with engine.AUGMENT, but its key (seed, 105) is never one of AUGMENT's
-# (seed, 105, round, client, phase): the streams differ.)
-PARTITION, SPLIT, PUBLIC = 101, 102, 105
 
 
 def hold_out(num_samples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(public, private) sorted indices: a seeded `fraction` of the samples that no client
     holds (an attacker's or a defense's public data), and the rest."""
-    perm = rng(seed, PUBLIC).permutation(num_samples)
+    perm = numpy_stream(seed, Stream.PUBLIC).permutation(num_samples)
     k = int(round(fraction * num_samples))
     return np.sort(perm[:k]), np.sort(perm[k:])
 
 
 def iid(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
-    perm = rng(seed, PARTITION).permutation(len(labels))
+    perm = numpy_stream(seed, Stream.PARTITION).permutation(len(labels))
     return [np.sort(p) for p in np.array_split(perm, num_clients)]
 
 
@@ -47,7 +40,7 @@ def shards(labels: np.ndarray, num_clients: int, classes_per_client: int,
         raise ConfigError(f"data.classes_per_client: num_clients * classes_per_client = "
                           f"{num_clients * classes_per_client} leaves some of the {num_classes} "
                           "classes to no client; raise either")
-    g = rng(seed, PARTITION)
+    g = numpy_stream(seed, Stream.PARTITION)
     order = g.permutation(num_classes)
     deal = np.resize(order, num_clients * classes_per_client).reshape(num_clients, -1)
     holders = {c: np.nonzero((deal == c).any(axis=1))[0] for c in range(num_classes)}
@@ -64,7 +57,7 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
     """Per class, proportions over clients ~ Dirichlet(alpha) (Hsu et al. 2019); redrawn until
     every client has at least `min_size` samples."""
     num_classes = int(labels.max()) + 1
-    g = rng(seed, PARTITION)
+    g = numpy_stream(seed, Stream.PARTITION)
     by_class = [g.permutation(np.nonzero(labels == c)[0]) for c in range(num_classes)]
     for _ in range(max_tries):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
@@ -104,30 +97,30 @@ def split_train_test(parts: list[np.ndarray], test_fraction: float,
         if len(idx) < 2:
             raise ConfigError(f"data: client {cid} has {len(idx)} sample(s), too few to split "
                               "into train and test; use fewer clients")
-        perm = rng(seed, SPLIT, cid).permutation(idx)
+        perm = numpy_stream(seed, Stream.SPLIT, cid).permutation(idx)
         n_test = min(max(1, round(len(idx) * test_fraction)), len(idx) - 1)
         out.append((np.sort(perm[n_test:]), np.sort(perm[:n_test])))
     return out
 
 
 def noniid_s(labels: np.ndarray, num_classes: int, num_clients: int, size: int,
-             iid_percent: float, groups: tuple[tuple[int, ...], ...], cursor: int, seed: int,
-             stream: int, advance_by_share: bool = False) -> list[np.ndarray]:
-    """The official "noniid_s" split (FedPAC's data_loader.py, `*_noniid_s`; rules in
-    data.files.NoniidRules): client i gets int(size * iid_percent / 100) images spread evenly
-    over all classes (the last class takes the remainder), and the rest spread evenly over the
-    label group groups[i % len(groups)] (its last class takes the remainder). Each class is
-    consumed in order from a cursor that starts at `cursor` and wraps to the class start when a
-    request would run past its end, so with many clients images are reused, as officially.
+             iid_percent: float, rules: NoniidRules, split: int, seed: int) -> list[np.ndarray]:
+    """The official "noniid_s" split (FedPAC's data_loader.py, `*_noniid_s`) of the train
+    (`split` 0) or test (1) labels: client i gets int(size * iid_percent / 100) images spread
+    evenly over all classes (the last class takes the remainder), and the rest spread evenly
+    over its group of classes, rules.class_groups[i % len(rules.class_groups)] (its last class
+    takes the remainder). Each class is consumed in order from a cursor that starts at the
+    split's rules cursor and wraps to the class start when a request would run past its end, so
+    with many clients images are reused, as officially.
 
     The official code walks each class in the order of an unstable argsort (implementation-
-    defined); here each class's order is a permutation drawn from (seed, stream, class), so the
+    defined); here each class's order is a permutation drawn from (seed, split, class), so the
     split depends on the seed only. Class starts and sizes are the real ones (the official
     mnist/cifar variants assume equal class sizes, which holds for FMNIST, CIFAR-10, CINIC-10).
     """
-    order = [rng(seed, PARTITION, stream, c).permutation(np.nonzero(labels == c)[0])
+    order = [numpy_stream(seed, Stream.PARTITION, split, c).permutation(np.nonzero(labels == c)[0])
              for c in range(num_classes)]
-    used = [cursor] * num_classes
+    used = [rules.test_cursor if split else rules.train_cursor] * num_classes
 
     def take(y: int, num: int, advance: int) -> np.ndarray:
         if used[y] + num > len(order[y]):
@@ -143,10 +136,10 @@ def noniid_s(labels: np.ndarray, num_classes: int, num_clients: int, size: int,
     parts = []
     for i in range(num_clients):
         chunks = [take(y, n, n) for y, n in enumerate(iid_sizes)]
-        group = groups[i % len(groups)]
+        group = rules.class_groups[i % len(rules.class_groups)]
         share = n_rest // len(group)
         for j, y in enumerate(group):
             n = share if j < len(group) - 1 else n_rest - share * (len(group) - 1)
-            chunks.append(take(y, n, share if advance_by_share else n))
+            chunks.append(take(y, n, share if rules.advance_by_share else n))
         parts.append(np.concatenate(chunks))
     return parts

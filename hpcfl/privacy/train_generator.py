@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,12 +27,22 @@ from ..world import World
 from .generator import Discriminator, Generator
 
 
-def train(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int, batch: int,
-          latent: int, width: int, seed: int, progress: bool = False
-          ) -> tuple[Generator, list[float]]:
+@dataclass(frozen=True)
+class Training:
+    """How the generator is trained: Adam steps, batch, latent size, width, seed."""
+    steps: int
+    batch: int
+    latent: int
+    width: int
+    seed: int
+
+
+def train(x: torch.Tensor, y: torch.Tensor, num_classes: int, how: Training,
+          progress: bool = False) -> tuple[Generator, list[float]]:
     """A generator of images like x (pixels in [0, 1], NCHW) for labels y; returns it in eval
     mode and the discriminator's hinge loss every 100 steps."""
-    torch.manual_seed(seed)
+    steps, batch, latent, width = how.steps, how.batch, how.latent, how.width
+    torch.manual_seed(how.seed)
     dev = x.device
     gen = Generator(tuple(x.shape[1:]), num_classes, latent, width).to(dev)
     disc = Discriminator(tuple(x.shape[1:]), num_classes, width).to(dev)
@@ -85,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     x = x.float() / 255 if x.dtype == torch.uint8 else x
     t0 = time.perf_counter()
-    gen, losses = train(x, y, num_classes, args.steps, args.batch, args.latent, args.width,
-                        cfg.train.seed, progress=sys.stderr.isatty())
+    how = Training(args.steps, args.batch, args.latent, args.width, cfg.train.seed)
+    gen, losses = train(x, y, num_classes, how, progress=sys.stderr.isatty())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = dict(data=cfg.data.name, public_fraction=cfg.data.public_fraction,

@@ -47,9 +47,9 @@ class Knowledge:
     def trained(self, x: torch.Tensor, y: torch.Tensor, guess: Params | None = None,
                 phases=None) -> Params:
         """The client's state after its local training (`phases`, default all) on candidate
-        batch (x, y), differentiable in x: every phase's steps with its groups, learning rates,
-        per-group gradient clipping, momentum and weight decay (torch.optim.SGD), as the engine
-        trains."""
+        batch (x, y), differentiable in x: every phase's steps with its parameter groups,
+        learning rates, per-group gradient clipping, momentum and weight decay
+        (torch.optim.SGD), as the engine trains."""
         phases = self.phases if phases is None else phases
         p = {k: v.detach() for k, v in self.params.items()}
         for k in {k for phase in phases for k in phase.names}:
@@ -66,10 +66,10 @@ class Knowledge:
                 loss = label_loss(self.forward(p, x[b]), y[b])
                 grads = dict(zip(names, torch.autograd.grad(loss, [p[k] for k in names],
                                                             create_graph=True)))
-                if phase.clip_norm > 0:
-                    for group in phase.groups:
+                if phase.grad_clip > 0:
+                    for group in phase.param_groups:
                         norm = torch.sqrt(sum(grads[k].pow(2).sum() for k in group))
-                        scale = torch.clamp(phase.clip_norm / (norm + 1e-6), max=1.0)
+                        scale = torch.clamp(phase.grad_clip / (norm + 1e-6), max=1.0)
                         grads.update({k: grads[k] * scale for k in group})
                 for k, lr in zip(names, phase.lrs):
                     d = grads[k] + phase.weight_decay * p[k]

@@ -238,11 +238,11 @@ class HypernetProblem(Problem):
                     dh = dh + (wj * (Gj @ g)) @ Hj
                 gt = dh * (T @ v + t > 0)  # relu'
                 gT, gv = torch.outer(gt, v), T.T @ gt
-            if ph.clip_norm > 0:  # clip_grad_norm_ per group: the hypernetwork, the embedding
+            if ph.grad_clip > 0:  # clip_grad_norm_ per group: the hypernetwork, the embedding
                 sq = g.pow(2).sum() * (h.pow(2).sum() + bias) + gT.pow(2).sum() + gt.pow(2).sum()
-                scale = torch.clamp(ph.clip_norm / (sq.sqrt() + 1e-6), max=1.0)
+                scale = torch.clamp(ph.grad_clip / (sq.sqrt() + 1e-6), max=1.0)
                 if gv is not None:
-                    vscale = torch.clamp(ph.clip_norm / (gv.norm() + 1e-6), max=1.0)
+                    vscale = torch.clamp(ph.grad_clip / (gv.norm() + 1e-6), max=1.0)
             G.append(g * scale)
             H.append(h)
             steps = [("T", T, gT * scale, lr_h), ("t", t, gt * scale, lr_h)]

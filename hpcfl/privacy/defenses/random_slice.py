@@ -8,8 +8,9 @@ wangjunxiao/GradDefense: sensitivity.py, perturb.py, compensate.py; research/pri
    tensor's sensitivity / its size; the official code packs gcd-sized atoms greedily, which
    gives the same boundaries up to an atom).
 2. Per client and round: m of the M slices drawn at random get i.i.d. N(0, sigma^2) noise.
-   Optionally (the official clip.py), at every local step each sample's gradient restricted to
-   each of those m slices is first clipped to L2 norm C (clip_slices).
+   Optionally (the official clip.py, privacy.slice_sample_clip), at every local step each
+   sample's gradient restricted to each of those m slices is first clipped to L2 norm C
+   (clip_slices).
 3. The server denoises the aggregate (random-matrix theory): the mean update as a V x W matrix
    (V the smallest factor of its length >= sqrt(Q * length)), the eigenvectors of its W x W
    covariance inside the Marchenko-Pastur bulk of the noise, [(1 - 1/sqrt Q)^2, (1 + 1/sqrt Q)^2]
@@ -26,7 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-Params = dict[str, torch.Tensor]
+from ...algorithms import Params
+from ...config import ConfigError, DataConfig
+from ...engine import ClientUpload, SampleTransform
+from .base import Defense, Setup, device_of
+from .public import public_images
+
+ROOT_PER_CLASS = 5  # GradDefense's root set: 5 images per class
 
 
 def sensitivities(forward, params: Params, names: list[str], x: torch.Tensor,
@@ -79,7 +86,7 @@ def clip_slices(grads: Params, ids: Params, chosen: torch.Tensor, bound: float,
 
 
 @dataclass
-class SliceClip:
+class SliceClip(SampleTransform):
     """clip_slices for given clients: the slice of each entry of the uploaded tensors, each
     client's chosen slices (clients, M) and the bound."""
     ids: Params
@@ -131,3 +138,73 @@ def denoise(mean: torch.Tensor, noise_var: float, q: float = 6.0) -> torch.Tenso
     low, high = (1 - 1 / math.sqrt(q)) ** 2 * noise_var, (1 + 1 / math.sqrt(q)) ** 2 * noise_var
     keep = vecs[:, (vals <= low) | (vals >= high)]
     return (c @ keep @ keep.T).view(-1).to(mean.dtype)
+
+
+class RandomSlice(Defense):
+    name = "random_slice"
+
+    def check(self, data: DataConfig, algo) -> None:
+        if self.cfg.slices_perturbed > self.cfg.slices:
+            raise ConfigError(f"privacy.slices_perturbed={self.cfg.slices_perturbed} exceeds "
+                              f"privacy.slices={self.cfg.slices}")
+        if data.public_fraction <= 0:
+            raise ConfigError("privacy.defense=random_slice needs public images for its root "
+                              "set: set data.public_fraction (e.g. 0.1)")
+
+    def prepare(self, setup: Setup) -> np.ndarray:
+        """The slices' bounds, from the sensitivities of the uploaded tensors (at the initial
+        state) on a root set of ROOT_PER_CLASS public images per class."""
+        x, y, _ = public_images(setup.data, setup.seed, setup.device)
+        idx = torch.cat([torch.nonzero(y == c)[:ROOT_PER_CLASS, 0] for c in torch.unique(y)])
+        algo = setup.algo
+        shared = algo.init_shared()
+        names = list(shared)
+        params = {k: v.to(setup.device) for k, v in {**shared, **algo.init_client(0)}.items()}
+        sens = sensitivities(algo.forward, params, names, x[idx], y[idx])
+        return slice_bounds([params[k].numel() for k in names], sens, self.cfg.slices)
+
+    def install(self, state: np.ndarray, setup: Setup) -> None:
+        super().install(state, setup)
+        shared = setup.algo.init_shared()
+        self.names, self.sizes = list(shared), [v.numel() for v in shared.values()]
+        self.bounds, self._ids = state, None
+
+    def entry_ids(self, device) -> Params:
+        """The slice of every entry of each uploaded tensor, on the device: made once, used by
+        every client and round."""
+        if self._ids is None:
+            flat = torch.from_numpy(slice_ids(self.bounds)).to(device)
+            self._ids = dict(zip(self.names, flat.split(self.sizes)))
+        return self._ids
+
+    def attrs(self) -> dict:
+        return dict(random_slice_bounds=self.bounds)
+
+    def chosen(self, gen: torch.Generator) -> torch.Tensor:
+        """The client's perturbed slices this round: the first draw of its defense stream."""
+        return torch.randperm(self.cfg.slices, generator=gen,
+                              device=gen.device)[:self.cfg.slices_perturbed]
+
+    def upload(self, upload: Params, client: ClientUpload) -> Params:
+        gen = self.stream(client.round, client.client, device_of(upload))
+        return perturb(upload, self.names, self.bounds, self.chosen(gen).cpu(),
+                       self.cfg.slice_noise, gen)
+
+    def per_sample(self, rnd: int, cids: list[int], device) -> SliceClip | None:
+        """privacy.slice_sample_clip: the per-sample clip of clients `cids` in round `rnd`, on
+        the slices `upload` perturbs after their training."""
+        if self.cfg.slice_sample_clip <= 0:
+            return None
+        chosen = torch.zeros(len(cids), self.cfg.slices, dtype=torch.bool, device=device)
+        for i, cid in enumerate(cids):
+            chosen[i, self.chosen(self.stream(rnd, cid, device))] = True
+        return SliceClip(self.entry_ids(device), chosen, self.cfg.slice_sample_clip)
+
+    def server(self, upload_sum: torch.Tensor, weights: list[float]) -> None:
+        """Global compensation: the noise bulk of the round's mean projected out."""
+        if not self.cfg.compensate or not weights:
+            return
+        total = sum(weights)
+        var = (self.cfg.slices_perturbed / self.cfg.slices * self.cfg.slice_noise ** 2
+               * sum(w * w for w in weights) / total ** 2)
+        upload_sum.copy_(denoise(upload_sum / total, var) * total)

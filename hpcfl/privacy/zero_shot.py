@@ -3,7 +3,7 @@ extra: pip install -e ".[clip]"), with weights that are already on this machine.
 downloaded: a run on a compute node without internet must not hang on a download or pick up
 weights nobody chose.
 
-Which CLIP: privacy.clip_model, an open_clip model name (weights privacy.clip_weights: a
+Which CLIP: privacy.labeler_model, an open_clip model name (weights privacy.labeler_weights: a
 pretrained tag looked up in the local Hugging Face cache, or a file) or local-dir:PATH (a folder
 with open_clip_config.json and its weights, as open_clip writes and reads them).
 """
@@ -37,35 +37,35 @@ class ClipWeights:
 
 
 def find_clip(p: PrivacyConfig) -> ClipWeights | str:
-    """The CLIP that privacy.clip_model / clip_weights name, or why it cannot be had here."""
+    """The CLIP that privacy.labeler_model / labeler_weights name, or why it cannot be had here."""
     try:
         import open_clip
     except ImportError:
         return "open_clip is not installed (pip install -e \".[clip]\")"
-    if p.clip_model.startswith("local-dir:"):
-        folder = Path(p.clip_model.removeprefix("local-dir:"))
+    if p.labeler_model.startswith("local-dir:"):
+        folder = Path(p.labeler_model.removeprefix("local-dir:"))
         if not (folder / "open_clip_config.json").is_file():
             return f"{folder} has no open_clip_config.json"
         if not any(folder.glob(f"*{ext}") for ext in (".safetensors", ".bin", ".pth")):
             return f"{folder} holds no weights (.safetensors, .bin or .pth)"
-        return ClipWeights(p.clip_model, None)
-    if p.clip_model not in open_clip.list_models():
-        return f"open_clip has no model {p.clip_model!r} (open_clip.list_models())"
-    if Path(p.clip_weights).is_file():
-        return ClipWeights(p.clip_model, p.clip_weights)
-    hub = open_clip.get_pretrained_cfg(p.clip_model, p.clip_weights).get("hf_hub", "")
+        return ClipWeights(p.labeler_model, None)
+    if p.labeler_model not in open_clip.list_models():
+        return f"open_clip has no model {p.labeler_model!r} (open_clip.list_models())"
+    if Path(p.labeler_weights).is_file():
+        return ClipWeights(p.labeler_model, p.labeler_weights)
+    hub = open_clip.get_pretrained_cfg(p.labeler_model, p.labeler_weights).get("hf_hub", "")
     if not hub:
-        return (f"{p.clip_weights!r} is neither a file nor an open_clip tag with Hugging Face "
-                f"weights for {p.clip_model}")
+        return (f"{p.labeler_weights!r} is neither a file nor an open_clip tag with Hugging Face "
+                f"weights for {p.labeler_model}")
     from huggingface_hub import try_to_load_from_cache
     repo, file = os.path.split(hub)  # open_clip's convention: "org/repo/" or "org/repo/file"
     for name in ([file] if file else ["open_clip_model.safetensors",
                                       "open_clip_pytorch_model.bin"]):
         found = try_to_load_from_cache(repo, name)
         if isinstance(found, str):
-            return ClipWeights(p.clip_model, found)
-    return (f"the weights {p.clip_model}/{p.clip_weights} are not in the local Hugging Face "
-            f"cache ({repo}); copy a cache that has them or give privacy.clip_weights=FILE")
+            return ClipWeights(p.labeler_model, found)
+    return (f"the weights {p.labeler_model}/{p.labeler_weights} are not in the local Hugging Face "
+            f"cache ({repo}); copy a cache that has them or give privacy.labeler_weights=FILE")
 
 
 def prompts(class_names: list[str]) -> list[str]:

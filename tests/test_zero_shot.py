@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from hpcfl.config import PrivacyConfig, load_config
 from hpcfl.loop import run
 from hpcfl.main import main
-from hpcfl.privacy.clip_labels import ClipWeights, find_clip, prompts, zero_shot
-from hpcfl.privacy.gradienthide import public_images
+from hpcfl.privacy.defenses.public import public_images
+from hpcfl.privacy.zero_shot import ClipWeights, find_clip, prompts, zero_shot
 from hpcfl.world import World
 
 TINY = {"embed_dim": 16,
@@ -41,7 +41,7 @@ def tiny_clip(tmp_path_factory):
 
 def digits_public():
     cfg = load_config(None, ["data.public_fraction=0.1"])
-    return public_images(cfg, "cpu")
+    return public_images(cfg.data, cfg.train.seed, "cpu")
 
 
 def test_zero_shot_labels_are_the_closest_prompt_and_follow_the_class_names(tiny_clip):
@@ -78,7 +78,7 @@ def test_a_gradienthide_run_labels_with_clip_and_says_so(tiny_clip, tmp_path, ca
             "data.public_fraction=0.1", "privacy.defense=gradienthide", "output.progress=none",
             f"output.dir={tmp_path}", "algorithm.name=fedavg"]
     run(load_config(None, [*over, "output.name=clip", "privacy.hide_labeler=clip",
-                           f"privacy.clip_model={tiny_clip}"]), World("cpu"))
+                           f"privacy.labeler_model={tiny_clip}"]), World("cpu"))
     # auto with no CLIP weights on this machine: the public model, and a line saying why
     run(load_config(None, [*over, "output.name=auto"]), World("cpu"))
     assert "no CLIP" in caplog.text and "not in the local Hugging Face cache" in caplog.text
@@ -96,7 +96,7 @@ def test_a_gradienthide_run_labels_with_clip_and_says_so(tiny_clip, tmp_path, ca
 
 def test_weights_are_found_in_a_local_hugging_face_cache_and_never_downloaded(tmp_path,
                                                                               monkeypatch):
-    p = PrivacyConfig(clip_model="ViT-B-32", clip_weights="openai")
+    p = PrivacyConfig(labeler_model="ViT-B-32", labeler_weights="openai")
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
     assert "not in the local Hugging Face cache" in find_clip(p)
     # the cache as huggingface_hub lays it out: refs/main names the snapshot
@@ -109,14 +109,15 @@ def test_weights_are_found_in_a_local_hugging_face_cache_and_never_downloaded(tm
     assert find_clip(p) == ClipWeights("ViT-B-32", str(snapshot / "open_clip_model.safetensors"))
     weights = tmp_path / "mine.bin"
     weights.write_bytes(b"")
-    assert find_clip(PrivacyConfig(clip_weights=str(weights))) == ClipWeights("ViT-B-32",
-                                                                              str(weights))
-    assert "no model" in find_clip(PrivacyConfig(clip_model="ViT-Q-99"))
-    assert "no open_clip_config.json" in find_clip(PrivacyConfig(clip_model=f"local-dir:{tmp_path}"))
+    assert find_clip(PrivacyConfig(labeler_weights=str(weights))) == ClipWeights("ViT-B-32",
+                                                                                 str(weights))
+    assert "no model" in find_clip(PrivacyConfig(labeler_model="ViT-Q-99"))
+    assert "no open_clip_config.json" in find_clip(
+        PrivacyConfig(labeler_model=f"local-dir:{tmp_path}"))
 
 
 @pytest.mark.parametrize("over, says", [
-    (["privacy.clip_model=ViT-B-32"], "not in the local Hugging Face cache"),
+    (["privacy.labeler_model=ViT-B-32"], "not in the local Hugging Face cache"),
     (["data.name=synthetic-mnist"], "no class names"),
 ])
 def test_clip_that_cannot_run_is_one_line_and_exit_2(tmp_path, capsys, over, says):
@@ -148,7 +149,7 @@ def test_weights_that_do_not_load_are_one_line_and_exit_2(tmp_path, capsys):
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY}))
     (folder / "open_clip_model.safetensors").write_bytes(b"\x07" * 1000)
     code = main(["privacy.defense=gradienthide", "privacy.hide_labeler=clip",
-                 f"privacy.clip_model=local-dir:{folder}", "data.public_fraction=0.1",
+                 f"privacy.labeler_model=local-dir:{folder}", "data.public_fraction=0.1",
                  f"output.dir={tmp_path / 'runs'}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err

@@ -1,0 +1,144 @@
+"""The engine: one round's local training on a rank, for any Algorithm, and the evaluation of
+clients (docs/ARCHITECTURE.md, "The round").
+
+A rank trains its members of the round's cohort (`RoundSpec`) from the shared state in one of
+two ways with the same semantics (tested to agree within float32 rounding): sequential (one
+client after another, engine.client) or vectorized (the members of each block of client ids
+stacked along a client axis, engine.stacked). Each client's upload goes through the run's
+defense, if any, and is summed into the round's one buffer (`RoundBuffer`), which the loop
+Allreduces. The engine names no defense: it calls the hooks of the interface below.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+
+from ..algorithms import Algorithm, Params
+from ..data import ClientData
+from ..data.transforms import model_inputs
+from .client import SampleTransform, minibatches, train_client
+from .round import ROUND_DTYPE, RoundBuffer, RoundSpec, Slot
+from .stacked import train_stacked
+
+AUTO_MODE = {"cpu": "sequential", "cuda": "vectorized"}  # see resolve_mode
+
+
+@dataclass
+class ClientUpload:
+    """What a defense's upload hook sees of one client of one round: who it is, its data, its
+    state before and after local training."""
+    client: int
+    round: int
+    data: ClientData
+    start: Params
+    trained: Params
+
+    @cached_property
+    def inputs(self) -> torch.Tensor:
+        """The client's training images as the model sees them."""
+        return model_inputs(self.data, self.data.x_train)
+
+
+class DefenseHooks:
+    """The engine's side of a defense (privacy.defenses.Defense implements it)."""
+
+    def per_sample(self, rnd: int, cids: list[int], device) -> SampleTransform | None:
+        return None
+
+    def upload(self, upload: Params, client: ClientUpload) -> Params:
+        return upload
+
+
+def flatten(params: Params, names) -> torch.Tensor:
+    return torch.cat([params[n].reshape(-1) for n in names]) if names else torch.zeros(0)
+
+
+def unflatten(flat: torch.Tensor, like: Params) -> Params:
+    """Views into `flat` shaped like `like` (same order)."""
+    out, i = {}, 0
+    for n, v in like.items():
+        out[n] = flat[i:i + v.numel()].view_as(v)
+        i += v.numel()
+    return out
+
+
+def precision(dtype: str, device: torch.device):
+    """engine.dtype: fp32; tf32 (CUDA matmuls and convolutions in TF32); bf16 (autocast:
+    matmuls and convolutions in bfloat16, on CUDA, or on the CPU where it is supported). The
+    round's buffer and the optimizer state stay float32/float64 either way."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
+    if dtype == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """engine.mode=auto: the path `python -m hpcfl.bench digits-hyperfl` measured faster on this
+    device type (README, Performance)."""
+    if mode != "auto":
+        return mode
+    return AUTO_MODE[torch.device(device).type]
+
+
+def train_cohort(algo: Algorithm, spec: RoundSpec, shared: Params, private: dict[int, Params],
+                 data: dict[int, ClientData], device: torch.device,
+                 defense: DefenseHooks | None = None) -> RoundBuffer:
+    """Train this rank's members of the cohort (spec.cohort, hosted here) from `shared`; update
+    their private state in place; return the round's buffer, ready for the Allreduce. Uploads
+    are added one client at a time in cohort order, whatever the mode, each first through the
+    defense's upload hook, and trained with its per-sample transform where it has one."""
+    buf = RoundBuffer.zeros(sum(v.numel() for v in shared.values()), device)
+
+    def add(cid: int, w: float, trained: Params, loss: float) -> None:
+        start = {**shared, **private[cid]}
+        private[cid] = {n: trained[n].detach() for n in private[cid]}
+        up = algo.upload(shared, trained)
+        if defense is not None:
+            up = defense.upload(up, ClientUpload(cid, spec.round, data[cid], start, trained))
+        buf.add(flatten(up, shared.keys()).detach(), w, loss)
+
+    def per_sample(cids: list[int]) -> SampleTransform | None:
+        return defense.per_sample(spec.round, cids, device) if defense is not None else None
+
+    if spec.mode == "sequential":
+        for cid, w in zip(spec.cohort, spec.weights):
+            add(cid, w, *train_client(algo, {**shared, **private[cid]}, data[cid], spec, cid,
+                                      per_sample([cid])))
+        return buf
+    # A stack: the cohort's members among ids [k * block_size, (k + 1) * block_size), a set
+    # that does not depend on which rank hosts them (ranks host whole blocks).
+    size = spec.block_size
+
+    def block(cw: tuple[int, float]) -> int:
+        return cw[0] // size if size else 0
+
+    for _, members in itertools.groupby(zip(spec.cohort, spec.weights), key=block):
+        cids, ws = zip(*members)
+        stacked, losses = train_stacked(algo, shared, private, data, list(cids), spec,
+                                        per_sample(list(cids)))
+        for i, (cid, w) in enumerate(zip(cids, ws)):
+            add(cid, w, {**shared, **{n: v[i] for n, v in stacked.items()}}, float(losses[i]))
+    return buf
+
+
+@torch.no_grad()
+def evaluate_client(algo: Algorithm, params: Params, data: ClientData,
+                    batch: int = 4096) -> tuple[int, float]:
+    """(number correct, summed cross-entropy) of the client's model on its test split."""
+    x, y = data.x_test, data.y_test
+    correct, loss = 0, 0.0
+    for i in range(0, len(y), batch):
+        logits = algo.forward(params, model_inputs(data, x[i:i + batch]))
+        correct += int((logits.argmax(1) == y[i:i + batch]).sum())
+        loss += float(F.cross_entropy(logits, y[i:i + batch], reduction="sum"))
+    return correct, loss
+
+
+__all__ = ["ROUND_DTYPE", "ClientUpload", "DefenseHooks", "RoundBuffer", "RoundSpec",
+           "SampleTransform", "Slot", "evaluate_client", "flatten", "minibatches", "precision",
+           "resolve_mode", "train_client", "train_cohort", "train_stacked", "unflatten"]

@@ -1,0 +1,138 @@
+"""One client's local training (the sequential path) and what both paths share: minibatches,
+per-sample gradients, DP-SGD's clip and noise. Every random choice comes from the run's streams
+(hpcfl.streams) keyed by (seed, round, client, phase), never from the rank or from which clients
+trained before."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import replace
+import torch
+import torch.nn.functional as F
+from torch.func import grad_and_value, vmap
+
+from ..algorithms import DPSGD, Algorithm, Params, Phase
+from ..data import ClientData
+from ..data.transforms import crop_flip_draws, model_inputs
+from ..sgd import PhaseSGD
+from ..streams import Stream, torch_stream
+from .round import RoundSpec
+
+
+def minibatches(n: int, batch_size: int, phase: Phase,
+                gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches: reshuffled every epoch, last batch of an epoch possibly smaller (as a
+    DataLoader with shuffle=True); `phase.steps` batches if set, else `phase.epochs` epochs."""
+    steps = phase.steps or phase.epochs * math.ceil(n / batch_size)
+    done = 0
+    while done < steps:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            yield perm[i:i + batch_size]
+            done += 1
+            if done == steps:
+                return
+
+
+def privatize(grads: Params, w: torch.Tensor, dp: DPSGD | None, noise: Params | None) -> Params:
+    """DP-SGD's gradient (see algorithms.DPSGD) from per-sample gradients; without `dp` their
+    plain mean. grads[n] has the samples on the dim after w's leading dims: (B, ...) with w
+    (B,), or (clients, B, ...) with w (clients, B); w is 1 for a real sample and 0 for padding.
+    noise[n] is the summed gradient's noise, already scaled."""
+    lead = w.dim()
+    private = dp.names if dp is not None else ()
+    if private:
+        norms = torch.stack([grads[n].flatten(lead).norm(dim=-1) for n in private]).norm(dim=0)
+        clipped = torch.clamp(dp.clip / (norms + 1e-6), max=1.0) * w  # clip_grad_norm_'s factor
+    count = w.sum(-1).clamp(min=1)
+    out = {}
+    for n, g in grads.items():
+        scale = clipped if n in private else w
+        total = (g * scale.view(*scale.shape, *[1] * (g.dim() - lead))).sum(lead - 1)
+        if n in private:
+            total += noise[n]
+        out[n] = total / count.view(*count.shape, *[1] * (total.dim() - count.dim()))
+    return out
+
+
+def dp_noise(dp: DPSGD, like: Params, gen: torch.Generator) -> Params:
+    """One step's noise of one client: N(0, (sigma * C)^2) per coordinate of every DP tensor."""
+    return {n: torch.randn(like[n].shape, generator=gen, device=like[n].device)
+            * (dp.noise_multiplier * dp.clip) for n in dp.names}
+
+
+def per_sample_step(algo: Algorithm):
+    """(trainable, frozen, x, y) -> (per-sample gradients (B, ...), per-sample losses (B,))."""
+    def sample_loss(trainable, frozen, x, y):
+        return F.cross_entropy(algo.forward({**frozen, **trainable}, x[None]), y[None])
+    return vmap(grad_and_value(sample_loss), in_dims=(None, None, 0, 0))
+
+
+def per_sample_phase(phase: Phase, clip: SampleTransform | None) -> Phase | None:
+    """The phase as trained from per-sample gradients (DP-SGD, or a defense's per-sample clip
+    of tensors it trains), without the rank-one shortcut; None if it needs none."""
+    if phase.dp is None and (clip is None or not clip.touches(phase.names)):
+        return None
+    return replace(phase, rank_one=())
+
+
+class SampleTransform:
+    """What a defense does to per-sample gradients at every local step (the interface the
+    engine calls; privacy.defenses.Defense.per_sample makes one): `touches(names)` says whether
+    it transforms any of those tensors; calling it with gradients of `lead` leading dims (1: one
+    client's (B, ...), 2: a stack's (clients, B, ...)) returns them transformed."""
+
+    def touches(self, names) -> bool:
+        raise NotImplementedError
+
+    def __call__(self, grads: Params, lead: int) -> Params:
+        raise NotImplementedError
+
+
+def train_client(algo: Algorithm, params: Params, data: ClientData, spec: RoundSpec, cid: int,
+                 clip: SampleTransform | None = None) -> tuple[Params, float]:
+    """Run every phase of client `cid`'s local training in round spec.round; returns the
+    trained state and the mean minibatch loss of the last phase. `clip`: a defense's transform
+    of per-sample gradients."""
+    def loss_fn(trainable, frozen, x, y):
+        return F.cross_entropy(algo.forward({**frozen, **trainable}, x), y)
+
+    seed, rnd = spec.seed, spec.round
+    step, dp_step = grad_and_value(loss_fn), per_sample_step(algo)
+    params = dict(params)
+    losses: list[torch.Tensor] = []
+    for k, phase in enumerate(algo.phases()):
+        per_sample = per_sample_phase(phase, clip)
+        phase = per_sample or phase
+        # Copies, updated in place below; the caller's tensors (the shared state) stay intact.
+        trainable = {n: params[n].detach().clone() for n in phase.names}
+        frozen = {n: v for n, v in params.items() if n not in trainable}
+        if (pre := algo.precompute(phase)) is not None:
+            frozen = pre(frozen)
+        opt = PhaseSGD(phase)
+        rank_one = {n: trainable[n] for n in opt.rank_one}
+        losses = []
+        gen = torch_stream(seed, Stream.BATCH_ORDER, rnd, cid, k)
+        aug = torch_stream(seed, Stream.AUGMENT, rnd, cid, k) if spec.augment else None
+        dev = data.y_train.device
+        noise = (torch_stream(seed, Stream.DP_NOISE, rnd, cid, k, device=dev) if phase.dp
+                 else None)
+        for idx in minibatches(data.num_train, spec.batch_size, phase, gen):
+            idx = idx.to(dev)
+            xb = model_inputs(data, data.x_train[idx],
+                              crop_flip_draws(aug, len(idx)) if aug is not None else None)
+            if per_sample:
+                grads, loss = dp_step(trainable, frozen, xb, data.y_train[idx])
+                if clip is not None:
+                    grads = clip(grads, lead=1)
+                grads = privatize(grads, torch.ones(len(idx), device=dev), phase.dp,
+                                  dp_noise(phase.dp, trainable, noise) if phase.dp else None)
+                loss = loss.mean()
+            else:  # rank-one weights enter as constants: no gradient of theirs is formed
+                grads, loss = step({n: trainable[n] for n in opt.dense}, {**frozen, **rank_one},
+                                   xb, data.y_train[idx])
+            opt.step(trainable, grads,
+                     algo.rank_one_input({**frozen, **trainable}) if rank_one else None)
+            losses.append(loss.detach())
+        params.update(trainable)
+    return params, torch.stack(losses).mean().item()

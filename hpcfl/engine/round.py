@@ -1,0 +1,66 @@
+"""A round as the engine runs it: what it trains (`RoundSpec`), and the one buffer the round's
+Allreduce sums (`RoundBuffer`, its last entries named by `Slot`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+
+# float64: the sum must not depend on how clients are spread over ranks (README, MPI).
+ROUND_DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """One round's local training as every client of it runs it: the round, the run's seed,
+    the batch size and augmentation; how this rank trains (engine.mode, and the vectorized
+    path's block of client ids that train stacked, 0: all at once); this rank's members of the
+    cohort (sorted) and their aggregation weights (training-set sizes)."""
+    round: int
+    seed: int
+    batch_size: int
+    augment: bool = False
+    mode: str = "sequential"
+    block_size: int = 0
+    cohort: tuple[int, ...] = ()
+    weights: tuple[float, ...] = ()
+
+
+class Slot(IntEnum):
+    """The round buffer's last entries, after the summed uploads."""
+    LOSS = 0     # sum of the members' training losses (mean minibatch loss of the last phase)
+    CLIENTS = 1  # how many clients trained
+    STOP = 2     # stop votes: ranks that got SIGTERM / SIGUSR1 / SIGUSR2 (set by the loop)
+    WEIGHT = 3   # sum of the aggregation weights
+
+
+@dataclass
+class RoundBuffer:
+    """The one buffer of a round's Allreduce, float64 on the device:
+    [sum of weight * upload | Slot.LOSS, CLIENTS, STOP, WEIGHT]."""
+    data: torch.Tensor
+
+    @classmethod
+    def zeros(cls, numel: int, device) -> "RoundBuffer":
+        return cls(torch.zeros(numel + len(Slot), dtype=ROUND_DTYPE, device=device))
+
+    @property
+    def upload(self) -> torch.Tensor:
+        """The summed weighted uploads (a view)."""
+        return self.data[:-len(Slot)]
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self.data[-len(Slot):]
+
+    def __getitem__(self, slot: Slot) -> float:
+        return float(self.slots[slot])
+
+    def __setitem__(self, slot: Slot, value: float) -> None:
+        self.slots[slot] = value
+
+    def add(self, upload: torch.Tensor, weight: float, loss: float) -> None:
+        """One client's upload (flat), added with its weight."""
+        self.upload.add_(upload, alpha=weight)
+        self.slots.add_(torch.tensor([loss, 1.0, 0.0, weight], device=self.data.device))

@@ -1,0 +1,119 @@
+"""The vectorized path: clients trained together, their parameters stacked along a client axis,
+one torch.func.vmap(grad) per step. Clients train for different numbers of steps and their last
+batch of an epoch is smaller, exactly as in the sequential path (engine.client): every client's
+batch schedule is padded to the stack's longest, padded samples carry zero weight in the loss,
+and a client whose schedule has ended takes zero-size steps. So the two paths compute the same
+updates (tested to agree within float32 rounding)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad_and_value, vmap
+
+from ..algorithms import DPSGD, Algorithm, Params, Phase
+from ..data import ClientData
+from ..data.transforms import crop_flip_draws, model_inputs
+from ..sgd import PhaseSGD
+from ..streams import Stream, torch_stream
+from .round import RoundSpec
+from .client import (SampleTransform, dp_noise, minibatches, per_sample_phase, per_sample_step,
+                     privatize)
+
+
+def schedules(data: dict[int, ClientData], cids: list[int], spec: RoundSpec, phase: Phase,
+              k: int, device) -> tuple[torch.Tensor, ...]:
+    """The sequential path's batches of phase k of every client, padded to a common shape:
+    index (clients, steps, batch), sample weight (same, 0 for padding), active (clients, steps),
+    and with spec.augment the crop/flip draws (clients, steps, batch, 3) in the sequential path's
+    order (else None)."""
+    seed, rnd, batch_size = spec.seed, spec.round, spec.batch_size
+    lists = [list(minibatches(data[c].num_train, batch_size, phase,
+                              torch_stream(seed, Stream.BATCH_ORDER, rnd, c, k)))
+             for c in cids]
+    steps = max(len(b) for b in lists)
+    idx = torch.zeros(len(cids), steps, batch_size, dtype=torch.long)
+    weight = torch.zeros(len(cids), steps, batch_size)
+    active = torch.zeros(len(cids), steps)
+    draws = (torch.zeros(len(cids), steps, batch_size, 3, dtype=torch.long) if spec.augment
+             else None)
+    for i, (c, batches) in enumerate(zip(cids, lists)):
+        active[i, :len(batches)] = 1
+        aug = torch_stream(seed, Stream.AUGMENT, rnd, c, k) if spec.augment else None
+        for s, b in enumerate(batches):
+            idx[i, s, :len(b)], weight[i, s, :len(b)] = b, 1
+            if aug is not None:
+                draws[i, s, :len(b)] = crop_flip_draws(aug, len(b))
+    return idx.to(device), weight.to(device), active.to(device), draws
+
+
+def stack_noise(dp: DPSGD, stacked: Params, gens: list[torch.Generator],
+                active: torch.Tensor) -> Params:
+    """One step's DP noise of a stack, each client's drawn from its own generator in the
+    sequential path's order (a client whose schedule has ended draws nothing)."""
+    one = {n: stacked[n][0] for n in dp.names}
+    draws = [dp_noise(dp, one, g) if a else {n: torch.zeros_like(v) for n, v in one.items()}
+             for g, a in zip(gens, active.tolist())]
+    return {n: torch.stack([d[n] for d in draws]) for n in dp.names}
+
+
+def train_stacked(algo: Algorithm, shared: Params, private: dict[int, Params],
+                  data: dict[int, ClientData], cids: list[int], spec: RoundSpec,
+                  clip: SampleTransform | None = None) -> tuple[Params, torch.Tensor]:
+    """Train clients `cids` together in round spec.round. Returns their trained state stacked
+    along dim 0 (every tensor that training changed) and each client's last-phase mean loss."""
+    x = torch.cat([data[c].x_train for c in cids])
+    y = torch.cat([data[c].y_train for c in cids])
+    offsets = torch.tensor([0] + [data[c].num_train for c in cids[:-1]],
+                           device=y.device).cumsum(0)
+    stacked = {n: torch.stack([private[c][n] for c in cids]) for n in private[cids[0]]}
+
+    def loss_fn(trainable, frozen, x, y, w):
+        ce = F.cross_entropy(algo.forward({**frozen, **trainable}, x), y, reduction="none")
+        # The mean over the batch's real samples (a finished client's padded step has none).
+        return (ce * w).sum() / w.sum().clamp(min=1)
+
+    for k, phase in enumerate(algo.phases()):
+        per_sample = per_sample_phase(phase, clip)
+        phase = per_sample or phase
+        idx, weight, active, draws = schedules(data, cids, spec, phase, k, y.device)
+        # A shared tensor gets one copy per client once it is trained; until then all clients
+        # read the same one (vmap in_dims None).
+        trainable = {n: (stacked[n] if n in stacked else
+                         shared[n].expand(len(cids), *shared[n].shape)).clone()
+                     for n in phase.names}
+        frozen = {n: v for n, v in {**shared, **stacked}.items() if n not in trainable}
+        frozen_dims = {n: 0 if n in stacked else None for n in frozen}
+        if (pre := algo.precompute(phase)) is not None:
+            frozen = vmap(pre, in_dims=(frozen_dims,))(frozen)
+            frozen_dims = {n: 0 for n in frozen}
+        opt = PhaseSGD(phase, stacked=True)
+        rank_one = {n: trainable[n] for n in opt.rank_one}
+        step = vmap(grad_and_value(loss_fn),
+                    in_dims=(0, {**frozen_dims, **dict.fromkeys(rank_one, 0)}, 0, 0, 0))
+        dp_step = vmap(per_sample_step(algo), in_dims=(0, frozen_dims, 0, 0))
+        rank_one_input = vmap(algo.rank_one_input,
+                              in_dims=({**frozen_dims, **dict.fromkeys(trainable, 0)},))
+        noise = [torch_stream(spec.seed, Stream.DP_NOISE, spec.round, c, k, device=y.device)
+                 for c in cids]
+        losses = torch.zeros(len(cids), device=y.device)
+        for s in range(idx.shape[1]):
+            rows = offsets[:, None] + idx[:, s]
+            xb = model_inputs(data[cids[0]], x[rows].flatten(0, 1),
+                              draws[:, s].flatten(0, 1) if draws is not None else None)
+            xb = xb.view(*rows.shape, *xb.shape[1:])
+            if per_sample:
+                grads, loss = dp_step(trainable, frozen, xb, y[rows])
+                if clip is not None:
+                    grads = clip(grads, lead=2)
+                grads = privatize(grads, weight[:, s], phase.dp, stack_noise(
+                    phase.dp, trainable, noise, active[:, s]) if phase.dp else None)
+                loss = (loss * weight[:, s]).sum(1) / weight[:, s].sum(1).clamp(min=1)
+            else:
+                grads, loss = step({n: trainable[n] for n in opt.dense}, {**frozen, **rank_one},
+                                   xb, y[rows], weight[:, s])
+            opt.step(trainable, grads,
+                     rank_one_input({**frozen, **trainable}) if rank_one else None, active[:, s])
+            losses += loss.detach() * active[:, s]
+        losses /= active.sum(1)
+        stacked.update(trainable)
+    return stacked, losses
