@@ -16,8 +16,11 @@ runs-seeds.csv; numbers in `*_mean`, `*_std` columns).
 `--plot DIR` writes DIR/accuracy.png (accuracy per round, one line per group: the mean over
 seeds, a min-max band), DIR/scaling.png (seconds per round against world size at a fixed number
 of clients (strong scaling) and at a fixed number of clients per rank (weak scaling), and its
-split into phases; only when the runs have more than one world size or client count) and
-DIR/privacy_utility.png (analysis.privacy_utility, when a file has /privacy).
+split into phases; only when the runs have more than one world size or client count),
+DIR/population.png (a training round, an evaluation, start-up and a checkpoint against the
+number of clients, log axes, one line style per world size; when the runs have more than one
+client count, e.g. from `python -m hpcfl.bench population`) and DIR/privacy_utility.png
+(analysis.privacy_utility, when a file has /privacy).
 Files that cannot be read as results files are counted and named in one line. No results file:
 exit code 2.
 """
@@ -35,7 +38,7 @@ import yaml
 
 from analysis.results import results_files, run_config
 
-PHASES = ("compute", "allreduce", "eval", "io")
+PHASES = ("compute", "allreduce", "exchange", "eval", "io")  # exchange: new in 0.2, else 0
 SEED = "train.seed"
 
 
@@ -48,6 +51,7 @@ class Run:
     rounds: np.ndarray      # evaluated rounds
     acc: np.ndarray         # test_acc_mean of those rounds
     phases: pd.DataFrame    # one row per timed round: seconds of each phase on its slowest rank
+    costs: dict             # startup_s, checkpoint_s (NaN where the file predates them)
 
 
 def read_run(path: Path) -> Run:
@@ -59,14 +63,16 @@ def read_run(path: Path) -> Run:
         n = min(len(m["round"]), len(m["test_acc_mean"]))
         rounds, acc = m["round"][:n], m["test_acc_mean"][:n]
         t = f["timing"]
-        n = min(len(t[f"{p}_s"]) for p in PHASES)
-        per_rank = {p: t[f"{p}_s"][:n] for p in PHASES}
+        n = min(len(t[f"{p}_s"]) for p in PHASES if f"{p}_s" in t)
+        per_rank = {p: t[f"{p}_s"][:n] if f"{p}_s" in t else np.zeros(t["compute_s"][:n].shape)
+                    for p in PHASES}
         status, world_size = str(f.attrs.get("status", "unknown")), int(f.attrs["world_size"])
+        costs = {k: float(f.attrs.get(k, np.nan)) for k in ("startup_s", "checkpoint_s")}
     # Ranks wait for each other in the allreduce, so the slowest rank sets the round's time
     # (NaN: a rank that did not exist before a resume on more ranks).
     slowest = np.argmax(sum(np.nan_to_num(per_rank[p]) for p in PHASES), axis=1)
     phases = pd.DataFrame({p: per_rank[p][np.arange(n), slowest] for p in PHASES})
-    return Run(str(path), status, world_size, config, rounds, acc, phases)
+    return Run(str(path), status, world_size, config, rounds, acc, phases, costs)
 
 
 def varying_keys(runs: list[Run]) -> list[str]:
@@ -88,7 +94,7 @@ def run_table(runs: list[Run], keys: list[str]) -> pd.DataFrame:
                      "s_per_round": r.phases.sum(axis=1).median(),
                      "world_size": r.world_size, "status": r.status, "file": r.file,
                      "num_clients": r.config.get("data.num_clients"),
-                     **{f"{p}_s": phases[p] for p in PHASES}})
+                     **{f"{p}_s": phases[p] for p in PHASES}, **r.costs})
     return pd.DataFrame(rows)
 
 
@@ -185,6 +191,33 @@ def plot_scaling(table: pd.DataFrame, out: Path) -> None:
     plt.close(fig)
 
 
+def plot_population(table: pd.DataFrame, out: Path) -> None:
+    """Cost against the population (log axes), one line style per world size: a training
+    round, an evaluation, start-up and a checkpoint (hpcfl.bench population writes such runs)."""
+    import matplotlib.pyplot as plt
+
+    costs = {"training round": ("compute_s", "allreduce_s", "exchange_s"),
+             "evaluation": ("eval_s",), "start-up": ("startup_s",),
+             "checkpoint": ("checkpoint_s",)}
+    points = table.groupby(["num_clients", "world_size"]).mean(numeric_only=True).reset_index()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for j, (ranks, g) in enumerate(points.groupby("world_size")):
+        for i, (what, cols) in enumerate(costs.items()):
+            y = g[list(cols)].sum(axis=1, min_count=1)
+            ax.plot(g.num_clients, y, ["o-", "s--", "^:", "d-."][j % 4], color=f"C{i}",
+                    label=f"{what}, {ranks} rank{'s' * (ranks != 1)}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("clients in the run (population)")
+    ax.set_ylabel("seconds (median over rounds)")
+    ax.set_title("Cost against the population (slowest rank, mean over runs)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.summarize",
                                 description=__doc__.split("\n\n")[0])
@@ -244,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             written.append(str(out / "scaling.png"))
         else:
             print("no scaling figure: every run has the same world size and number of clients")
+        if table.num_clients.nunique() > 1:
+            plot_population(table, out / "population.png")
+            written.append(str(out / "population.png"))
         privacy, _ = collect(args.dirs)
         if not privacy.empty:
             plot(privacy, out / "privacy_utility.png")

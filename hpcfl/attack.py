@@ -40,6 +40,8 @@ from .privacy.defenses import Defense, build_defense
 from .privacy.generator import Generator, load_generator
 from .privacy.metrics import LPIPS_NOTE, image_scores, label_accuracy, to_unit
 from .progress import progress
+from .population import evaluated_clients
+from .private import PrivateTable
 from .store import ResultsFile, checkpoint_paths, load_checkpoint
 from .world import World
 
@@ -76,17 +78,18 @@ def state_before(cfg: RunConfig, world: World, algo, data, mine: list[int]
         path = Path(run(cfg, world, until=a.round - 1)["path"])
         world.from_main(None)  # rank 0 writes the checkpoint: read it once it is there
         span = range(mine[0], mine[-1] + 1) if mine else range(0)
-        ck = load_checkpoint(checkpoint_paths(path)[0], span)
+        table = PrivateTable(algo.init_client(0), span, world.device)
+        ck = load_checkpoint(checkpoint_paths(path)[0], table)
         if ck.round != a.round - 1:
             raise ConfigError(f"output.name: {path} holds a run at round {ck.round}, not "
                               f"{a.round - 1}; choose another output.name for this attack")
-        private = {c: to_device({k: v[c - span.start] for k, v in ck.private.items()},
-                                world.device) for c in mine}
+        private = {c: {k: v[0] for k, v in table.get([c]).items()} for c in mine}
         return to_device(ck.shared, world.device), private, path
     path = Path(cfg.output.dir) / f"{cfg.output.name}.h5"
     if world.is_main and not path.exists():  # round 1 needs no training: a file for /privacy
-        store = ResultsFile.create(path, provenance(cfg, world), data.num_train, data.num_test,
-                                   world.size)
+        store = ResultsFile.create(path, provenance(cfg, world),
+                                   (data.num_train, data.num_test),
+                                   evaluated_clients(cfg.train, cfg.data.num_clients), world.size)
         store.close("completed", note="no round trained: the attack is on round 1's uploads")
     return (to_device(algo.init_shared(), world.device),
             {c: to_device(algo.init_client(c), world.device) for c in mine}, path)
@@ -264,7 +267,7 @@ def attack(cfg: RunConfig, world: World) -> str | None:
     targets = cohort[:a.clients]
     # Each rank attacks a contiguous share of the targets and reads only their data.
     mine = [int(c) for c in np.array_split(targets, world.size)[world.rank]]
-    data = load_federated(cfg.data, cfg.train.seed, world.device, hosted=lambda _: mine)
+    data = load_federated(cfg.data, cfg.train.seed, world.device)
     algo = build(cfg, data, world.device)
     if a.name == "idlg" and (cfg.algorithm.name == "hyperfl" or
                              any(data.num_train[c] != 1 for c in targets)):
@@ -278,7 +281,7 @@ def attack(cfg: RunConfig, world: World) -> str | None:
     bar = progress(len(mine) * iterations(a, prior),
                    cfg.output.progress if world.is_main else "none", f"{a.name} attack")
     for cid in mine:
-        spec = round_spec(cfg, "sequential", a.round, [cid], data)
+        spec = round_spec(cfg, "sequential", a.round, [(cid,)], data)
         target = Target(spec, cid, data.clients[cid], data.num_classes)
         r = attack_client(cfg, algo, (shared, private[cid]), target, defense, prior, bar)
         results.append(dict(r, client=cid))

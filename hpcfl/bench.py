@@ -1,4 +1,5 @@
 """`python -m hpcfl.bench WORKLOAD [--modes M,M] [--rounds N] [--dtype D] [--out F.h5] [key=value]`
+(`python -m hpcfl.bench population ...`: cost against the population, hpcfl.bench_population)
 
 Times the rounds of a run, per engine mode, with the run's own code (data on the device, the
 engine, the Allreduce, the server step, the evaluation), and writes a table and an HDF5 file:
@@ -18,6 +19,7 @@ Runs under mpiexec/srun like a run; key=value overrides set cohort size and the 
 from __future__ import annotations
 
 import argparse
+import copy
 import resource
 import sys
 import time
@@ -29,8 +31,8 @@ import torch
 from .config import DTYPES, ConfigError, load_config
 from .data import load_federated
 from .engine import Slot
-from .loop import build, evaluate, provenance, sample_cohort, to_device, train_round
-from .placement import balanced_blocks
+from .loop import build, provenance, sample_cohort, to_device, train_round
+from .population import Population, evaluated_clients
 from .world import World
 
 WORKLOADS = {
@@ -62,31 +64,36 @@ WORKLOADS = {
 COMPARE_ROUND = 3  # see the module docstring
 
 
-def starting_state(cfg, world: World, data) -> tuple[dict, dict]:
+def starting_state(cfg, world: World, data) -> tuple[dict, Population]:
     """The run's shared and private state after rounds 1 .. COMPARE_ROUND - 1, sequential."""
     algo = build(cfg, data, world.device)
     shared = to_device(algo.init_shared(), world.device)
-    private = {c: to_device(algo.init_client(c), world.device) for c in data.clients}
+    population = Population(world, to_device(algo.init_client(0), world.device),
+                            cfg.data.num_clients,
+                            evaluated_clients(cfg.train, cfg.data.num_clients))
     for rnd in range(1, COMPARE_ROUND):
-        train_round(cfg, world, algo, (shared, private), data, "sequential", rnd)
-    return shared, private
+        train_round(cfg, world, algo, (shared, population), data, "sequential", rnd)
+    return shared, population
 
 
-def bench_mode(cfg, world: World, data, state: tuple[dict, dict], mode: str,
+def bench_mode(cfg, world: World, data, state: tuple[dict, Population], mode: str,
                rounds: int) -> dict:
     algo = build(cfg, data, world.device)
     shared = {k: v.clone() for k, v in state[0].items()}
-    private = {c: {k: v.clone() for k, v in p.items()} for c, p in state[1].items()}
+    population = copy.copy(state[1])
+    population.table = copy.copy(state[1].table)
+    population.table.tensors = {k: v.clone() for k, v in state[1].table.tensors.items()}
     if world.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(world.device)
     times, first_update, cohort_size = [], None, 0
     for rnd in range(COMPARE_ROUND, COMPARE_ROUND + rounds + 1):  # the first: warm-up, compared
         t0 = time.perf_counter()
-        buf, compute_s, allreduce_s = train_round(cfg, world, algo, (shared, private), data,
-                                                  mode, rnd)  # in cfg.engine.dtype
+        buf, phases = train_round(cfg, world, algo, (shared, population), data, mode,
+                                  rnd)  # in cfg.engine.dtype
+        compute_s, allreduce_s = phases.compute, phases.allreduce
         world.synchronize()
         t2 = time.perf_counter()
-        evaluate(algo, shared, private, data, cfg.data.num_clients)
+        population.evaluate(algo, shared, data)
         t3 = time.perf_counter()
         if rnd == COMPARE_ROUND:  # the averaged upload, the server step's input
             first_update = (buf.upload / buf[Slot.WEIGHT]).float().cpu()
@@ -103,6 +110,10 @@ def bench_mode(cfg, world: World, data, state: tuple[dict, dict], mode: str,
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["population"]:  # cost against the population: hpcfl.bench_population
+        from .bench_population import main as population
+        return population(argv[1:])
     p = argparse.ArgumentParser(prog="python -m hpcfl.bench",
                                 description="Time the rounds of a run per engine mode; print a "
                                 "table and write an HDF5 file (see the module docstring).")
@@ -129,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(None, [*WORKLOADS[a.workload], *a.overrides,
                                  f"engine.dtype={a.dtype}"])
         world = World(cfg.train.device, cfg.engine.threads)
-        unit = cfg.engine.block_size if "vectorized" in modes else 1  # as a run hosts them
-        data = load_federated(cfg.data, cfg.train.seed, world.device,
-                              hosted=lambda s: balanced_blocks(s, world.size, unit)[world.rank])
+        data = load_federated(cfg.data, cfg.train.seed, world.device)
     except ConfigError as e:
         print(f"hpcfl.bench: error: {e}", file=sys.stderr)
         return 2

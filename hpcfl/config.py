@@ -49,15 +49,19 @@ class DataConfig:
                          "client gets classes_per_client classes); dirichlet (label mix "
                          "~ Dirichlet(dirichlet_alpha)); noniid_s (the official split of the "
                          "paper: train from the train split, test from the test split with the "
-                         "same label mix)", choices=("iid", "shards", "dirichlet", "noniid_s"))
+                         "same label mix); sampled (each client draws local_size images from "
+                         "the pool by (seed, client) alone: any population, e.g. a million)",
+                         choices=("iid", "shards", "dirichlet", "noniid_s", "sampled"))
     noniid_s: float = opt(20.0, "partition=noniid_s: percent of a client's images spread over "
                           "all classes; the rest come from its group of dominant classes",
                           min=0, max=100)
-    local_size: int = opt(0, "partition=noniid_s: training images per client; 0 = the official "
-                          "600 (emnist 1000)", min=0)
+    local_size: int = opt(0, "partition=noniid_s: training images per client, 0 = the official "
+                          "600 (emnist 1000); partition=sampled: 0 = 20", min=0)
     classes_per_client: int = opt(3, "classes per client with partition=shards", min=1)
-    dirichlet_alpha: float = opt(0.5, "concentration with partition=dirichlet (small = skewed)",
-                                 min=0, min_exclusive=True)
+    dirichlet_alpha: float = opt(0.5, "concentration with partition=dirichlet, and of "
+                                 "label_skew (small = skewed)", min=0, min_exclusive=True)
+    label_skew: bool = opt(False, "partition=sampled: each client's label mix drawn from "
+                           "Dirichlet(dirichlet_alpha) by (seed, client); false: the pool's")
     test_fraction: float = opt(0.25, "share of each client's samples held out as its test "
                                "split (every partition but noniid_s)",
                                min=0, max=1, min_exclusive=True)
@@ -170,6 +174,9 @@ class TrainConfig:
                       min_exclusive=True)
     seed: int = opt(0, "seed of partition, cohorts, init and batch order", min=0)
     eval_every: int = opt(1, "evaluate every k rounds (and after the last)", min=1)
+    eval_clients: str = opt("auto", "which clients an evaluation covers: all; K (a number: a "
+                            "fixed sample of K clients drawn from the seed, the same every "
+                            "evaluation); auto (all up to 1000 clients, else a sample of 1000)")
     device: str = opt("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N")
 
 
@@ -179,10 +186,11 @@ class EngineConfig:
                     "vectorized (many at once with torch.func.vmap), auto (the faster on this "
                     "device type, measured with python -m hpcfl.bench)",
                     choices=("auto", "sequential", "vectorized"))
-    block_size: int = opt(32, "vectorized: clients trained stacked together are the cohort's "
-                          "members among ids [k*B, (k+1)*B), and ranks host whole such blocks, "
-                          "so the stacks, and the results, do not depend on the rank count; 0 = "
-                          "all of a rank's members at once (results then depend on it)", min=0)
+    stack_size: int = opt(0, "vectorized: the round's cohort, sorted, is cut into stacks of at "
+                          "most this many clients that train together (one vmap), dealt to the "
+                          "ranks to balance them; the cut depends on the cohort alone, so the "
+                          "results do not depend on the rank count, but they do on this value "
+                          "(last bits); 0 = auto: the cohort in 16 stacks", min=0)
     dtype: str = opt("fp32", "arithmetic of local training: fp32, tf32 (CUDA), bf16 "
                      "(autocast, for GPUs); evaluation stays fp32; bit-for-bit "
                      "reproducibility holds within one setting",
@@ -325,8 +333,9 @@ def set_value(cfg: RunConfig, key: str, value: Any) -> None:
 
 
 # Old names still read (configs, results files and command lines of earlier versions).
-RENAMED = {"engine.max_clients_in_memory": "engine.block_size",
-           "engine.group_size": "engine.block_size",
+RENAMED = {"engine.max_clients_in_memory": "engine.stack_size",
+           "engine.group_size": "engine.stack_size",
+           "engine.block_size": "engine.stack_size",
            "algorithm.clip_norm": "algorithm.grad_clip",
            "privacy.dp_clip": "privacy.sample_clip",
            "privacy.clip": "privacy.update_clip",
@@ -392,6 +401,9 @@ def validate(cfg: RunConfig) -> None:
                           f"{', '.join(LPM_ALGORITHMS)} go with model.name "
                           f"{' or '.join(LPM_MODELS)}, and those models with them or with "
                           "fedavg / local (the linear probe)")
+    ev = cfg.train.eval_clients
+    if ev not in ("auto", "all") and not (ev.isdigit() and int(ev) > 0):
+        raise ConfigError(f"train.eval_clients: {ev!r} is not all, auto or a number of clients")
     name = cfg.output.name
     if name and (any(c in name for c in "/\\") or name.startswith(".")):
         raise ConfigError(f"output.name: {name!r} must be a plain file name without '/'")

@@ -12,8 +12,8 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -22,13 +22,15 @@ from .algorithms import build_algorithm
 from .config import ConfigError, RunConfig
 from .cli import Diverged
 from .data import load_federated
-from .engine import (ROUND_DTYPE, RoundBuffer, RoundSpec, Slot, evaluate_client, precision,
-                     resolve_mode, train_cohort, unflatten)
+from .engine import (ROUND_DTYPE, RoundBuffer, RoundSpec, Slot, precision, resolve_mode,
+                     train_cohort, unflatten)
 from .lock import lock_output
-from .placement import balanced_blocks
+from .placement import deal, stacks
+from .population import Population, evaluated_clients
 from .privacy.defenses import Defense, Setup, build_defense
+from .record import Recorder
 from .resume import checkpoint, plan_or_error
-from .store import TIMING, ResultsFile, git_commit, load_checkpoint, mark_completed
+from .store import ResultsFile, git_commit, load_checkpoint, mark_completed
 from .streams import Stream, numpy_stream
 from .world import World
 
@@ -79,99 +81,52 @@ def prepare_defense(defense: Defense | None, cfg: RunConfig, world: World, algo,
         defense.install(world.on_main(lambda: defense.prepare(setup)), setup)
 
 
-def round_spec(cfg: RunConfig, mode: str, rnd: int, mine: list[int], data) -> RoundSpec:
-    """Round `rnd` as this rank trains it: its members of the cohort (`mine`)."""
+def round_spec(cfg: RunConfig, mode: str, rnd: int, mine: list[tuple[int, ...]],
+               data) -> RoundSpec:
+    """Round `rnd` as this rank trains it: the stacks dealt to it (`mine`)."""
+    members = tuple(c for s in mine for c in s)
     return RoundSpec(rnd, cfg.train.seed, cfg.train.batch_size, data.augment, mode,
-                     cfg.engine.block_size, tuple(mine),
-                     tuple(float(data.num_train[c]) for c in mine))
+                     cfg.engine.stack_size, members,
+                     tuple(float(data.num_train[c]) for c in members), tuple(mine))
 
 
-def train_round(cfg: RunConfig, world: World, algo, state: tuple[dict, dict], data, mode: str,
-                rnd: int, defense: Defense | None = None) -> tuple[RoundBuffer, float, float]:
-    """One round on this rank: train its members of the cohort, the one Allreduce (which also
-    carries this rank's stop vote, read after local training: a signal that arrived during it
-    counts this round), the server step. `state`: (shared, private), updated in place. Returns
-    the reduced buffer and the seconds of local training and of the Allreduce."""
-    shared, private = state
+@dataclass
+class RoundTimes:
+    """Seconds a rank spent in a round's phases (the /timing columns it fills)."""
+    compute: float
+    allreduce: float
+    exchange: float
+
+
+def train_round(cfg: RunConfig, world: World, algo, state: tuple[dict, Population], data,
+                mode: str, rnd: int, defense: Defense | None = None
+                ) -> tuple[RoundBuffer, RoundTimes]:
+    """One round on this rank: the cohort cut into stacks and dealt to the ranks
+    (hpcfl.placement), the members' private state fetched from their hosts, local training,
+    the one Allreduce (which also carries this rank's stop vote, read after local training: a
+    signal that arrived during it counts this round), the server step, the private state back to
+    the hosts. `state`: (shared, population), updated in place."""
+    shared, population = state
     cohort = sample_cohort(cfg.train.seed, rnd, cfg.data.num_clients, cfg.train.frac)
-    spec = round_spec(cfg, mode, rnd, [c for c in cohort if c in private], data)
+    together = stacks(cohort, cfg.engine.stack_size, mode)
+    owner = deal([float(data.num_train[list(s)].sum()) for s in together], world.size)
     t0 = time.perf_counter()
+    private = population.fetch(together, owner)
+    spec = round_spec(cfg, mode, rnd, [s for s, r in zip(together, owner) if r == world.rank],
+                      data)
+    t1 = time.perf_counter()
     with precision(cfg.engine.dtype, world.device):
         buf = train_cohort(algo, spec, shared, private, data.clients, world.device, defense)
     buf[Slot.STOP] = float(world.stop_requested)
     world.synchronize()
-    t1 = time.perf_counter()
+    t2 = time.perf_counter()
     world.allreduce_sum_(buf.data)
     if defense is not None:  # the server's side, in place on the reduced sum
         defense.server(buf.upload, [float(data.num_train[c]) for c in cohort])
-    t2 = time.perf_counter()
+    t3 = time.perf_counter()
     algo.server_step(shared, unflatten(buf.upload, shared), buf[Slot.WEIGHT])
-    return buf, t1 - t0, t2 - t1
-
-
-def evaluate(algo, shared, private, data, num_clients: int) -> np.ndarray:
-    """(num_clients, 3): correct, summed loss, test size; rows of clients hosted elsewhere are 0."""
-    table = np.zeros((num_clients, 3))
-    for cid, state in private.items():
-        c = data.clients[cid]
-        table[cid] = (*evaluate_client(algo, {**shared, **state}, c), c.num_test)
-    return table
-
-
-class Recorder:
-    """Brings evaluations and every rank's timings to rank 0 and writes them (rank 0 only)."""
-
-    def __init__(self, world: World, store: ResultsFile | None, nbytes: int):
-        self.world, self.store, self.nbytes = world, store, nbytes
-        self.rows: list[tuple[int, list[float]]] = []  # (round, [compute, allreduce, eval])
-
-    def time_round(self, rnd: int, compute: float, allreduce: float) -> None:
-        self.rows.append((rnd, [compute, allreduce, 0.0]))
-
-    def _reduce(self, table: np.ndarray):
-        """One Reduce for the client table and the timing rows since the last call."""
-        w = self.world
-        timing = np.zeros((len(self.rows), w.size, 3))
-        timing[:, w.rank] = [r for _, r in self.rows]
-        rounds, self.rows = [rnd for rnd, _ in self.rows], []
-        total = w.reduce_sum_to_main(np.concatenate([table.ravel(), timing.ravel()]))
-        if total is None:
-            return None, None, rounds
-        return (total[:table.size].reshape(table.shape),
-                total[table.size:].reshape(timing.shape), rounds)
-
-    def _write_timing(self, timing: np.ndarray, rounds: list[int], io_s: float) -> None:
-        io = np.zeros(timing.shape[:2])
-        io[-1, 0] = io_s
-        self.store.append_timing(rounds, self.nbytes,
-                                 dict(zip(TIMING, [*np.moveaxis(timing, 2, 0), io])))
-        self.store.flush()
-
-    def evaluation(self, rnd: int, table: np.ndarray, eval_s: float, train_loss: float,
-                   t0: float, start: float, epsilon: float | None = None) -> dict | None:
-        self.rows[-1][1][2] = eval_s
-        table, timing, rounds = self._reduce(table)
-        if table is None:
-            return None
-        acc, loss = table[:, 0] / table[:, 2], table[:, 1] / table[:, 2]
-        now = time.perf_counter()
-        row = dict(round=rnd, test_acc_mean=acc.mean(),
-                   test_acc_weighted=table[:, 0].sum() / table[:, 2].sum(),
-                   test_loss_mean=loss.mean(), train_loss=train_loss, round_time_s=now - t0,
-                   elapsed_s=now - start)
-        if epsilon is not None:
-            row["epsilon"] = epsilon
-        self.store.append_eval(row, dict(test_acc=acc, test_loss=loss))
-        self.store.flush()
-        self._write_timing(timing, rounds, time.perf_counter() - now)
-        return row
-
-    def flush_timing(self) -> None:
-        """Timing rows of rounds after the last evaluation (before a checkpoint)."""
-        if self.rows:
-            _, timing, rounds = self._reduce(np.zeros(0))
-            if timing is not None:
-                self._write_timing(timing, rounds, 0.0)
+    population.give_back(together, owner, private)
+    return buf, RoundTimes(t2 - t1, t3 - t2, t1 - t0 + time.perf_counter() - t3)
 
 
 def run(cfg: RunConfig, world: World, until: int = 0) -> dict:
@@ -193,10 +148,7 @@ def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
     last = min(until or t.rounds, t.rounds)
     defense = build_defense(cfg.privacy, t.seed)
     mode = resolve_mode(cfg.engine.mode, world.device)
-    unit = cfg.engine.block_size if mode == "vectorized" else 1  # ranks host whole blocks
-    data = load_federated(cfg.data, t.seed, world.device, hosted=lambda sizes: balanced_blocks(
-        sizes, world.size, unit)[world.rank])
-    blocks = balanced_blocks(data.num_train, world.size, unit)
+    data = load_federated(cfg.data, t.seed, world.device)
     algo = build(cfg, data, world.device)
     if (cfg.engine.dtype, world.device.type, cfg.model.name) == ("bf16", "cpu",
                                                                  "resnet18_adapter"):
@@ -218,17 +170,15 @@ def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
     if start.round == last:
         return dict(path=str(start.path), round=start.round, stopped=True)
 
-    dev, template = world.device, algo.init_client(0)
+    dev = world.device
+    population = Population(world, to_device(algo.init_client(0), dev), n,
+                            evaluated_clients(t, n))
     if start.checkpoint is None:
         shared = to_device(algo.init_shared(), dev)
-        private = {cid: to_device(algo.init_client(cid), dev) for cid in data.clients}
         elapsed = 0.0
     else:
-        ck = load_checkpoint(start.checkpoint, blocks[world.rank])
-        shared = to_device(ck.shared, dev)
-        private = {cid: to_device({k: v[i] for k, v in ck.private.items()}, dev)
-                   for i, cid in enumerate(blocks[world.rank])}
-        elapsed = ck.elapsed_s
+        ck = load_checkpoint(start.checkpoint, population.table)
+        shared, elapsed = to_device(ck.shared, dev), ck.elapsed_s
         if world.is_main:
             log.info("resuming %s from round %d (%s)", start.path, start.round, start.checkpoint)
     numel = sum(v.numel() for v in shared.values())
@@ -238,8 +188,9 @@ def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
     if world.is_main:
         store = (ResultsFile.resume(start.path, start.round, attrs)
                  if start.checkpoint else
-                 ResultsFile.create(start.path, attrs, data.num_train, data.num_test,
-                                    world.size, () if algo.epsilon(0) is None else ("epsilon",)))
+                 ResultsFile.create(start.path, attrs, (data.num_train, data.num_test),
+                                    population.evaluated, world.size,
+                                    () if algo.epsilon(0) is None else ("epsilon",)))
     rec = Recorder(world, store, (numel + len(Slot)) * ROUND_DTYPE.itemsize)
     show = cfg.output.progress
     if show == "auto":
@@ -247,25 +198,26 @@ def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
     bar = tqdm(total=t.rounds, initial=start.round, unit="round",
                disable=not (world.is_main and show == "bar"))
     world.catch_stop_signals()
+    rec.note_startup()
     t_start, final, stop, rnd = time.perf_counter() - elapsed, {}, False, start.round
     try:
         for rnd in range(start.round + 1, last + 1):
             t0 = time.perf_counter()
-            buf, compute_s, allreduce_s = train_round(cfg, world, algo, (shared, private), data,
-                                                      mode, rnd, defense)
+            buf, times = train_round(cfg, world, algo, (shared, population), data, mode, rnd,
+                                     defense)
             loss_sum, trained, stops, _ = buf.slots.tolist()
             if not (math.isfinite(loss_sum) and torch.isfinite(buf.data).all()):
                 # the same reduced buffer on every rank: all of them stop here
                 raise Diverged(f"round {rnd}: the training loss or the shared update is NaN "
                                "or inf; stopped before checkpointing it (status diverged; a "
                                "lower train.lr or a tighter clip may help)")
-            rec.time_round(rnd, compute_s, allreduce_s)
+            rec.time_round(rnd, times.compute, times.allreduce, times.exchange)
             bar.update()
             # a signal in the last round changes nothing
             stop = (stops > 0 or rnd == last) and rnd < t.rounds
             if rnd % t.eval_every == 0 or rnd == t.rounds:
                 t3 = time.perf_counter()
-                table = evaluate(algo, shared, private, data, n)
+                table = population.evaluate(algo, shared, data)
                 row = rec.evaluation(rnd, table, time.perf_counter() - t3, loss_sum / trained,
                                      t0, t_start, epsilon=algo.epsilon(rnd))
                 if row:
@@ -281,8 +233,10 @@ def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
             every = cfg.output.checkpoint_every
             if stop or rnd == t.rounds or (every and rnd % every == 0):
                 rec.flush_timing()
-                checkpoint(world, start.path, cfg, rnd, time.perf_counter() - t_start,
-                           (shared, private), template, blocks)
+                saved = checkpoint(world, start.path, cfg, rnd, time.perf_counter() - t_start,
+                                   (shared, population))
+                if store:
+                    store.note_checkpoint(*saved)
             if stop:
                 break
     except BaseException as e:

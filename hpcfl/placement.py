@@ -1,24 +1,73 @@
-"""Where clients live: which rank hosts which client ids (docs/ARCHITECTURE.md, "The round").
+"""Where clients live and where they train (docs/ARCHITECTURE.md, "The round").
 
-A rank hosts a contiguous block of client ids, balanced by sample count; the vectorized engine's
-stacks are cut from fixed blocks of ids, so ranks host whole such blocks and the stacks do not
-depend on the rank count.
+- Hosting: rank r keeps the private state of a contiguous block of client ids, made of whole
+  units of UNIT ids and balanced by count (`hosted`). A rank evaluates the clients it hosts, in
+  stacks cut from those units, so the evaluation's stacks do not depend on the rank count.
+- Training: a round's cohort, sorted, is cut into stacks of at most engine.stack_size clients
+  (`stacks`; auto: the cohort in 16 near-equal stacks, one client each in sequential mode), a
+  cut that depends on the cohort alone; the stacks are then dealt to ranks to balance their
+  samples (`deal`). A member's private state travels from its host to the rank that trains it
+  and back (loop.train_round): every rank works, whatever the population, and results do not
+  depend on the rank count.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+UNIT = 256  # client ids hosted, and evaluated, together
+AUTO_STACKS = 16  # engine.stack_size=0: the cohort in this many stacks
 
-def balanced_blocks(sizes: list[int], parts: int, unit: int = 1) -> list[range]:
-    """Split client ids 0..n-1 into `parts` contiguous blocks of about equal total sample count
-    (block r ends where the running total first reaches (r+1)/parts of the whole), each made of
-    whole units of `unit` consecutive ids (the vectorized engine's blocks)."""
+
+def balanced_blocks(sizes, parts: int, unit: int = 1) -> list[range]:
+    """Split client ids 0..n-1 into `parts` contiguous blocks of about equal total size (block r
+    ends where the running total first reaches (r+1)/parts of the whole), each made of whole
+    units of `unit` consecutive ids."""
     unit = max(unit, 1)
+    sizes = np.asarray(sizes, dtype=np.float64)
     n = len(sizes)
-    total = np.cumsum([sum(sizes[i:i + unit]) for i in range(0, n, unit)])
+    if n == 0:
+        return [range(0, 0) for _ in range(parts)]
+    total = np.cumsum(np.add.reduceat(sizes, np.arange(0, n, unit)))
     bounds = [0]
     for r in range(1, parts):
         bounds.append(max(bounds[-1], int(np.searchsorted(total, total[-1] * r / parts)) + 1))
     bounds.append(len(total))
     bounds = [min(b * unit, n) for b in bounds]
     return [range(bounds[r], bounds[r + 1]) for r in range(parts)]
+
+
+def hosted(num_clients: int, parts: int) -> list[range]:
+    """Every rank's hosted client ids: contiguous, whole units, balanced by count."""
+    return balanced_blocks(np.ones(num_clients), parts, UNIT)
+
+
+def host_of(cids, blocks: list[range]) -> np.ndarray:
+    """The rank hosting each of `cids`."""
+    starts = np.array([b.start for b in blocks] + [blocks[-1].stop])
+    return np.searchsorted(starts, np.asarray(cids), side="right") - 1
+
+
+def stacks(cohort: list[int], stack_size: int, mode: str) -> list[tuple[int, ...]]:
+    """The sorted cohort cut into contiguous stacks of near-equal size, at most `stack_size`
+    (0: AUTO_STACKS stacks; sequential mode: one client each)."""
+    m = len(cohort)
+    if m == 0:
+        return []
+    if mode == "sequential":
+        count = m
+    else:
+        count = min(m, AUTO_STACKS) if stack_size == 0 else math.ceil(m / stack_size)
+    return [tuple(int(c) for c in part) for part in np.array_split(sorted(cohort), count)]
+
+
+def deal(loads: list[float], parts: int) -> list[int]:
+    """The rank of each stack: the heaviest first, each to the least loaded rank (the lowest
+    rank on ties), a deterministic balance of `loads` over `parts` ranks."""
+    total = [0.0] * parts
+    rank = [0] * len(loads)
+    for i in sorted(range(len(loads)), key=lambda i: (-loads[i], i)):
+        r = min(range(parts), key=lambda r: (total[r], r))
+        rank[i], total[r] = r, total[r] + loads[i]
+    return rank

@@ -7,16 +7,17 @@ since private state is stored per client id. Only rank 0 touches the files.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
-import numpy as np
 import yaml
 
 from .config import DP_ALGORITHMS, ConfigError, RunConfig, apply_dict
-from .engine import flatten
-from .store import CheckpointError, checkpoint_paths, save_checkpoint, verify_checkpoint
+from .population import Population
+from .store import (CheckpointError, CheckpointWriter, checkpoint_paths, rows_per_chunk,
+                    verify_checkpoint)
 from .world import World
 
 log = logging.getLogger("hpcfl")
@@ -96,22 +97,35 @@ def plan_or_error(cfg: RunConfig, world: World) -> Start:
 
 
 def checkpoint(world: World, path: Path, cfg: RunConfig, rnd: int, elapsed: float,
-               state: tuple[dict, dict], template: dict, blocks: list[range]) -> None:
-    """Every client's private state (laid out as `template`) reaches rank 0 in one Gatherv,
-    rows in client-id order (blocks are contiguous); rank 0 writes the checkpoint. `state`: the
-    shared state and this rank's clients' private state."""
-    shared, private = state
-    width = sum(v.numel() for v in template.values())
-    rows = np.zeros((len(private), width), np.float32)
-    for i, cid in enumerate(sorted(private)):
-        rows[i] = flatten(private[cid], template).cpu().numpy()
-    if width and world.size > 1:
-        rows = world.gather_rows_to_main(rows, [len(b) for b in blocks])
-    if not world.is_main:
-        return
-    out, i = {}, 0
-    for n, v in template.items():
-        out[n] = rows[:, i:i + v.numel()].reshape(len(rows), *v.shape)
-        i += v.numel()
-    save_checkpoint(*checkpoint_paths(path), rnd, cfg.to_yaml(), elapsed,
-                    {n: v.detach().cpu().numpy() for n, v in shared.items()}, out)
+               state: tuple[dict, Population]) -> tuple[float, int]:
+    """Rank 0 writes the checkpoint: the shared state, then every private tensor as rows of all
+    clients in id order, each rank's hosted rows streamed to it a chunk at a time (point to
+    point, in rank order: no rank holds more than its own rows and one chunk). Returns, on rank
+    0, the seconds it took and the file's size (zeros elsewhere)."""
+    t0 = time.perf_counter()
+    shared, population = state
+    table, blocks = population.table, population.blocks
+    writer = (CheckpointWriter(checkpoint_paths(path), rnd, cfg.to_yaml(), elapsed,
+                               {k: v.detach().cpu().numpy() for k, v in shared.items()})
+              if world.is_main else None)
+    num_clients = blocks[-1].stop
+    for name in sorted(table.names):
+        shape = table.shapes[name]
+        if writer:
+            writer.begin(name, (num_clients, *shape))
+        step = rows_per_chunk(shape)
+        for r, block in enumerate(blocks):
+            for i in range(block.start, block.stop, step):
+                cids = range(i, min(i + step, block.stop))
+                if r == world.rank:
+                    rows = table.get(cids)[name].detach().cpu().numpy()
+                    if writer:
+                        writer.write(rows)
+                    else:
+                        world.send_to_main(rows)
+                elif writer:
+                    writer.write(world.receive_from(r, (len(cids), *shape)))
+    if not writer:
+        return 0.0, 0
+    size = writer.finish()
+    return time.perf_counter() - t0, size

@@ -24,7 +24,8 @@ SCHEMA_VERSION = 1
 METRICS = ("round", "test_acc_mean", "test_acc_weighted", "test_loss_mean", "train_loss",
            "round_time_s", "elapsed_s")
 CLIENT_METRICS = ("test_acc", "test_loss")
-TIMING = ("compute", "allreduce", "eval", "io")
+TIMING = ("compute", "allreduce", "exchange", "eval", "io")  # io last: rank 0 fills it
+CHUNK_BYTES = 64 << 20  # private state read and written this much at a time
 
 
 def git_commit() -> str:
@@ -64,6 +65,12 @@ class ResultsFile:
         """Reopen a run's file to go on after round `rnd`: rows of later rounds (written after
         the checkpoint) are dropped, so no round is ever recorded twice."""
         f = h5py.File(path, "r+", locking=False)
+        for name in TIMING:  # a file from before a phase existed gets its column
+            if f"{name}_s" not in f["timing"]:
+                ds = f["timing"]["compute_s"]
+                f["timing"].create_dataset(f"{name}_s", data=np.full(ds.shape, np.nan),
+                                           maxshape=(None, None), chunks=(256, 1),
+                                           fillvalue=np.nan)
         keep = int((f["metrics/round"][:] <= rnd).sum())
         for ds in [*f["metrics"].values(), f["clients/test_acc"], f["clients/test_loss"]]:
             ds.resize(keep, axis=0)
@@ -75,17 +82,19 @@ class ResultsFile:
         return cls(f)
 
     @classmethod
-    def create(cls, path: Path, attrs: dict, num_train: list[int], num_test: list[int],
+    def create(cls, path: Path, attrs: dict, sizes: tuple, evaluated: np.ndarray,
                world_size: int, extra_metrics: tuple[str, ...] = ()) -> "ResultsFile":
-        """A new results file; `extra_metrics` are /metrics columns of this method only (e.g.
-        the DP baselines' epsilon)."""
+        """A new results file: `sizes` every client's (train, test) set sizes, `evaluated` the
+        ids of the clients every evaluation covers (the columns of /clients/test_acc, ...);
+        `extra_metrics` are /metrics columns of this method only (the DP baselines' epsilon)."""
+        num_train, num_test = sizes
         path.parent.mkdir(parents=True, exist_ok=True)
         self = cls(h5py.File(path, "w", locking=False))
         self.f.attrs.update(schema="hpcfl-results", schema_version=SCHEMA_VERSION,
                             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                             status="running", python_version=platform.python_version(),
                             h5py_version=h5py.__version__, **attrs)
-        n = len(num_train)
+        n = len(evaluated)
         metrics = self.f.create_group("metrics")
         for name in (*METRICS, *extra_metrics):
             metrics.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(1024,),
@@ -93,6 +102,7 @@ class ResultsFile:
         clients = self.f.create_group("clients")
         clients["num_samples"] = np.asarray(num_train, dtype="i8")
         clients["num_test_samples"] = np.asarray(num_test, dtype="i8")
+        clients["ids"] = np.asarray(evaluated, dtype="i8")
         for name in CLIENT_METRICS:
             clients.create_dataset(name, shape=(0, n), maxshape=(None, n), dtype="f4",
                                    chunks=(max(1, min(64, 2 ** 16 // n)), n))
@@ -121,6 +131,10 @@ class ResultsFile:
         for name in TIMING:
             _append(self.f["timing"][f"{name}_s"], per_phase[name])
 
+    def note_checkpoint(self, seconds: float, nbytes: int) -> None:
+        """The last checkpoint's write time and size."""
+        self.f.attrs.update(checkpoint_s=seconds, checkpoint_bytes=nbytes)
+
     def flush(self) -> None:
         self.f.flush()
 
@@ -148,7 +162,6 @@ class Checkpoint:
     config: str          # the YAML of the run that wrote it
     elapsed_s: float
     shared: dict[str, np.ndarray]
-    private: dict[str, np.ndarray]  # name -> (clients read, *shape), rows in client-id order
 
 
 def checkpoint_paths(results: Path) -> tuple[Path, Path]:
@@ -156,41 +169,93 @@ def checkpoint_paths(results: Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".ckpt.h5"), stem.with_name(stem.name + ".ckpt.prev.h5")
 
 
+def rows_per_chunk(row_shape: tuple, itemsize: int = 4) -> int:
+    return max(1, CHUNK_BYTES // max(1, int(np.prod(row_shape)) * itemsize))
+
+
 def _digest(f: h5py.File) -> str:
+    """SHA-256 of round, config and every array in a fixed order, read a chunk at a time (what
+    CheckpointWriter computes while writing)."""
     h = hashlib.sha256()
     h.update(f"{int(f.attrs['round'])}|{f.attrs['config']}|".encode())
     for group in ("shared", "private"):
         for name in sorted(f[group]):
             h.update(f"{group}/{name}".encode())
-            h.update(np.ascontiguousarray(f[group][name][...]).tobytes())
+            ds = f[group][name]
+            if ds.ndim == 0 or len(ds) == 0:
+                h.update(np.ascontiguousarray(ds[...]).tobytes())
+                continue
+            step = rows_per_chunk(ds.shape[1:], ds.dtype.itemsize)
+            for i in range(0, len(ds), step):
+                h.update(np.ascontiguousarray(ds[i:i + step]).tobytes())
     return h.hexdigest()
 
 
+class CheckpointWriter:
+    """A checkpoint written piece by piece, its checksum computed as it goes: the shared state,
+    then each private tensor (sorted by name) as rows of all clients in id order, appended in
+    chunks (no process holds more than its own rows and one chunk). Plain arrays, no pickle.
+    Atomic: written to a temporary file, fsynced and renamed over `path`, which is kept as
+    `prev`; a crash at any point leaves the last good checkpoint in place."""
+
+    def __init__(self, paths: tuple[Path, Path], rnd: int, config: str, elapsed_s: float,
+                 shared: dict[str, np.ndarray]):
+        self.path, self.prev = paths
+        self.tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+        self.f = h5py.File(self.tmp, "w", locking=False)
+        self.f.attrs.update(round=rnd, config=config, elapsed_s=elapsed_s,
+                            format="hpcfl-checkpoint", schema_version=SCHEMA_VERSION,
+                            rng="none stored: every random draw derives from (seed, round, "
+                                "client)")
+        self.h = hashlib.sha256()
+        self.h.update(f"{rnd}|{config}|".encode())
+        g = self.f.create_group("shared")
+        for name in sorted(shared):
+            g.create_dataset(name, data=shared[name])
+            self.h.update(f"shared/{name}".encode())
+            self.h.update(np.ascontiguousarray(shared[name]).tobytes())
+        self.private = self.f.create_group("private")
+        self.ds, self.at = None, 0
+
+    def begin(self, name: str, shape: tuple[int, ...]) -> None:
+        """The next private tensor (names in sorted order): `shape` (clients, *row shape)."""
+        self.ds = self.private.create_dataset(name, shape=shape, dtype="f4")
+        self.at = 0
+        self.h.update(f"private/{name}".encode())
+
+    def write(self, rows: np.ndarray) -> None:
+        """The next rows of the current tensor, in client-id order."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        self.ds[self.at:self.at + len(rows)] = rows
+        self.at += len(rows)
+        self.h.update(rows.tobytes())
+
+    def finish(self) -> int:
+        """Seal, sync and rename; returns the file's size in bytes."""
+        self.f.attrs["sha256"] = self.h.hexdigest()
+        self.f.close()
+        with open(self.tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        if self.path.exists():
+            os.replace(self.path, self.prev)
+        os.replace(self.tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return self.path.stat().st_size
+
+
 def save_checkpoint(path: Path, prev: Path, rnd: int, config: str, elapsed_s: float,
-                    shared: dict[str, np.ndarray], private: dict[str, np.ndarray]) -> None:
-    """Write `path`, keeping the checkpoint it replaces as `prev`. `private[name]` holds one row
-    per client id (every client of the run). Plain arrays, no pickle. Atomic: a crash at any
-    point leaves the last good checkpoint in place."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with h5py.File(tmp, "w", locking=False) as f:
-        f.attrs.update(round=rnd, config=config, elapsed_s=elapsed_s, format="hpcfl-checkpoint",
-                       schema_version=SCHEMA_VERSION,
-                       rng="none stored: every random draw derives from (seed, round, client)")
-        for group, arrays in (("shared", shared), ("private", private)):
-            g = f.create_group(group)
-            for name, a in arrays.items():
-                g.create_dataset(name, data=a)
-        f.attrs["sha256"] = _digest(f)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    if path.exists():
-        os.replace(path, prev)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+                    shared: dict[str, np.ndarray], private: dict[str, np.ndarray]) -> int:
+    """A whole checkpoint at once (CheckpointWriter): `private[name]` holds one row per client
+    id (every client of the run). Returns its size in bytes."""
+    w = CheckpointWriter((path, prev), rnd, config, elapsed_s, shared)
+    for name in sorted(private):
+        w.begin(name, private[name].shape)
+        w.write(private[name])
+    return w.finish()
 
 
 def verify_checkpoint(path: Path) -> int:
@@ -209,11 +274,16 @@ def verify_checkpoint(path: Path) -> int:
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def load_checkpoint(path: Path, clients: range) -> Checkpoint:
-    """The shared state and the private rows of `clients` (a contiguous block of ids)."""
+def load_checkpoint(path: Path, table=None) -> Checkpoint:
+    """The shared state; with `table` (a private.PrivateTable), its hosted rows filled from the
+    checkpoint a chunk at a time (rows are stored per client id: any rank count resumes)."""
     with h5py.File(path, "r", locking=False) as f:
-        return Checkpoint(
-            round=int(f.attrs["round"]), config=str(f.attrs["config"]),
-            elapsed_s=float(f.attrs["elapsed_s"]),
-            shared={k: v[...] for k, v in f["shared"].items()},
-            private={k: v[clients.start:clients.stop] for k, v in f["private"].items()})
+        if table is not None:
+            rows = table.hosted
+            step = rows_per_chunk((table.width,))
+            for i in range(rows.start, rows.stop, step):
+                cids = range(i, min(i + step, rows.stop))
+                table.put(cids, {k: f["private"][k][cids.start:cids.stop] for k in table.names})
+        return Checkpoint(round=int(f.attrs["round"]), config=str(f.attrs["config"]),
+                          elapsed_s=float(f.attrs["elapsed_s"]),
+                          shared={k: v[...] for k, v in f["shared"].items()})

@@ -24,6 +24,8 @@ class Stream(Enum):
     PUBLIC = 105, "none (the public split)"
     AUGMENT = 105, "round, client, phase (crop/flip draws)"
     DP_NOISE = 106, "round, client, phase"
+    EVALUATED = 107, "none (the clients train.eval_clients evaluates)"
+    SAMPLED = 108, "client (its images, data.partition=sampled)"
 
     def __init__(self, tag: int, ids: str):
         self.tag, self.ids = tag, ids

@@ -151,6 +151,31 @@ class World:
                           root=0)
         return out
 
+    def exchange(self, send: list[np.ndarray]) -> list[np.ndarray]:
+        """send[r]: float32 rows (n_r, width) for rank r; returns the rows every rank sent here,
+        by source rank: one Alltoall of the counts, one Alltoallv of the rows."""
+        if self.comm is None:
+            return list(send)
+        width = send[0].shape[1]
+        counts = np.array([len(s) for s in send], dtype=np.int64)
+        received = np.empty_like(counts)
+        self.comm.Alltoall(counts, received)
+        out = np.empty((int(received.sum()), width), np.float32)
+        self.comm.Alltoallv([np.ascontiguousarray(np.concatenate(send), dtype=np.float32),
+                             counts * width, None, self.MPI.FLOAT],
+                            [out, received * width, None, self.MPI.FLOAT])
+        return np.split(out, np.cumsum(received)[:-1])
+
+    def send_to_main(self, rows: np.ndarray) -> None:
+        """Rows (float32) to rank 0, which takes them with receive_from (point to point: rank 0
+        writes a large file one piece at a time, in order, holding one piece)."""
+        self.comm.Send(np.ascontiguousarray(rows, dtype=np.float32), dest=0)
+
+    def receive_from(self, rank: int, shape: tuple[int, ...]) -> np.ndarray:
+        rows = np.empty(shape, np.float32)
+        self.comm.Recv(rows, source=rank)
+        return rows
+
     def gather_to_main(self, value) -> list | None:
         """Every rank's small Python object (e.g. an attack's results), in rank order, on rank
         0; None elsewhere. Pickled: not for the round's buffers."""

@@ -25,6 +25,18 @@ def run_cli(*args: str, cwd=None, timeout: float = 240, env=None) -> subprocess.
                           capture_output=True, text=True, timeout=timeout)
 
 
+def evaluate_each(algo, shared, private: dict, data) -> np.ndarray:
+    """(clients, 3): correct, summed loss, test size of every client in `private`, one client
+    at a time (engine.evaluate_client): the reference the run's stacked evaluation must give."""
+    from hpcfl.engine import evaluate_client
+
+    table = np.zeros((len(data.clients), 3))
+    for cid, state in private.items():
+        c = data.clients[cid]
+        table[cid] = (*evaluate_client(algo, {**shared, **state}, c), c.num_test)
+    return table
+
+
 @pytest.fixture
 def tiny_cfg():
     def make(*overrides: str):

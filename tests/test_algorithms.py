@@ -6,20 +6,22 @@ import torch
 from hpcfl.algorithms import build_algorithm
 from hpcfl.data import load_federated
 from hpcfl.engine import RoundSpec, Slot, train_client, train_cohort, unflatten
-from hpcfl.loop import evaluate, run
+from hpcfl.loop import run
 from hpcfl.world import World
+
+from .conftest import evaluate_each
 
 
 @pytest.mark.parametrize("name, engine", [("hyperfl", "sequential"), ("fedavg", "sequential"),
                                           ("local", "sequential"), ("hyperfl", "vectorized")])
 def test_each_algorithm_reduces_its_loss_and_learns(name, engine, tiny_cfg, tmp_path):
     cfg = tiny_cfg(f"algorithm.name={name}", "train.rounds=10", "train.local_epochs=2",
-                   f"engine.mode={engine}", "engine.block_size=4",
+                   f"engine.mode={engine}", "engine.stack_size=4",
                    f"output.dir={tmp_path}", "output.name=r")
     data = load_federated(cfg.data, cfg.train.seed)
     algo = build_algorithm(cfg, data.shape, data.num_classes)
     shared = algo.init_shared()
-    before = evaluate(algo, shared, {c: algo.init_client(c) for c in data.clients}, data, 6)
+    before = evaluate_each(algo, shared, {c: algo.init_client(c) for c in data.clients}, data)
     final = run(cfg, World("cpu"))
     with h5py.File(final["path"]) as f:
         train_loss = f["metrics/train_loss"][:]

@@ -136,3 +136,15 @@ def test_simulated_hyperfl_round_reproduces_its_hypernetwork_update():
     sim = know.update(model_inputs(one, one.x_train), one.y_train)
     for got, (k, want) in zip(sim, upload.items()):
         assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max())), k
+
+
+def test_an_attack_whose_every_loss_is_nan_still_returns_a_candidate():
+    # photos, FedAvg at 12 local steps: a diverged upload made every IG loss NaN and the attack
+    # returned no image (the sweep point crashed in the metrics)
+    from hpcfl.privacy.attacks.common import Reconstruction
+    x, y = torch.zeros(1, 3), torch.tensor([2])
+    kept = Reconstruction(None, None, float("inf")).keep(x, y, float("nan"))
+    assert kept.x is not None and kept.loss == float("inf")
+    better = kept.keep(x + 1, y, 0.5)
+    assert better.loss == 0.5 and torch.equal(better.x, x + 1)
+    assert better.keep(x, y, float("nan")) is better

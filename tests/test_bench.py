@@ -12,7 +12,7 @@ def bench(*args, cwd):
 
 def test_bench_writes_a_table_and_the_documented_file(tmp_path):
     r = bench("digits-hyperfl", "--rounds", "2", "--out", "b.h5", "algorithm.name=fedavg",
-              "data.num_clients=6", "train.local_epochs=1", "engine.block_size=4",
+              "data.num_clients=6", "train.local_epochs=1", "engine.stack_size=4",
               cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -53,3 +53,27 @@ def test_every_workload_is_a_valid_config():
 
     for name, overrides in WORKLOADS.items():
         assert load_config(None, overrides).data.num_clients >= 4, name
+
+
+def test_bench_population_gives_a_row_per_size_and_summarize_draws_it(tmp_path):
+    r = bench("population", "--out", "pop", "data.num_clients=40,400", "algorithm.name=fedavg",
+              "train.rounds=1", "train.eval_clients=all", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    import pandas as pd
+    table = pd.read_csv(tmp_path / "pop" / "population.csv")
+    assert table.clients.tolist() == [40, 400] and table.ranks.tolist() == [1, 1]
+    assert table.cohort.tolist() == [40, 100]  # 100 clients a round, or all of fewer
+    assert table.evaluated.tolist() == [40, 400]
+    for c in ("startup_s", "train_s", "eval_s", "forward_s", "checkpoint_s", "peak_rss_gb"):
+        assert (table[c] > 0).all(), c
+    assert (table.private_per_client_kb == 0).all()  # FedAvg keeps nothing per client
+    assert "| clients | ranks |" in (tmp_path / "pop" / "population.md").read_text()
+    s = subprocess.run([sys.executable, "-m", "analysis.summarize", "pop", "--plot", "figs"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert s.returncode == 0, s.stderr
+    assert (tmp_path / "figs" / "population.png").stat().st_size > 10_000
+
+
+def test_bench_population_rejects_a_bad_size_before_running_anything(tmp_path):
+    r = bench("population", "--out", "pop", "data.num_clients=40,many", cwd=tmp_path)
+    assert r.returncode == 2 and "data.num_clients" in r.stderr and not any(tmp_path.iterdir())

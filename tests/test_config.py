@@ -133,7 +133,8 @@ def test_renamed_keys_are_still_read_from_files_and_command_lines(tmp_path):
     values = {"engine.max_clients_in_memory": 7, "algorithm.clip_norm": 3.0,
               "privacy.dp_clip": 0.5, "privacy.clip": 2.0, "privacy.slice_clip": 1e-3,
               "privacy.clip_model": "local-dir:x", "privacy.clip_weights": "w.bin"}
-    assert set(values) <= set(RENAMED) and len(RENAMED) == len(values) + 1  # + group_size
+    assert set(values) <= set(RENAMED)
+    assert len(RENAMED) == len(values) + 2  # engine.group_size, engine.block_size below
     tree: dict = {}
     for key, value in values.items():
         section, name = key.split(".")
@@ -142,7 +143,7 @@ def test_renamed_keys_are_still_read_from_files_and_command_lines(tmp_path):
     path.write_text(yaml.safe_dump(tree))
     from_file = load_config(str(path))
     from_cli = load_config(None, [f"{k}={v}" for k, v in values.items()] +
-                           ["engine.group_size=7"])
+                           ["engine.group_size=7", "engine.block_size=7"])
     for cfg in (from_file, from_cli):
         for old, value in values.items():
             section, name = RENAMED[old].split(".")

@@ -10,13 +10,14 @@ from hpcfl.algorithms import DPSGD, build_algorithm
 from hpcfl.algorithms.dp import Budget
 from hpcfl.config import load_config
 from hpcfl.data import load_federated
+from hpcfl.data.transforms import model_inputs
 from hpcfl.engine import RoundSpec, train_client, train_stacked
 from hpcfl.engine.client import dp_noise, per_sample_step, privatize
-from hpcfl.loop import evaluate, run
+from hpcfl.loop import run
 from hpcfl.main import main
 from hpcfl.world import World
 
-from .conftest import TINY
+from .conftest import TINY, evaluate_each
 
 DP = ["dpfedavg", "ppsgd", "centaur"]
 
@@ -33,7 +34,8 @@ def test_vmapped_per_sample_clipping_equals_a_per_sample_loop(names):
     params = {k: v + 0.05 * torch.randn_like(v) for k, v in algo.init_shared().items()}
     dp_names = tuple(params) if names == "all" else tuple(k for k in params if "extractor" in k)
     clip = 0.04
-    x, y = data.clients[0].x_train[:17], data.clients[0].y_train[:17]
+    c = data.clients[0]  # synthetic pixels are uint8: the model sees them normalized
+    x, y = model_inputs(c, c.x_train[:17]), c.y_train[:17]
 
     model = algo.model.to_empty(device="cpu")
     model.load_state_dict(params)
@@ -99,8 +101,8 @@ def test_each_dp_baseline_learns_and_spends_at_most_its_budget(name, tiny_cfg, t
                    "output.name=r")
     data = load_federated(cfg.data, cfg.train.seed)
     algo = build_algorithm(cfg, data.shape, data.num_classes, data.num_train)
-    before = evaluate(algo, algo.init_shared(), {c: algo.init_client(c) for c in data.clients},
-                      data, 6)
+    before = evaluate_each(algo, algo.init_shared(),
+                           {c: algo.init_client(c) for c in data.clients}, data)
     final = run(cfg, World("cpu"))
     with h5py.File(final["path"]) as f:
         loss, eps = f["metrics/train_loss"][:], f["metrics/epsilon"][:]

@@ -211,7 +211,7 @@ def test_micro_cohorts_give_the_same_round(name):
     for mode, size in [("sequential", 0), ("vectorized", 0), ("vectorized", 3),
                        ("vectorized", 1)]:
         private = {c: dict(p) for c, p in start.items()}
-        spec = RoundSpec(3, 0, 50, mode=mode, block_size=size, cohort=tuple(cids),
+        spec = RoundSpec(3, 0, 50, mode=mode, stack_size=size, cohort=tuple(cids),
                          weights=tuple(w))
         bufs[mode, size] = train_cohort(algo, spec, shared, private, data.clients, "cpu").data
     mean = {k: b[:-4] / b[-1] for k, b in bufs.items()}

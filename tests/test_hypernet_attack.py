@@ -25,7 +25,7 @@ def engine_upload(steps: int, *extra: str, cid: int = 1):
     """Client `cid` trained in round 1 by the engine; what it uploads, and what it started
     from."""
     cfg = load_config(None, [*DIGITS4, f"train.local_steps={steps}", *extra])
-    data = load_federated(cfg.data, 0, hosted=lambda _: [cid])
+    data = load_federated(cfg.data, 0)
     algo = build_algorithm(cfg, data.shape, data.num_classes)
     shared, c = algo.init_shared(), data.clients[cid]
     state = {**shared, **algo.init_client(cid)}
@@ -125,12 +125,14 @@ def test_the_adaptive_attack_beats_the_generic_one_under_the_server_threat(tmp_p
     assert psnr[True] > psnr[False], psnr
 
     cfg = load_config(None, [*base, "output.name=aTrue"])
+    from hpcfl.private import PrivateTable
     from hpcfl.store import checkpoint_paths, load_checkpoint
-    ck = load_checkpoint(checkpoint_paths(tmp_path / "aTrue.h5")[0], range(0, 1))
-    data = load_federated(cfg.data, 0, hosted=lambda _: [0])
+    data = load_federated(cfg.data, 0)
     algo = build_algorithm(cfg, data.shape, data.num_classes)
+    table = PrivateTable(algo.init_client(0), range(0, 1), "cpu")
+    ck = load_checkpoint(checkpoint_paths(tmp_path / "aTrue.h5")[0], table)
     c, shared = data.clients[0], {k: torch.as_tensor(v) for k, v in ck.shared.items()}
-    state = {**shared, **{k: torch.as_tensor(v[0]) for k, v in ck.private.items()}}
+    state = {**shared, **{k: v[0] for k, v in table.get([0]).items()}}
     trained, _ = train_client(algo, dict(state), c, RoundSpec(2, 0, 50), 0)
     upload, x = algo.upload(shared, trained), model_inputs(c, c.x_train)
     truth = {k: state[k].clone().requires_grad_() for k in ("head.weight", "head.bias")}
@@ -155,7 +157,7 @@ def test_a_client_whose_head_fits_its_one_photo_uploads_weight_decay_alone(tmp_p
     reported."""
     cfg = load_config(None, ["data.name=photos", "data.partition=iid", "data.num_clients=10",
                              "data.test_fraction=0.5", "train.local_steps=1", "train.lr=0.1"])
-    data = load_federated(cfg.data, 0, hosted=lambda _: [0])
+    data = load_federated(cfg.data, 0)
     algo = build_algorithm(cfg, data.shape, data.num_classes)
     shared, c = algo.init_shared(), data.clients[0]
     state = {**shared, **algo.init_client(0)}

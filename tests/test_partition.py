@@ -1,9 +1,12 @@
+import hashlib
+
 import numpy as np
 import pytest
+import torch
 
 from hpcfl.config import ConfigError, DataConfig
 from hpcfl.data import load_federated, load_pool
-from hpcfl.data.partition import partition, split_train_test
+from hpcfl.data.partition import hold_out, partition, split_train_test
 
 LABELS = load_pool(DataConfig())[1].numpy()  # the real digits labels
 
@@ -53,20 +56,24 @@ def test_train_test_split_is_disjoint_inside_each_client():
         assert abs(len(te) - 0.25 * len(p)) <= 1
 
 
-def test_hosted_clients_get_their_data_and_others_none():
+def test_a_clients_data_is_its_indices_into_the_pool():
+    """No client holds a copy: its samples are gathered from the one pool by its indices."""
     cfg = DataConfig(num_clients=10)
-    full = load_federated(cfg, seed=1)
-    some = load_federated(cfg, seed=1, hosted=lambda sizes: [2, 5])
-    assert sorted(some.clients) == [2, 5] and some.num_train == full.num_train
+    data = load_federated(cfg, seed=1)
+    assert len(data.clients) == 10 and data.num_train.sum() + data.num_test.sum() == 1797
     for cid in (2, 5):
-        assert (some.clients[cid].x_train == full.clients[cid].x_train).all()
-        assert (some.clients[cid].y_test == full.clients[cid].y_test).all()
+        tr, te = data.index.train(cid), data.index.test(cid)
+        assert len(np.intersect1d(tr, te)) == 0
+        c = data.clients[cid]
+        assert torch.equal(c.x_train, data.train_pool.x[tr])
+        assert torch.equal(c.y_test, data.test_pool.y[te])
 
 
 def test_synthetic_data_has_the_papers_shapes_and_class_structure():
     for name, shape in [("synthetic-cifar10", (3, 32, 32)), ("synthetic-mnist", (1, 28, 28))]:
         x, y, _, _ = load_pool(DataConfig(name=name, synthetic_samples=500))
         assert x.shape == (500, *shape) and set(y.tolist()) == set(range(10))
+        x = x.float()  # uint8 pixels
         # Learnable: samples are closer to their own class mean than to any other class mean.
         means = np.stack([x[y == c].mean(0).numpy().ravel() for c in range(10)])
         d = ((x.flatten(1).numpy()[:, None, :] - means[None]) ** 2).sum(-1)
@@ -161,3 +168,84 @@ def test_noniid_s_needs_an_official_test_split():
     cfg = load_config(None, ["data.partition=noniid_s"])
     with pytest.raises(ConfigError, match="official test split"):
         load_federated(cfg.data, 0)
+
+
+# Every client's (train, test) indices as sha256(concat(train, test) as int64)[:12], recorded on
+# main before the data became indices into pools (digits, seed 0, 20 clients unless named): the
+# partitions of published runs must not move.
+PINNED = {
+    ("digits", "iid", 0.0, 20): {0: "b173c62620fa", 7: "2fc7d7f72cfd", 19: "cd9d182a4cb0"},
+    ("digits", "shards", 0.0, 20): {0: "2c893fc4b0f0", 7: "97da20b61ff0", 19: "182acb24ac52"},
+    ("digits", "dirichlet", 0.0, 20): {0: "2978d2dfcb7e", 7: "f417cc75cfd4", 19: "3851832464ec"},
+    ("digits", "iid", 0.1, 20): {0: "4313c7015ccc", 7: "6381cf5d5675", 19: "eada2ffb602d"},
+    ("synthetic-mnist", "dirichlet", 0.0, 50): {0: "3daddab15c22", 7: "4cdf8636c374",
+                                                49: "5dafce9fc92b"},
+}
+
+
+def fingerprint(data, cid: int) -> str:
+    both = np.concatenate([data.index.train(cid), data.index.test(cid)]).astype(np.int64)
+    return hashlib.sha256(both.tobytes()).hexdigest()[:12]
+
+
+@pytest.mark.parametrize("key", list(PINNED))
+def test_partitions_are_the_ones_recorded_before_indices(key):
+    name, part, public, n = key
+    data = load_federated(DataConfig(name=name, partition=part, public_fraction=public,
+                                     num_clients=n), seed=0)
+    assert {c: fingerprint(data, c) for c in PINNED[key]} == PINNED[key]
+    if key == ("digits", "iid", 0.0, 20):
+        assert data.index.train(0)[:6].tolist() == [50, 91, 107, 149, 191, 204]
+        assert data.index.test(0)[:4].tolist() == [22, 85, 174, 238]
+        assert (len(data.index.train(0)), len(data.index.test(0))) == (68, 22)
+
+
+def test_dirichlet_past_ten_thousand_clients_is_refused_with_what_to_use():
+    with pytest.raises(ConfigError, match="partition=sampled with data.label_skew=true"):
+        partition(np.arange(100_000) % 10, "dirichlet", 20_000, seed=0)
+
+
+def sampled(num_clients: int, **kw):
+    return load_federated(DataConfig(partition="sampled", num_clients=num_clients, **kw), seed=2)
+
+
+def test_a_sampled_client_is_drawn_from_the_seed_and_its_id_alone():
+    small, large = sampled(30), sampled(1_000_000)
+    assert large.index._draw.cache_info().currsize == 0  # nothing computed at start-up
+    assert len(large.num_train) == 1_000_000 and set(large.num_train.tolist()) == {20}
+    for cid in (0, 17, 29):
+        assert np.array_equal(small.index.train(cid), large.index.train(cid))
+        assert np.array_equal(small.index.test(cid), large.index.test(cid))
+    assert large.index._draw.cache_info().currsize == 3
+    tr, te = large.index.train(999_999), large.index.test(999_999)
+    f = DataConfig().test_fraction  # the test share of a client's whole set
+    assert len(tr) == 20 and len(te) == round(20 * f / (1 - f)) == large.num_test[999_999]
+    assert len(np.intersect1d(tr, te)) == 0
+    assert not np.array_equal(large.index.train(0), large.index.train(1))
+    other_seed = load_federated(DataConfig(partition="sampled", num_clients=30), seed=3)
+    assert not np.array_equal(other_seed.index.train(0), small.index.train(0))
+    c = large.client(999_999)
+    assert torch.equal(c.x_train, large.train_pool.x[tr])
+
+
+def test_sampled_label_skew_follows_dirichlet_alpha():
+    def classes(alpha):
+        d = sampled(200, local_size=40, label_skew=True, dirichlet_alpha=alpha)
+        return np.mean([len(np.unique(LABELS[d.index.train(c)])) for c in range(200)])
+    plain = sampled(200, local_size=40)
+    unskewed = np.mean([len(np.unique(LABELS[plain.index.train(c)])) for c in range(200)])
+    assert classes(0.1) < classes(10.0) <= unskewed + 0.5
+    assert classes(0.1) < 4 and unskewed > 8
+
+
+def test_sampled_clients_never_draw_held_out_public_images():
+    d = sampled(50, public_fraction=0.2)
+    public = set(hold_out(len(LABELS), 0.2, 2)[0].tolist())
+    drawn = np.concatenate([np.concatenate([d.index.train(c), d.index.test(c)])
+                            for c in range(50)])
+    assert not public & set(drawn.tolist())
+
+
+def test_sampled_refuses_more_images_than_the_pool():
+    with pytest.raises(ConfigError, match="data.local_size"):
+        sampled(5, local_size=2000)

@@ -1,7 +1,7 @@
 """Which rank hosts which clients (hpcfl.placement)."""
 import pytest
 
-from hpcfl.placement import balanced_blocks
+from hpcfl.placement import balanced_blocks, deal, host_of, hosted, stacks
 
 
 @pytest.mark.parametrize("unit", [1, 4])
@@ -16,3 +16,38 @@ def test_blocks_are_contiguous_cover_all_clients_and_balance_samples(sizes, part
     loads = [sum(sizes[c] for c in b) for b in blocks]
     if len(sizes) >= parts * unit:  # no block exceeds its fair share by more than one unit
         assert max(loads) <= sum(sizes) / parts + unit * max(sizes)
+
+
+def rank_loads(num_clients: int, frac: float, ranks: int, sizes) -> list[float]:
+    """Samples each rank trains in round 1 under the default engine.stack_size (auto)."""
+    from hpcfl.loop import sample_cohort
+    cohort = sample_cohort(0, 1, num_clients, frac)
+    together = stacks(cohort, 0, "vectorized")
+    owner = deal([float(sum(sizes[c] for c in s)) for s in together], ranks)
+    assert sorted(c for s in together for c in s) == sorted(cohort)  # every member, once
+    return [sum(sizes[c] for s, r in zip(together, owner) if r == rank for c in s)
+            for rank in range(ranks)]
+
+
+@pytest.mark.parametrize("num_clients, frac, ranks", [
+    (20, 1.0, 2), (20, 1.0, 4), (100, 1.0, 2), (100, 1.0, 4), (100, 0.3, 2), (100, 0.3, 4)])
+def test_every_rank_trains_a_fair_share_of_the_papers_cohorts(num_clients, frac, ranks):
+    """Before: ranks hosted whole blocks of 32 ids and trained only their own, so 20 clients
+    on 2 ranks all trained on rank 0, 100 on 4 ranks split 32/32/32/4."""
+    sizes = [68 + (c * 7) % 13 for c in range(num_clients)]  # unequal, as after a partition
+    loads = rank_loads(num_clients, frac, ranks, sizes)
+    assert max(loads) <= 1.25 * sum(loads) / ranks
+
+
+def test_stacks_are_cut_from_the_cohort_alone():
+    cohort = [9, 3, 41, 7, 12, 5, 30]
+    assert stacks(cohort, 3, "vectorized") == [(3, 5, 7), (9, 12), (30, 41)]
+    assert stacks(cohort, 0, "sequential") == [(c,) for c in sorted(cohort)]
+    assert len(stacks(list(range(100)), 0, "vectorized")) == 16
+    assert deal([5.0, 9.0, 1.0, 4.0], 2) == [1, 0, 0, 1]  # heaviest first to the least loaded
+
+
+def test_hosting_is_whole_units_and_host_of_inverts_it():
+    blocks = hosted(1000, 3)
+    assert [len(b) for b in blocks] == [512, 256, 232]  # UNIT 256: 4 units, 1, the rest
+    assert host_of([0, 511, 512, 767, 768, 999], blocks).tolist() == [0, 0, 1, 1, 2, 2]

@@ -22,7 +22,7 @@ class Budget:
     """DP-SGD's schedule of one run: sample rate, steps per round, noise multiplier."""
 
     def __init__(self, cfg: RunConfig, num_train):
-        if not num_train:
+        if len(num_train) == 0:
             raise ValueError("the DP baselines need the clients' training-set sizes")
         t, p = cfg.train, cfg.privacy
         n = min(num_train)

@@ -1,8 +1,10 @@
-"""Datasets by name, partitioned into clients whose data lives as tensors on the device."""
+"""Datasets by name, partitioned into clients: each split of the dataset one pool of images on
+the device (uint8 where the source is), each client's samples indices into the pools
+(hpcfl.data.index), its images gathered only for the round it trains or is evaluated in."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from ..config import ConfigError, DataConfig
 from . import builtin
 from .files import FILE_DATASETS, PreparedFile
+from .index import ClientIndex, SampledIndex, SplitIndex
 from .partition import hold_out, noniid_s, partition, split_train_test
 
 # name -> (channels, height, width)
@@ -21,9 +24,8 @@ SHAPES = {"digits": (1, 8, 8), "synthetic-cifar10": (3, 32, 32), "synthetic-mnis
 
 @dataclass
 class ClientData:
-    """One client's samples, already on the device. With `mean`/`std` set the images are pixels
-    (uint8, or floats in [0, 1]) normalized per batch (engine.model_inputs); otherwise they are
-    normalized floats already."""
+    """One client's samples, on the device: pixels (uint8, or floats in [0, 1]) normalized per
+    batch with `mean` and `std` (data.transforms.model_inputs)."""
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
@@ -41,26 +43,73 @@ class ClientData:
 
 
 @dataclass
+class Pool:
+    """One split's images on the device (uint8 where the source is) and labels."""
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+@dataclass
 class FederatedData:
+    """The run's data: the pools, every client's indices into them, and how batches are made."""
     name: str
     shape: tuple[int, int, int]
     num_classes: int
-    num_train: list[int]            # every client's training-set size (aggregation weight)
-    num_test: list[int]
-    clients: dict[int, ClientData]  # the data of the clients this process hosts
-    augment: bool = False           # random crop + flip of training batches
+    index: ClientIndex
+    train_pool: Pool
+    test_pool: Pool
+    mean: torch.Tensor
+    std: torch.Tensor
+    augment: bool = False  # random crop + flip of training batches
+
+    @property
+    def num_train(self) -> np.ndarray:
+        """Every client's training-set size (its aggregation weight)."""
+        return self.index.num_train
+
+    @property
+    def num_test(self) -> np.ndarray:
+        return self.index.num_test
+
+    def client(self, cid: int) -> ClientData:
+        """Client `cid`'s samples, gathered from the pools."""
+        tr, te = (torch.from_numpy(i).to(self.train_pool.y.device)
+                  for i in (self.index.train(cid), self.index.test(cid)))
+        return ClientData(self.train_pool.x[tr], self.train_pool.y[tr], self.test_pool.x[te],
+                          self.test_pool.y[te], self.mean, self.std)
+
+    @property
+    def clients(self) -> "Clients":
+        """Every client's samples by id, gathered when asked for."""
+        return Clients(self)
 
 
-def load_pool(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                         torch.Tensor | None]:
-    """All samples of a built-in dataset as (x NCHW, y int64, mean, std). Photographs (digits:
-    floats in [0, 1]; photos: uint8) come with their per-channel mean and std, to be normalized
-    per batch (engine.model_inputs) and undone by an attack's metrics; the synthetic images are
-    normalized already (mean, std None)."""
+class Clients(Mapping):
+    """FederatedData.client as a read-only mapping from client id."""
+
+    def __init__(self, data: FederatedData):
+        self.data = data
+
+    def __getitem__(self, cid: int) -> ClientData:
+        if not 0 <= cid < len(self):
+            raise KeyError(cid)
+        return self.data.client(cid)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self)))
+
+    def __len__(self) -> int:
+        return len(self.data.num_train)
+
+
+def load_pool(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor]:
+    """All samples of a built-in dataset as (x NCHW, y int64, mean, std): pixels (digits:
+    floats in [0, 1]; photos and the synthetic images: uint8) with their per-channel mean and
+    std, to be normalized per batch (data.transforms.model_inputs) and undone by an attack's
+    metrics."""
     if cfg.name.startswith("synthetic-"):
-        x, y = builtin.make_synthetic(SHAPES[cfg.name], cfg.synthetic_samples)
-        mean, std = x.mean(dim=(0, 2, 3), keepdim=True), x.std(dim=(0, 2, 3), keepdim=True)
-        return (x - mean) / std, y, None, None
+        return builtin.make_synthetic(SHAPES[cfg.name], cfg.synthetic_samples)
     if cfg.name == "digits":
         x, y = builtin.load_digits()
         pixels = x
@@ -75,7 +124,7 @@ def load_pool(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 class Source:
     """A dataset's labels per split and a reader of its images by split and indices, with the
-    mean/std that normalize them (None: normalized already)."""
+    mean/std that normalize them."""
 
     def __init__(self, cfg: DataConfig, device: torch.device | str = "cpu"):
         self.file = None
@@ -88,8 +137,7 @@ class Source:
         else:
             x, y, mean, std = load_pool(cfg)
             self.labels, self.num_classes = {"train": y.numpy()}, int(y.max()) + 1
-            self.mean, self.std = (None, None) if mean is None else (mean.to(device),
-                                                                     std.to(device))
+            self.mean, self.std = mean.to(device), std.to(device)
             self.read = lambda _, idx: x.numpy()[idx]
 
     def close(self) -> None:
@@ -165,32 +213,34 @@ def client_splits(cfg: DataConfig, seed: int, labels: dict[str, np.ndarray], num
     return "train", "train", split_train_test(parts, cfg.test_fraction, seed)
 
 
-def load_federated(cfg: DataConfig, seed: int, device: torch.device | str = "cpu",
-                   hosted: Callable[[list[int]], Iterable[int]] | None = None) -> FederatedData:
-    """Partition the dataset into cfg.num_clients clients and move to the device the data of the
-    clients that `hosted(train sizes)` names (default: all); the others live on other ranks."""
-    source = Source(cfg, device)
-    labels, num_classes, read, mean, std = (source.labels, source.num_classes, source.read,
-                                            source.mean, source.std)
+def client_index(cfg: DataConfig, seed: int, labels: dict[str, np.ndarray],
+                 num_classes: int) -> tuple[str, str, ClientIndex]:
+    """Which splits the clients' train and test parts come from, and every client's indices."""
+    if cfg.partition == "sampled":
+        allowed = (hold_out(len(labels["train"]), cfg.public_fraction, seed)[1]
+                   if cfg.public_fraction > 0 else None)
+        index = SampledIndex(cfg, seed, labels, allowed, num_classes)
+        return "train", ("test" if "test" in labels else "train"), index
     train_split, test_split, splits = client_splits(cfg, seed, labels, num_classes)
     if min(min(len(tr), len(te)) for tr, te in splits) == 0:
         raise ConfigError("data: some client got no training or no test samples; use fewer "
                           "clients or a larger data.local_size")
-    num_train = [len(tr) for tr, _ in splits]
-    wanted = list(range(cfg.num_clients) if hosted is None else hosted(num_train))
+    return train_split, test_split, SplitIndex(splits)
 
-    def gather(split: str, which: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The hosted clients' (images, labels) of their train (0) or test (1) part, read
-        in one pass over the split."""
-        if not wanted:
-            return []
-        idx = [splits[c][which] for c in wanted]
-        images = np.split(read(split, np.concatenate(idx)), np.cumsum([len(i) for i in idx])[:-1])
-        return [(torch.from_numpy(xi).to(device), torch.from_numpy(labels[split][i]).to(device))
-                for xi, i in zip(images, idx)]
 
-    clients = {c: ClientData(*tr, *te, mean, std) for c, tr, te in
-               zip(wanted, gather(train_split, 0), gather(test_split, 1))}
+def load_federated(cfg: DataConfig, seed: int,
+                   device: torch.device | str = "cpu") -> FederatedData:
+    """Partition the dataset into cfg.num_clients clients, its splits as pools on the device."""
+    source = Source(cfg, device)
+    train_split, test_split, index = client_index(cfg, seed, source.labels, source.num_classes)
+
+    def pool(split: str) -> Pool:
+        everything = np.arange(len(source.labels[split]))
+        return Pool(torch.from_numpy(source.read(split, everything)).to(device),
+                    torch.from_numpy(source.labels[split]).to(device))
+
+    train = pool(train_split)
+    test = train if test_split == train_split else pool(test_split)
     source.close()
-    return FederatedData(cfg.name, SHAPES[cfg.name], num_classes, num_train,
-                         [len(te) for _, te in splits], clients, augment_on(cfg))
+    return FederatedData(cfg.name, SHAPES[cfg.name], source.num_classes, index, train, test,
+                         source.mean, source.std, augment_on(cfg))

@@ -52,6 +52,9 @@ def shards(labels: np.ndarray, num_clients: int, classes_per_client: int,
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
+DIRICHLET_MAX_CLIENTS = 10_000
+
+
 def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
               min_size: int = 2, max_tries: int = 1000) -> list[np.ndarray]:
     """Per class, proportions over clients ~ Dirichlet(alpha) (Hsu et al. 2019); redrawn until
@@ -84,6 +87,11 @@ def partition(labels: np.ndarray, name: str, num_clients: int, seed: int, *,
     if name == "shards":
         return shards(labels, num_clients, classes_per_client, seed)
     if name == "dirichlet":
+        if num_clients > DIRICHLET_MAX_CLIENTS:
+            raise ConfigError(f"data.partition=dirichlet: {num_clients} clients is past "
+                              f"{DIRICHLET_MAX_CLIENTS:,} (its redraws until every client holds "
+                              "two samples do not end there); use data.partition=sampled with "
+                              "data.label_skew=true, the same Dirichlet label skew per client")
         return dirichlet(labels, num_clients, alpha, seed)
     raise ConfigError(f"data.partition: unknown partition {name!r}")
 

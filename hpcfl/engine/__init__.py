@@ -11,12 +11,12 @@ Allreduces. The engine names no defense: it calls the hooks of the interface bel
 from __future__ import annotations
 
 import contextlib
-import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+from torch.func import vmap
 
 from ..algorithms import Algorithm, Params
 from ..data import ClientData
@@ -88,10 +88,11 @@ def resolve_mode(mode: str, device: torch.device) -> str:
 def train_cohort(algo: Algorithm, spec: RoundSpec, shared: Params, private: dict[int, Params],
                  data: dict[int, ClientData], device: torch.device,
                  defense: DefenseHooks | None = None) -> RoundBuffer:
-    """Train this rank's members of the cohort (spec.cohort, hosted here) from `shared`; update
-    their private state in place; return the round's buffer, ready for the Allreduce. Uploads
-    are added one client at a time in cohort order, whatever the mode, each first through the
-    defense's upload hook, and trained with its per-sample transform where it has one."""
+    """Train this rank's members of the cohort (spec.cohort, their private state in `private`)
+    from `shared`, stack by stack; update their private state in place; return the round's
+    buffer, ready for the Allreduce. Uploads are added one client at a time in stack order,
+    whatever the mode, each first through the defense's upload hook, and trained with its
+    per-sample transform where it has one."""
     buf = RoundBuffer.zeros(sum(v.numel() for v in shared.values()), device)
 
     def add(cid: int, w: float, trained: Params, loss: float) -> None:
@@ -105,31 +106,25 @@ def train_cohort(algo: Algorithm, spec: RoundSpec, shared: Params, private: dict
     def per_sample(cids: list[int]) -> SampleTransform | None:
         return defense.per_sample(spec.round, cids, device) if defense is not None else None
 
-    if spec.mode == "sequential":
-        for cid, w in zip(spec.cohort, spec.weights):
-            add(cid, w, *train_client(algo, {**shared, **private[cid]}, data[cid], spec, cid,
-                                      per_sample([cid])))
-        return buf
-    # A stack: the cohort's members among ids [k * block_size, (k + 1) * block_size), a set
-    # that does not depend on which rank hosts them (ranks host whole blocks).
-    size = spec.block_size
-
-    def block(cw: tuple[int, float]) -> int:
-        return cw[0] // size if size else 0
-
-    for _, members in itertools.groupby(zip(spec.cohort, spec.weights), key=block):
-        cids, ws = zip(*members)
-        stacked, losses = train_stacked(algo, shared, private, data, list(cids), spec,
-                                        per_sample(list(cids)))
-        for i, (cid, w) in enumerate(zip(cids, ws)):
-            add(cid, w, {**shared, **{n: v[i] for n, v in stacked.items()}}, float(losses[i]))
+    weight = dict(zip(spec.cohort, spec.weights))
+    for members in spec.trained_together():
+        if spec.mode == "sequential":
+            for cid in members:
+                add(cid, weight[cid], *train_client(algo, {**shared, **private[cid]}, data[cid],
+                                                    spec, cid, per_sample([cid])))
+            continue
+        stacked, losses = train_stacked(algo, shared, private, data, list(members), spec,
+                                        per_sample(list(members)))
+        for i, cid in enumerate(members):
+            add(cid, weight[cid], {**shared, **{n: v[i] for n, v in stacked.items()}},
+                float(losses[i]))
     return buf
 
 
 @torch.no_grad()
 def evaluate_client(algo: Algorithm, params: Params, data: ClientData,
                     batch: int = 4096) -> tuple[int, float]:
-    """(number correct, summed cross-entropy) of the client's model on its test split."""
+    """(number correct, summed cross-entropy) of one client's model on its test split."""
     x, y = data.x_test, data.y_test
     correct, loss = 0, 0.0
     for i in range(0, len(y), batch):
@@ -139,6 +134,30 @@ def evaluate_client(algo: Algorithm, params: Params, data: ClientData,
     return correct, loss
 
 
+@torch.no_grad()
+def evaluate_stack(algo: Algorithm, shared: Params, private: Params,
+                   clients: list[ClientData]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every client's (number correct, summed cross-entropy) on its test split, all at once:
+    their private state stacked along dim 0 (`private`), their test images padded to the
+    largest set, one vmap of the model over clients (HyperFL generates the stack's extractors in
+    one batched call). The caller keeps a stack's images within memory (EVAL_IMAGES)."""
+    most = max(c.num_test for c in clients)
+    x = torch.stack([torch.cat([c.x_test, c.x_test[:1].expand(most - c.num_test,
+                                                              *c.x_test.shape[1:])])
+                     for c in clients])
+    y = torch.stack([torch.cat([c.y_test, c.y_test[:1].expand(most - c.num_test)])
+                     for c in clients])
+    real = torch.arange(most, device=y.device)[None, :] < torch.tensor(
+        [c.num_test for c in clients], device=y.device)[:, None]
+    inputs = model_inputs(clients[0], x.flatten(0, 1)).view(*x.shape[:2], *x.shape[2:])
+    logits = vmap(lambda p, xi: algo.forward({**shared, **p}, xi),
+                  in_dims=(0, 0))(private, inputs)
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+    correct = ((logits.argmax(-1) == y) & real).sum(1)
+    return correct, (loss * real).sum(1)
+
+
 __all__ = ["ROUND_DTYPE", "ClientUpload", "DefenseHooks", "RoundBuffer", "RoundSpec",
-           "SampleTransform", "Slot", "evaluate_client", "flatten", "minibatches", "precision",
+           "SampleTransform", "Slot", "evaluate_client", "evaluate_stack", "flatten",
+           "minibatches", "precision",
            "resolve_mode", "train_client", "train_cohort", "train_stacked", "unflatten"]

@@ -7,6 +7,8 @@ from enum import IntEnum
 
 import torch
 
+from ..placement import stacks
+
 # float64: the sum must not depend on how clients are spread over ranks (README, MPI).
 ROUND_DTYPE = torch.float64
 
@@ -14,17 +16,25 @@ ROUND_DTYPE = torch.float64
 @dataclass(frozen=True)
 class RoundSpec:
     """One round's local training as every client of it runs it: the round, the run's seed,
-    the batch size and augmentation; how this rank trains (engine.mode, and the vectorized
-    path's block of client ids that train stacked, 0: all at once); this rank's members of the
-    cohort (sorted) and their aggregation weights (training-set sizes)."""
+    the batch size and augmentation; how this rank trains (engine.mode and engine.stack_size);
+    this rank's members of the cohort, in the order their uploads are added, with their
+    aggregation weights (training-set sizes); and the stacks they train in (None: cut from the
+    members by stack_size, placement.stacks)."""
     round: int
     seed: int
     batch_size: int
     augment: bool = False
     mode: str = "sequential"
-    block_size: int = 0
+    stack_size: int = 0
     cohort: tuple[int, ...] = ()
     weights: tuple[float, ...] = ()
+    stacks: tuple[tuple[int, ...], ...] | None = None
+
+    def trained_together(self) -> list[tuple[int, ...]]:
+        """The members' stacks (one client each in sequential mode)."""
+        if self.stacks is not None:
+            return list(self.stacks)
+        return stacks(list(self.cohort), self.stack_size, self.mode)
 
 
 class Slot(IntEnum):

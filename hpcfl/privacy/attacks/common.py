@@ -7,6 +7,7 @@ shared/research/privacy.md.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -139,8 +140,11 @@ class Reconstruction:
 
     def keep(self, x: torch.Tensor, y: torch.Tensor, loss: float,
              unknown: Params | None = None) -> "Reconstruction":
-        """This reconstruction, or (x, y) if its loss is lower (y: labels, or soft labels)."""
-        if not loss < self.loss:
+        """This reconstruction, or (x, y) if its loss is lower (y: labels, or soft labels).
+        A non-finite loss counts as infinite, so an attack whose every loss was NaN (a diverged
+        upload) still returns its first candidate instead of none."""
+        loss = loss if math.isfinite(loss) else float("inf")
+        if self.x is not None and not loss < self.loss:
             return self
         labels = y.detach().argmax(-1) if y.dtype.is_floating_point else y
         return Reconstruction(x.detach().clone(), labels, loss,

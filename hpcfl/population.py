@@ -1,0 +1,121 @@
+"""This rank's share of the clients (docs/ARCHITECTURE.md, "The round"): the ids it hosts and
+their private state (a PrivateTable), the clients every evaluation covers, the moves of private
+rows to the ranks that train them and back, and the evaluation of the hosted clients in stacks.
+Every per-round cost here is set by the cohort and the evaluated clients, never by the
+population."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import TrainConfig
+from .engine import evaluate_stack
+from .placement import UNIT, host_of, hosted
+from .private import Params, PrivateTable
+from .streams import Stream, numpy_stream
+from .world import World
+
+EVAL_IMAGES = 4096  # test images evaluated in one stack
+AUTO_EVALUATED = 1000  # train.eval_clients=auto: every client up to this many, else a sample
+
+
+def evaluated_clients(t: TrainConfig, num_clients: int) -> np.ndarray:
+    """The clients every evaluation covers (train.eval_clients), sorted: all, or a fixed sample
+    drawn from the seed alone."""
+    if t.eval_clients == "all" or (t.eval_clients == "auto" and num_clients <= AUTO_EVALUATED):
+        return np.arange(num_clients)
+    k = AUTO_EVALUATED if t.eval_clients == "auto" else int(t.eval_clients)
+    if k >= num_clients:
+        return np.arange(num_clients)
+    return np.sort(numpy_stream(t.seed, Stream.EVALUATED).choice(num_clients, k, replace=False))
+
+
+class Population:
+    """The clients as this rank sees them: hosted ids `mine` (contiguous, whole UNITs), their
+    private state, and which of them every evaluation covers."""
+
+    def __init__(self, world: World, start: Params, num_clients: int, evaluated: np.ndarray):
+        self.world = world
+        self.blocks = hosted(num_clients, world.size)
+        self.mine = self.blocks[world.rank]
+        self.table = PrivateTable(start, self.mine, world.device)
+        self.evaluated = evaluated
+        self.my_evaluated = evaluated[(evaluated >= self.mine.start)
+                                      & (evaluated < self.mine.stop)]
+
+    def _trainers(self, stacks: list[tuple[int, ...]], owner: list[int]) -> list[list[int]]:
+        """Every rank's members of the cohort, in its stacks' order."""
+        out: list[list[int]] = [[] for _ in range(self.world.size)]
+        for members, r in zip(stacks, owner):
+            out[r].extend(members)
+        return out
+
+    def fetch(self, stacks: list[tuple[int, ...]], owner: list[int]) -> dict[int, Params]:
+        """The private state of this rank's members (the stacks dealt to it), from the ranks
+        hosting them: one exchange of rows."""
+        trained = self._trainers(stacks, owner)
+        me = self.world.rank
+        if not self.table.names:  # no private state (FedAvg): nothing moves
+            return {c: {} for c in trained[me]}
+        if self.world.size == 1:
+            return unstack(trained[me], self.table.get(trained[me]))
+        sent = [self._hosted_here(group) for group in trained]
+        got = self.world.exchange([self.table.flat(self.table.get(c)) for c in sent])
+        private: dict[int, Params] = {}
+        for h, rows in enumerate(got):
+            cids = [c for c in trained[me] if self._host(c) == h]
+            private.update(unstack(cids, self.table.unflat(rows)))
+        return {c: {k: v.to(self.world.device) for k, v in private[c].items()}
+                for c in trained[me]}
+
+    def give_back(self, stacks: list[tuple[int, ...]], owner: list[int],
+                  private: dict[int, Params]) -> None:
+        """The members' trained private state, back to the ranks hosting them."""
+        if not self.table.names:
+            return
+        trained = self._trainers(stacks, owner)
+        me = self.world.rank
+        if self.world.size == 1:
+            self.table.put(trained[me], restack(trained[me], private))
+            return
+        back = [[c for c in trained[me] if self._host(c) == h] for h in range(self.world.size)]
+        got = self.world.exchange([self.table.flat(restack(cids, private)) if cids else
+                                   np.zeros((0, self.table.width), np.float32)
+                                   for cids in back])
+        for r, rows in enumerate(got):
+            cids = self._hosted_here(trained[r])
+            if cids:
+                self.table.put(cids, self.table.unflat(rows))
+
+    def _host(self, cid: int) -> int:
+        return int(host_of([cid], self.blocks)[0])
+
+    def _hosted_here(self, cids: list[int]) -> list[int]:
+        return [c for c in cids if self.mine.start <= c < self.mine.stop]
+
+    def evaluate(self, algo, shared: Params, data) -> np.ndarray:
+        """(evaluated clients, 3): correct, summed loss, test size of the ones hosted here
+        (other rows 0), in stacks cut from fixed UNITs of ids, so that no result depends on
+        the rank count."""
+        table = np.zeros((len(self.evaluated), 3))
+        at = {int(c): i for i, c in enumerate(self.evaluated)} if len(self.my_evaluated) else {}
+        for unit in np.unique(self.my_evaluated // UNIT):
+            members = self.my_evaluated[self.my_evaluated // UNIT == unit]
+            most = int(max(data.num_test[members]))
+            size = max(1, EVAL_IMAGES // most)
+            for i in range(0, len(members), size):
+                cids = [int(c) for c in members[i:i + size]]
+                clients = [data.client(c) for c in cids]
+                correct, loss = evaluate_stack(algo, shared, self.table.get(cids), clients)
+                for c, n, s, client in zip(cids, correct.tolist(), loss.tolist(), clients):
+                    table[at[c]] = (n, s, client.num_test)
+        return table
+
+
+def unstack(cids: list[int], stacked: Params) -> dict[int, Params]:
+    return {c: {k: v[i] for k, v in stacked.items()} for i, c in enumerate(cids)}
+
+
+def restack(cids: list[int], private: dict[int, Params]) -> Params:
+    names = private[cids[0]].keys() if cids else ()
+    return {k: torch.stack([private[c][k] for c in cids]) for k in names}
