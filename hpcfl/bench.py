@@ -81,8 +81,7 @@ def bench_mode(cfg, world: World, data, state: tuple[dict, Population], mode: st
     algo = build(cfg, data, world.device)
     shared = {k: v.clone() for k, v in state[0].items()}
     population = copy.copy(state[1])
-    population.table = copy.copy(state[1].table)
-    population.table.tensors = {k: v.clone() for k, v in state[1].table.tensors.items()}
+    population.table = state[1].table.copy()
     if world.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(world.device)
     times, first_update, cohort_size = [], None, 0

@@ -1,14 +1,13 @@
 """Where clients live and where they train (docs/ARCHITECTURE.md, "The round").
 
 - Hosting: rank r keeps the private state of a contiguous block of client ids, made of whole
-  units of UNIT ids and balanced by count (`hosted`). A rank evaluates the clients it hosts, in
-  stacks cut from those units, so the evaluation's stacks do not depend on the rank count.
+  units of UNIT ids and balanced by count (`hosted`).
 - Training: a round's cohort, sorted, is cut into stacks of at most engine.stack_size clients
   (`stacks`; auto: the cohort in 16 near-equal stacks, one client each in sequential mode), a
   cut that depends on the cohort alone; the stacks are then dealt to ranks to balance their
   samples (`deal`). A member's private state travels from its host to the rank that trains it
   and back (loop.train_round): every rank works, whatever the population, and results do not
-  depend on the rank count.
+  depend on the rank count. An evaluation is dealt the same way (population.evaluate).
 """
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import math
 
 import numpy as np
 
-UNIT = 256  # client ids hosted, and evaluated, together
+UNIT = 256  # client ids hosted together
 AUTO_STACKS = 16  # engine.stack_size=0: the cohort in this many stacks
 
 

@@ -1,6 +1,6 @@
 """This rank's share of the clients (docs/ARCHITECTURE.md, "The round"): the ids it hosts and
 their private state (a PrivateTable), the clients every evaluation covers, the moves of private
-rows to the ranks that train them and back, and the evaluation of the hosted clients in stacks.
+rows to the ranks that train them and back, and the evaluation in stacks dealt to every rank.
 Every per-round cost here is set by the cohort and the evaluated clients, never by the
 population."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from .config import TrainConfig
 from .engine import evaluate_stack
-from .placement import UNIT, host_of, hosted
+from .placement import deal, host_of, hosted
 from .private import Params, PrivateTable
 from .streams import Stream, numpy_stream
 from .world import World
@@ -40,8 +40,6 @@ class Population:
         self.mine = self.blocks[world.rank]
         self.table = PrivateTable(start, self.mine, world.device)
         self.evaluated = evaluated
-        self.my_evaluated = evaluated[(evaluated >= self.mine.start)
-                                      & (evaluated < self.mine.stop)]
 
     def _trainers(self, stacks: list[tuple[int, ...]], owner: list[int]) -> list[list[int]]:
         """Every rank's members of the cohort, in its stacks' order."""
@@ -94,21 +92,29 @@ class Population:
         return [c for c in cids if self.mine.start <= c < self.mine.stop]
 
     def evaluate(self, algo, shared: Params, data) -> np.ndarray:
-        """(evaluated clients, 3): correct, summed loss, test size of the ones hosted here
-        (other rows 0), in stacks cut from fixed UNITs of ids, so that no result depends on
-        the rank count."""
-        table = np.zeros((len(self.evaluated), 3))
-        at = {int(c): i for i, c in enumerate(self.evaluated)} if len(self.my_evaluated) else {}
-        for unit in np.unique(self.my_evaluated // UNIT):
-            members = self.my_evaluated[self.my_evaluated // UNIT == unit]
-            most = int(max(data.num_test[members]))
-            size = max(1, EVAL_IMAGES // most)
-            for i in range(0, len(members), size):
-                cids = [int(c) for c in members[i:i + size]]
-                clients = [data.client(c) for c in cids]
-                correct, loss = evaluate_stack(algo, shared, self.table.get(cids), clients)
-                for c, n, s, client in zip(cids, correct.tolist(), loss.tolist(), clients):
-                    table[at[c]] = (n, s, client.num_test)
+        """(evaluated clients, 3): correct, summed loss and test size of the clients this rank
+        evaluated (other rows 0). The evaluated ids, sorted, are cut into stacks of at most
+        EVAL_IMAGES test images by position (from the evaluated list alone, so no result
+        depends on the rank count) and dealt to the ranks like a round's stacks; their private
+        rows come from their hosts (read only: nothing goes back)."""
+        ev = self.evaluated
+        table = np.zeros((len(ev), 3))
+        if not len(ev):
+            return table
+        size = max(1, EVAL_IMAGES // int(max(data.num_test[ev])))
+        chunks = [tuple(int(c) for c in ev[i:i + size]) for i in range(0, len(ev), size)]
+        owner = deal([float(data.num_test[list(c)].sum()) for c in chunks], self.world.size)
+        private = self.fetch(chunks, owner)
+        at = 0
+        for chunk, r in zip(chunks, owner):
+            if r == self.world.rank:
+                clients = [data.client(c) for c in chunk]
+                correct, loss = evaluate_stack(algo, shared, restack(list(chunk), private),
+                                               clients)
+                table[at:at + len(chunk)] = np.stack(
+                    [correct.double().cpu().numpy(), loss.double().cpu().numpy(),
+                     [c.num_test for c in clients]], 1)
+            at += len(chunk)
         return table
 
 

@@ -12,31 +12,50 @@ Params = dict[str, torch.Tensor]
 
 class PrivateTable:
     """Rows of `hosted` client ids, every client starting from `start` (every method gives all
-    its clients the same initial private state, as the official code's deep copies)."""
+    its clients the same initial private state, as the official code's deep copies). A row
+    nobody has written yet is not stored: the tables are allocated empty and such rows read as
+    `start`, so memory (on the CPU, where untouched pages cost nothing) and start-up follow the
+    clients that have trained, not the population (a resumed run writes every row)."""
 
     def __init__(self, start: Params, hosted: range, device):
         self.hosted, self.names = hosted, list(start)
         self.shapes = {k: tuple(v.shape) for k, v in start.items()}
-        self.tensors = {k: v.to(device).expand(len(hosted), *v.shape).clone()
+        self.start = {k: v.detach().to(device) for k, v in start.items()}
+        self.tensors = {k: torch.empty(len(hosted), *v.shape, dtype=v.dtype, device=device)
                         for k, v in start.items()}
+        self.written = torch.zeros(len(hosted), dtype=torch.bool, device=device)
         self.width = sum(int(np.prod(s)) for s in self.shapes.values())
 
     def _rows(self, cids) -> torch.Tensor:
         return torch.as_tensor(np.asarray(cids, dtype=np.int64) - self.hosted.start)
 
-    def get(self, cids) -> Params:
-        """The rows of `cids` (hosted here), stacked along dim 0."""
+    def get(self, cids, names=None) -> Params:
+        """The rows of `cids` (hosted here), stacked along dim 0, of every tensor or `names`."""
         rows = self._rows(cids).to(self.device)
-        return {k: v[rows] for k, v in self.tensors.items()}
+        unwritten = ~self.written[rows]
+        out = {}
+        for k in (self.names if names is None else names):
+            v = self.tensors[k][rows]
+            v[unwritten] = self.start[k]
+            out[k] = v
+        return out
 
     def put(self, cids, values: Params) -> None:
         rows = self._rows(cids).to(self.device)
         for k, v in values.items():
             self.tensors[k][rows] = torch.as_tensor(v).to(self.tensors[k])
+        self.written[rows] = True
+
+    def copy(self) -> "PrivateTable":
+        """An independent table with the same rows (hpcfl.bench starts every mode from one)."""
+        other = PrivateTable(self.start, self.hosted, self.device)
+        other.tensors = {k: v.clone() for k, v in self.tensors.items()}
+        other.written = self.written.clone()
+        return other
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.tensors.values())).device if self.tensors else torch.device("cpu")
+        return self.written.device
 
     def flat(self, values: Params) -> np.ndarray:
         """Stacked rows as one (clients, width) float32 array (what travels between ranks and

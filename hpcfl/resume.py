@@ -118,7 +118,7 @@ def checkpoint(world: World, path: Path, cfg: RunConfig, rnd: int, elapsed: floa
             for i in range(block.start, block.stop, step):
                 cids = range(i, min(i + step, block.stop))
                 if r == world.rank:
-                    rows = table.get(cids)[name].detach().cpu().numpy()
+                    rows = table.get(cids, [name])[name].detach().cpu().numpy()
                     if writer:
                         writer.write(rows)
                     else:

@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 (hpcfl 0.2): /clients/ids, /timing/exchange_s, startup_s, checkpoint_*
 METRICS = ("round", "test_acc_mean", "test_acc_weighted", "test_loss_mean", "train_loss",
            "round_time_s", "elapsed_s")
 CLIENT_METRICS = ("test_acc", "test_loss")
@@ -71,6 +71,8 @@ class ResultsFile:
                 f["timing"].create_dataset(f"{name}_s", data=np.full(ds.shape, np.nan),
                                            maxshape=(None, None), chunks=(256, 1),
                                            fillvalue=np.nan)
+        if "ids" not in f["clients"]:  # schema 1: every client was evaluated, in id order
+            f["clients"]["ids"] = np.arange(f["clients/test_acc"].shape[1], dtype="i8")
         keep = int((f["metrics/round"][:] <= rnd).sum())
         for ds in [*f["metrics"].values(), f["clients/test_acc"], f["clients/test_loss"]]:
             ds.resize(keep, axis=0)

@@ -67,14 +67,20 @@ def unflatten(flat: torch.Tensor, like: Params) -> Params:
     return out
 
 
+@contextlib.contextmanager
 def precision(dtype: str, device: torch.device):
-    """engine.dtype: fp32; tf32 (CUDA matmuls and convolutions in TF32); bf16 (autocast:
-    matmuls and convolutions in bfloat16, on CUDA, or on the CPU where it is supported). The
-    round's buffer and the optimizer state stay float32/float64 either way."""
+    """engine.dtype for local training only: fp32; tf32 (CUDA matmuls and convolutions in
+    TF32); bf16 (autocast: matmuls and convolutions in bfloat16, on CUDA, or on the CPU where it
+    is supported). The round's buffer and the optimizer state stay float32/float64 either way,
+    and torch's global TF32 flags are restored on exit, so evaluation runs in fp32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
-    if dtype == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    try:
+        with (torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+              if dtype == "bf16" else contextlib.nullcontext()):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
