@@ -4,14 +4,14 @@
 Per run: the config keys (dotted, `output.*` left out) whose values differ between the runs
 read, then `final_acc` (test_acc_mean of the last evaluated round), `best_acc` (its max over
 rounds), `rounds` (the last evaluated round), `s_per_round`, `world_size`, `status`, `file`.
-`s_per_round` comes from /timing: a round's wall time is compute + allreduce + eval + io of its
-slowest rank, and the median over rounds keeps round 1's warm-up (data, first kernels) from
-dominating once a run has 3 or more rounds. Runs whose configs differ only in `train.seed` (and
-have the same world size) form a group: the second table, printed when a group has two or more
-runs, gives n (runs with an evaluated round), the seeds, and mean ± std (sample std, ddof=1) of
-final and best accuracy. `--csv F` writes the run table to F and, when that second table is
-printed, the group table to F's name with `-seeds.csv` for its suffix (runs.csv ->
-runs-seeds.csv; numbers in `*_mean`, `*_std` columns).
+`s_per_round` comes from /timing: a round's wall time is compute + allreduce + exchange + eval
++ io of its slowest rank, and the median over rounds keeps round 1's warm-up (data, first
+kernels) from dominating once a run has 3 or more rounds. Runs whose configs differ only in
+`train.seed` (and have the same world size) form a group: the second table, printed when a
+group has two or more runs, gives n (runs with an evaluated round), the seeds, and mean ± std
+(sample std, ddof=1) of final and best accuracy. `--csv F` writes the run table to F and, when
+that second table is printed, the group table to F's name with `-seeds.csv` for its suffix
+(runs.csv -> runs-seeds.csv; numbers in `*_mean`, `*_std` columns).
 
 `--plot DIR` writes DIR/accuracy.png (accuracy per round, one line per group: the mean over
 seeds, a min-max band), DIR/scaling.png (seconds per round against world size at a fixed number

@@ -143,17 +143,23 @@ def run(cfg: RunConfig, world: World, until: int = 0) -> dict:
             lock.release()
 
 
+def start_up(cfg: RunConfig, device: torch.device):
+    """This rank's data and algorithm; a ConfigError (a file missing or damaged on this node,
+    weights it cannot find) ends every rank through world.agree."""
+    data = load_federated(cfg.data, cfg.train.seed, device)
+    algo = build(cfg, data, device)
+    if (cfg.engine.dtype, device.type, cfg.model.name) == ("bf16", "cpu", "resnet18_adapter"):
+        raise ConfigError("engine.dtype=bf16: CPU autocast cannot run this model's BatchNorm; "
+                          "use a GPU, or engine.dtype=fp32")
+    return data, algo
+
+
 def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
     t, n = cfg.train, cfg.data.num_clients
     last = min(until or t.rounds, t.rounds)
     defense = build_defense(cfg.privacy, t.seed)
     mode = resolve_mode(cfg.engine.mode, world.device)
-    data = load_federated(cfg.data, t.seed, world.device)
-    algo = build(cfg, data, world.device)
-    if (cfg.engine.dtype, world.device.type, cfg.model.name) == ("bf16", "cpu",
-                                                                 "resnet18_adapter"):
-        raise ConfigError("engine.dtype=bf16: CPU autocast cannot run this model's BatchNorm; "
-                          "use a GPU, or engine.dtype=fp32")
+    data, algo = world.agree(lambda: start_up(cfg, world.device))
     prepare_defense(defense, cfg, world, algo, data.num_classes)
     if world.is_main and algo.attrs():
         log.info("%s", ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"

@@ -35,8 +35,9 @@ class Start:
     done: bool = False
 
 
-def plan_start(cfg: RunConfig) -> Start:
-    """Decide (on rank 0) whether to start fresh or resume; ConfigError if neither is right."""
+def plan_start(cfg: RunConfig, device_type: str = "cpu") -> Start:
+    """Decide (on rank 0) whether to start fresh or resume on `device_type`; ConfigError if
+    neither is right."""
     o = cfg.output
     path = Path(o.dir) / f"{o.name}.h5"
     ckpt, prev = checkpoint_paths(path)
@@ -70,6 +71,7 @@ def plan_start(cfg: RunConfig) -> Start:
         stored = RunConfig()
         apply_dict(stored, yaml.safe_load(f.attrs["config"]), f"config stored in {p}")
         check_same_experiment(stored.to_dict(), cfg.to_dict(), p)
+    check_same_noise(cfg, path, device_type)
     if rnd > cfg.train.rounds:
         raise ConfigError(f"train.rounds: {p} is at round {rnd}, past train.rounds="
                           f"{cfg.train.rounds}")
@@ -90,10 +92,24 @@ def check_same_experiment(stored: dict, now: dict, where: Path) -> None:
                               "output.resume=never output.overwrite=true, or another output.name)")
 
 
+def check_same_noise(cfg: RunConfig, results: Path, device_type: str) -> None:
+    """DP and defense noise come from generators of the device they run on, and CPU and CUDA
+    generators give other draws from one seed: a noisy run resumes on its own device type."""
+    if cfg.algorithm.name not in DP_ALGORITHMS and cfg.privacy.defense == "none":
+        return
+    with h5py.File(results, "r", locking=False) as f:
+        before = str(f.attrs.get("device", device_type)).split(":")[0]
+    if before != device_type:
+        raise ConfigError(f"train.device: this run drew its noise on {before}; resumed on "
+                          f"{device_type} it would draw other noise (device-specific "
+                          f"generators). Resume it on {before}, or start over "
+                          "(output.resume=never output.overwrite=true)")
+
+
 def plan_or_error(cfg: RunConfig, world: World) -> Start:
     """Rank 0 plans the start (it alone touches the results file); all ranks follow, or all
     stop with the same ConfigError."""
-    return world.on_main(lambda: plan_start(cfg))
+    return world.on_main(lambda: plan_start(cfg, world.device.type))
 
 
 def checkpoint(world: World, path: Path, cfg: RunConfig, rnd: int, elapsed: float,

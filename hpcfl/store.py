@@ -54,6 +54,24 @@ def _append(ds: h5py.Dataset, rows) -> None:
     ds[n:] = rows
 
 
+SEGMENT = {"from_round": "i8", "to_round": "i8", "world_size": "i8", "hostnames": "str",
+           "device": "str", "git_commit": "str", "hpcfl_version": "str", "torch_version": "str",
+           "started": "str"}  # /segments: one row per start of the run (a resume adds one)
+
+
+def _add_segment(f: h5py.File, from_round: int, attrs: dict) -> None:
+    """A row of /segments: what ran from `from_round` on (to_round follows the timing rows)."""
+    g = f.require_group("segments")
+    for name, kind in SEGMENT.items():
+        if name not in g:
+            g.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(64,),
+                             dtype=h5py.string_dtype() if kind == "str" else kind)
+    row = {**attrs, "from_round": from_round, "to_round": from_round,
+           "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    for name in SEGMENT:
+        _append(g[name], [row.get(name, "" if SEGMENT[name] == "str" else -1)])
+
+
 class ResultsFile:
     """One run's results: root attrs, /metrics, /clients, /timing."""
 
@@ -73,6 +91,13 @@ class ResultsFile:
                                            fillvalue=np.nan)
         if "ids" not in f["clients"]:  # schema 1: every client was evaluated, in id order
             f["clients"]["ids"] = np.arange(f["clients/test_acc"].shape[1], dtype="i8")
+        if "segments" not in f:  # schema 1: its one segment, from the root attrs it left
+            _add_segment(f, 0, {k: f.attrs[k] for k in SEGMENT if k in f.attrs})
+            timed = f["timing/round"]
+            f["segments/to_round"][-1] = int(timed[-1]) if len(timed) else 0
+        to = f["segments/to_round"]
+        to[:] = np.minimum(to[:], rnd)  # rounds after the checkpoint are dropped below
+        _add_segment(f, rnd, attrs)
         keep = int((f["metrics/round"][:] <= rnd).sum())
         for ds in [*f["metrics"].values(), f["clients/test_acc"], f["clients/test_loss"]]:
             ds.resize(keep, axis=0)
@@ -108,6 +133,7 @@ class ResultsFile:
         for name in CLIENT_METRICS:
             clients.create_dataset(name, shape=(0, n), maxshape=(None, n), dtype="f4",
                                    chunks=(max(1, min(64, 2 ** 16 // n)), n))
+        _add_segment(self.f, 0, attrs)
         timing = self.f.create_group("timing")
         timing.create_dataset("round", shape=(0,), maxshape=(None,), chunks=(1024,), dtype="i8")
         timing.create_dataset("allreduce_bytes", shape=(0,), maxshape=(None,), chunks=(1024,),
@@ -132,6 +158,8 @@ class ResultsFile:
         _append(self.f["timing"]["allreduce_bytes"], [nbytes] * len(rounds))
         for name in TIMING:
             _append(self.f["timing"][f"{name}_s"], per_phase[name])
+        if rounds:
+            self.f["segments/to_round"][-1] = max(rounds)
 
     def note_checkpoint(self, seconds: float, nbytes: int) -> None:
         """The last checkpoint's write time and size."""

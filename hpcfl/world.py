@@ -57,7 +57,7 @@ class World:
             local.Free()
         self._check_slurm()
         self._set_threads(threads)
-        self.device = self._pick_device(device)
+        self.device = self.agree(lambda: self._pick_device(device))  # e.g. no CUDA on one node
         self.stop_requested = False
 
     def _check_slurm(self) -> None:
@@ -197,6 +197,29 @@ class World:
         result = self.from_main(result)
         if isinstance(result, _Refused):
             raise ConfigError(result.line)
+        return result
+
+    def agree(self, compute):
+        """compute() on every rank; a ConfigError on any rank is raised on all of them (one
+        line: the first failing rank's, named when not every rank failed), so that no rank
+        waits in a collective for one that has stopped: a prepared file damaged on one node,
+        weights missing on one node, no CUDA on one node."""
+        result, line = None, None
+        try:
+            result = compute()
+        except ConfigError as e:
+            line = str(e)
+        if self.comm is None:
+            if line is not None:
+                raise ConfigError(line)
+            return result
+        lines = self.comm.allgather(line)
+        failed = [(r, x) for r, x in enumerate(lines) if x is not None]
+        if failed:
+            rank, first = failed[0]
+            host = self.comm.allgather(socket.gethostname())[rank]
+            raise ConfigError(first if len(failed) == self.size else
+                              f"rank {rank} ({host}): {first}")
         return result
 
     def abort_on_exit(self, exc: BaseException) -> None:

@@ -80,6 +80,29 @@ def test_noise_multiplier_of_the_official_settings_is_opacus_s():
     assert budget.epsilon(100) < budget.epsilon(200)
 
 
+def test_no_client_spends_more_than_the_target_whatever_its_size():
+    """Smallest client 50 images, another 51 (batch 50, 5 epochs, 20 rounds, epsilon 4): the
+    51-image client takes 2 steps an epoch at almost the same rate. Calibrated to the smallest
+    client alone it would spend 5.8; calibrated to the worst schedule every client spends <= 4."""
+    from opacus.accountants import create_accountant
+
+    cfg = load_config(None, ["algorithm.name=dpfedavg", "train.rounds=20",
+                             "train.local_epochs=5", "train.batch_size=50"])
+    sizes = [50, 51, 51, 75, 100, 120, 50]
+    budget = Budget(cfg, sizes)
+
+    def spent(n, noise):
+        acc = create_accountant("rdp")
+        acc.history = [(noise, min(1.0, 50 / n), 20 * 5 * -(-n // 50))]
+        return acc.get_epsilon(delta=1e-5)
+
+    assert max(spent(n, budget.noise_multiplier) for n in sizes) <= 4.0 + 1e-6
+    assert abs(budget.epsilon(20) - 4.0) < 0.02  # the worst client spends the target
+    smallest_only = Budget(cfg, [50]).noise_multiplier
+    assert spent(51, smallest_only) > 5  # what the smallest-client calibration let through
+    assert budget.noise_multiplier > smallest_only
+
+
 def test_dp_noise_has_the_calibrated_scale():
     dp = DPSGD(("w",), clip=0.04, noise_multiplier=1.7)
     noise = dp_noise(dp, {"w": torch.zeros(200_000)}, torch.Generator().manual_seed(0))["w"]

@@ -139,6 +139,13 @@ def test_kill9_of_the_job_then_rerun_matches_an_uninterrupted_run(tmp_path, refe
     assert max_diff(results(tmp_path / "k.h5"), reference) == 0.0
     with h5py.File(tmp_path / "k.h5") as f:  # exactly one row per round, old and new ranks
         assert list(f["timing/round"][:]) == list(range(1, 9))
+        seg = {k: f["segments"][k][:] for k in ("from_round", "to_round", "world_size")}
+        resumed = int(f.attrs["resumed_from_round"])
+        # every segment kept: who ran which rounds (before, the resume overwrote the first)
+        assert seg["world_size"].tolist() == [2, resume_ranks]
+        assert seg["from_round"].tolist() == [0, resumed] and resumed >= 2
+        assert seg["to_round"].tolist() == [resumed, 8]
+        assert f["segments/git_commit"][0] and f["segments/hostnames"][1]
 
 
 def test_a_large_sampled_population_checkpointed_on_2_ranks_resumes_exactly_on_1(tmp_path):
@@ -211,6 +218,36 @@ def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
     assert r.returncode != 0
     assert time.time() - t0 < 30
     assert "Traceback" in r.stderr
+
+
+def test_a_data_file_missing_on_one_rank_ends_every_rank_with_one_line(tmp_path):
+    """MPMD: rank 1 is given a data.root without the prepared file, as on a node where it is
+    missing. Before, rank 1 exited 2 silently and rank 0 waited in the next collective."""
+    import subprocess
+    import sys
+
+    from hpcfl.data.prepare import main as prepare
+
+    from .conftest import mpiexec
+    from .datafiles import write_cifar10
+
+    write_cifar10(tmp_path / "src")
+    assert prepare(["cifar10", "--source", str(tmp_path / "src"), "--out",
+                    str(tmp_path / "data" / "cifar10.h5")]) == 0
+    (tmp_path / "empty").mkdir()
+    args = ["data.name=cifar10", "data.num_clients=4", "train.rounds=1", "output.progress=none",
+            "train.device=cpu", f"output.dir={tmp_path}", "output.name=m"]
+    good, bad = (["-n", "1", sys.executable, "-m", "hpcfl.main", *args, f"data.root={root}"]
+                 for root in (tmp_path / "data", tmp_path / "empty"))
+    t0 = time.time()
+    r = subprocess.run([mpiexec(), *good, ":", *bad], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2, r.stderr
+    assert time.time() - t0 < 60
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpcfl: error: rank 1 (")
+    assert "cifar10" in lines[0]
+    assert not (tmp_path / "m.h5").exists()
 
 
 def test_hyperfl_lpm_gives_the_same_results_on_one_and_two_ranks(tmp_path):

@@ -101,6 +101,26 @@ def test_resume_refuses_another_experiment(tmp_path, change, message):
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1
 
 
+def test_a_noisy_run_resumes_only_on_the_device_type_that_drew_its_noise(tmp_path):
+    """DP and defense noise come from device generators (CPU and CUDA draw differently): a run
+    that drew on CUDA is refused on the CPU with one line, and goes on where it drew."""
+    args = [*TINY, "algorithm.name=fedavg", "privacy.defense=dp_gaussian", "privacy.noise=1e-3",
+            f"output.dir={tmp_path}", "output.name=d"]
+    assert run_mpi(None, *args).returncode == 0
+    with h5py.File(tmp_path / "d.h5", "r+") as f:
+        assert f.attrs["device"] == "cpu"
+        f.attrs["device"] = "cuda:0"  # as a run on a GPU node leaves it
+    before = (tmp_path / "d.h5").read_bytes()
+    r = run_mpi(None, *args, "train.rounds=3")
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
+    assert "drew its noise on cuda; resumed on cpu" in r.stderr
+    assert (tmp_path / "d.h5").read_bytes() == before
+    with h5py.File(tmp_path / "d.h5", "r+") as f:
+        f.attrs["device"] = "cpu"
+    r = run_mpi(None, *args, "train.rounds=3")
+    assert r.returncode == 0, r.stderr
+
+
 def test_resume_must_needs_a_checkpoint(tmp_path):
     r = run_mpi(None, *TINY, f"output.dir={tmp_path}", "output.resume=must")
     assert r.returncode == 2 and "no checkpoint" in r.stderr

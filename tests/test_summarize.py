@@ -36,7 +36,8 @@ def runs(tmp_path_factory):
 def read_h5(path) -> dict:
     with h5py.File(path, "r", locking=False) as f:
         acc = f["metrics/test_acc_mean"][:]
-        per_round = sum(f[f"timing/{p}_s"][:] for p in ("compute", "allreduce", "eval", "io"))
+        per_round = sum(f[f"timing/{p}_s"][:]
+                        for p in ("compute", "allreduce", "exchange", "eval", "io"))
         return dict(final=acc[-1], best=acc.max(), rounds=int(f["metrics/round"][-1]),
                     s_per_round=np.median(per_round.max(axis=1)),
                     world_size=int(f.attrs["world_size"]), status=f.attrs["status"])
