@@ -30,6 +30,7 @@ from .data import ClientData, load_federated
 from .cli import Command
 from .data.transforms import model_inputs
 from .engine import ClientUpload, RoundSpec, train_client
+from .lock import lock_output
 from .loop import (build, prepare_defense, provenance, round_spec, run, sample_cohort,
                    to_device)
 from .privacy.attacks import (Knowledge, Problem, dlg, gifd, gradient_from_update,
@@ -86,11 +87,14 @@ def state_before(cfg: RunConfig, world: World, algo, data, mine: list[int]
         private = {c: {k: v[0] for k, v in table.get([c]).items()} for c in mine}
         return to_device(ck.shared, world.device), private, path
     path = Path(cfg.output.dir) / f"{cfg.output.name}.h5"
+    attrs = provenance(cfg, world)  # collective
+    lock = lock_output(cfg.output, world)  # the run's lock, as any writer of its file
     if world.is_main and not path.exists():  # round 1 needs no training: a file for /privacy
-        store = ResultsFile.create(path, provenance(cfg, world),
-                                   (data.num_train, data.num_test),
+        store = ResultsFile.create(path, attrs, (data.num_train, data.num_test),
                                    evaluated_clients(cfg.train, cfg.data.num_clients), world.size)
         store.close("completed", note="no round trained: the attack is on round 1's uploads")
+    if lock is not None:
+        lock.release()
     return (to_device(algo.init_shared(), world.device),
             {c: to_device(algo.init_client(c), world.device) for c in mine}, path)
 
@@ -287,10 +291,14 @@ def attack(cfg: RunConfig, world: World) -> str | None:
         results.append(dict(r, client=cid))
     bar.close()
     gathered = world.gather_to_main(results)
+    lock = lock_output(cfg.output, world)  # /privacy goes into the run's file under its lock
     if not world.is_main:
         return None
     results = [r for rank in gathered for r in rank]
-    png = write(path, cfg, results)
+    try:
+        png = write(path, cfg, results)
+    finally:
+        lock.release()
     mean = {k: float(np.mean([r[k] for r in results])) for k in ("psnr", "ssim", "label_acc")}
     return (f"{a.name} on {cfg.algorithm.name} ({a.threat}), {cfg.data.name}, round {a.round}, "
             f"{len(targets)} client(s) of {data.num_train[targets[0]]} image(s)"

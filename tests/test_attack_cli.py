@@ -86,3 +86,26 @@ def test_a_dp_run_attacked_at_round_2_then_finished_matches_an_unattacked_run(tm
         for k in ("test_acc_mean", "train_loss", "epsilon"):
             assert np.array_equal(a[f"metrics/{k}"][:], b[f"metrics/{k}"][:]), k
     assert main([*base, "output.name=c", "attack.round=4"]) == 2
+
+
+def test_a_round_1_attack_writes_the_run_only_under_its_lock(tmp_path, capsys):
+    """Another process writing the run (its lock held): the attack stops with one line and
+    leaves no file; once the lock is free it writes /privacy."""
+    args = ["attack.round=1", "attack.iterations=2", "data.num_clients=4",
+            f"output.dir={tmp_path}", "output.name=r1", "output.progress=none"]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from hpcfl.lock import RunLock; RunLock(Path(sys.argv[1])).acquire(); "
+         "print('held', flush=True); time.sleep(120)", str(tmp_path / "r1.h5")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(args) == 2
+        assert "is being written by" in capsys.readouterr().err
+        assert not (tmp_path / "r1.h5").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(args) == 0
+    with h5py.File(tmp_path / "r1.h5") as f:
+        assert f["privacy/ig/psnr"].shape == (1,)
