@@ -210,6 +210,24 @@ def test_compensation_brings_the_honest_aggregate_closer_to_the_clean_one():
     assert torch.equal(kept, noisy_sum)
 
 
+@pytest.mark.parametrize("length", [2 * 100_003, 1_626_442, 7 * 6_007])
+def test_compensation_finds_the_noise_bulk_whatever_the_length_factors_into(length):
+    """A rank-2 signal under N(0, 1) noise, at lengths with a large prime factor (pfl_cnn's
+    1,626,442 = 2 x 813,221): the matrix is V x W with V / W about 6 for every length, and
+    projecting out the bulk removes most of the noise. (A smallest-factor shape made the first
+    two 2-column matrices, which keep all the noise.)"""
+    from hpcfl.privacy.defenses.random_slice import denoise, matrix_shape
+    v, w = matrix_shape(length, 6.0)
+    assert v * w >= length > v * w - w and 5 < v / w < 7
+    g = torch.Generator().manual_seed(0)
+    signal = (torch.randn(v, 2, generator=g, dtype=torch.float64)
+              @ torch.randn(2, w, generator=g, dtype=torch.float64) * 3).view(-1)[:length]
+    noisy = signal + torch.randn(length, generator=g, dtype=torch.float64)
+    out = denoise(noisy, 1.0)
+    assert out.shape == noisy.shape
+    assert (out - signal).norm() < 0.5 * (noisy - signal).norm()
+
+
 def test_random_slice_without_public_data_is_one_line(capsys):
     from hpcfl.main import main
     assert main(["privacy.defense=random_slice"]) == 2

@@ -12,12 +12,17 @@ wangjunxiao/GradDefense: sensitivity.py, perturb.py, compensate.py; research/pri
    sample's gradient restricted to each of those m slices is first clipped to L2 norm C
    (clip_slices).
 3. The server denoises the aggregate (random-matrix theory): the mean update as a V x W matrix
-   (V the smallest factor of its length >= sqrt(Q * length)), the eigenvectors of its W x W
+   (W = round(sqrt(length / Q)), V = ceil(length / W), the last row padded with < W zeros),
+   the eigenvectors of its W x W
    covariance inside the Marchenko-Pastur bulk of the noise, [(1 - 1/sqrt Q)^2, (1 + 1/sqrt Q)^2]
    * sigma_agg^2, projected out. sigma_agg^2 is the variance of the noise in an entry of the
    weighted mean, (m / M) * sigma^2 * sum_k w_k^2 / (sum_k w_k)^2. The official demo uses
    K * (m / M) * sigma^2 (K^2 times more for equal weights): its window then lies above every
    eigenvalue of our CNNs' updates and compensation never removes anything (measured; README).
+   The official V is the smallest factor of the length >= sqrt(Q * length): for a length with a
+   large prime factor (pfl_cnn's 1,626,442 = 2 x 813,221) that is an 813,221 x 2 matrix, whose
+   2 x 2 covariance has no noise bulk to find, and the search is O(length) per round. Padding
+   keeps V / W = Q for every length at O(1) cost; the < W padded zeros are dropped after.
 """
 from __future__ import annotations
 
@@ -119,25 +124,24 @@ def perturb(upload: Params, names: list[str], bounds: np.ndarray, chosen: torch.
 
 
 def matrix_shape(length: int, q: float) -> tuple[int, int]:
-    """(V, W): V the smallest factor of length with V >= sqrt(q * length)."""
-    v = math.ceil(math.sqrt(q * length))
-    while length % v:
-        v += 1
-    return v, length // v
+    """(V, W) with V / W about q and V * W >= length (the rest is padding, < W entries)."""
+    w = max(1, round(math.sqrt(length / q)))
+    return math.ceil(length / w), w
 
 
 def denoise(mean: torch.Tensor, noise_var: float, q: float = 6.0) -> torch.Tensor:
     """The flat mean update with the eigen-directions inside the noise bulk projected out;
     `noise_var`: the variance of the noise in each entry of the mean."""
-    v, w = matrix_shape(mean.numel(), q)
-    if w < 2:  # a prime length: no matrix to denoise
+    n = mean.numel()
+    v, w = matrix_shape(n, q)
+    if w < 2:  # too short for a matrix to denoise
         return mean
-    c = mean.double().view(v, w)
+    c = torch.nn.functional.pad(mean.double(), (0, v * w - n)).view(v, w)
     vals, vecs = torch.linalg.eigh(torch.cov(c.T))
     q = v / w  # the official code's real_Q
     low, high = (1 - 1 / math.sqrt(q)) ** 2 * noise_var, (1 + 1 / math.sqrt(q)) ** 2 * noise_var
     keep = vecs[:, (vals <= low) | (vals >= high)]
-    return (c @ keep @ keep.T).view(-1).to(mean.dtype)
+    return (c @ keep @ keep.T).view(-1)[:n].to(mean.dtype)
 
 
 class RandomSlice(Defense):
