@@ -266,6 +266,11 @@ def attack(cfg: RunConfig, world: World) -> str | None:
     if a.round > cfg.train.rounds:
         raise ConfigError(f"attack.round={a.round} is past the run's train.rounds="
                           f"{cfg.train.rounds}")
+    if world.device.type == "cuda":
+        # Reconstructions backpropagate to the images through upsampling (GIFD's generator,
+        # LPM's resize), which has no deterministic CUDA kernel: warn there instead of stopping.
+        # Every op that has a deterministic kernel still uses it.
+        torch.use_deterministic_algorithms(True, warn_only=True)
     defense = build_defense(cfg.privacy, cfg.train.seed)
     cohort = sample_cohort(cfg.train.seed, a.round, cfg.data.num_clients, cfg.train.frac)
     targets = cohort[:a.clients]

@@ -41,6 +41,17 @@ class _Refused:
         self.line = line
 
 
+def deterministic_kernels() -> None:
+    """CUDA kernels that give the same numbers on every run and every rank count: cuDNN's
+    deterministic algorithms without autotuning, a fixed cuBLAS workspace (set before cuBLAS's
+    first use), and torch's deterministic mode, which also makes index_add_ and scatter_add_
+    deterministic on CUDA and raises, naming the op, where only a nondeterministic kernel exists
+    (a run that cannot be reproduced stops rather than reporting numbers it cannot give again)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True)
+
+
 class World:
     """rank / size / node-local rank / device of this process, and the run's collectives."""
 
@@ -88,10 +99,7 @@ class World:
         else:  # several ranks may share one GPU
             dev = torch.device("cuda", self.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
-        # Deterministic kernels: the same numbers on every run and every rank count (cuBLAS
-        # needs a fixed workspace, set before its first use).
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        deterministic_kernels()
         return dev
 
     @property
