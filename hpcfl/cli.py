@@ -45,6 +45,10 @@ class Command:
             return False
         for error, code, what in ((ConfigError, 2, "error"), (Diverged, 3, "diverged")):
             if issubclass(kind, error):
+                alone = (self.world is not None and self.world.size > 1
+                         and error is ConfigError and not exc.every_rank)
+                if alone:  # the other ranks do not know: they may be waiting in a collective
+                    self.world.abort(code, f"{self.prog}: {what}: {self.world.name}: {exc}")
                 if self.world is None or self.world.is_main:
                     print(f"{self.prog}: {what}: {exc}", file=sys.stderr)
                 self.code = code

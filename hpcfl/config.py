@@ -17,7 +17,13 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A user mistake in the configuration: reported as one line, exit code 2."""
+    """A user mistake in the configuration: reported as one line, exit code 2. `every_rank`:
+    raised on every rank together (World.agree, World.on_main), so the ranks can simply exit;
+    one raised on a single rank must end the others (hpcfl.cli.Command)."""
+
+    def __init__(self, line: str, every_rank: bool = False):
+        super().__init__(line)
+        self.every_rank = every_rank
 
 
 def opt(default, help: str, choices: tuple = (), min: float | None = None,

@@ -77,5 +77,5 @@ def lock_output(output: OutputConfig, world) -> RunLock | None:
             why = str(e)
     why = world.from_main(why)
     if why:
-        raise ConfigError(why)
+        raise ConfigError(why, every_rank=True)
     return lock

@@ -172,7 +172,7 @@ def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
         return dict(done=True, path=str(start.path), round=start.round)
     if start.round > last:
         raise ConfigError(f"output.name: {start.path} holds a run at round {start.round}, past "
-                          f"round {last}; choose another output.name")
+                          f"round {last}; choose another output.name", every_rank=True)
     if start.round == last:
         return dict(path=str(start.path), round=start.round, stopped=True)
 

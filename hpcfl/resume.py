@@ -7,6 +7,7 @@ since private state is stored per client id. Only rank 0 touches the files.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,11 +120,31 @@ def checkpoint(world: World, path: Path, cfg: RunConfig, rnd: int, elapsed: floa
     point, in rank order: no rank holds more than its own rows and one chunk). Returns, on rank
     0, the seconds it took and the file's size (zeros elsewhere)."""
     t0 = time.perf_counter()
-    shared, population = state
+    writer = None
+    try:
+        if world.is_main:
+            writer = CheckpointWriter(checkpoint_paths(path), rnd, cfg.to_yaml(), elapsed,
+                                      {k: v.detach().cpu().numpy() for k, v in state[0].items()})
+        _stream_rows(world, state[1], writer)
+        size = writer.finish() if writer else 0
+    except OSError as e:  # h5py reports a failed write as an OSError
+        if not world.is_main:
+            raise
+        if writer:
+            writer.abandon()
+        raise ConfigError(f"checkpoint {checkpoint_paths(path)[0]} of round {rnd} could not be "
+                          f"written ({why(e)}); the previous checkpoint is kept") from None
+    return (time.perf_counter() - t0, size) if writer else (0.0, 0)
+
+
+def why(e: OSError) -> str:
+    """A failed write's reason in a few words (h5py's own message spans lines)."""
+    return os.strerror(e.errno) if e.errno else str(e).splitlines()[0]
+
+
+def _stream_rows(world: World, population: Population, writer) -> None:
+    """Every private tensor's rows, in id order, into rank 0's writer."""
     table, blocks = population.table, population.blocks
-    writer = (CheckpointWriter(checkpoint_paths(path), rnd, cfg.to_yaml(), elapsed,
-                               {k: v.detach().cpu().numpy() for k, v in shared.items()})
-              if world.is_main else None)
     num_clients = blocks[-1].stop
     for name in sorted(table.names):
         shape = table.shapes[name]
@@ -141,7 +162,3 @@ def checkpoint(world: World, path: Path, cfg: RunConfig, rnd: int, elapsed: floa
                         world.send_to_main(rows)
                 elif writer:
                     writer.write(world.receive_from(r, (len(cids), *shape)))
-    if not writer:
-        return 0.0, 0
-    size = writer.finish()
-    return time.perf_counter() - t0, size

@@ -233,6 +233,14 @@ class CheckpointWriter:
         self.path, self.prev = paths
         self.tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
         self.f = h5py.File(self.tmp, "w", locking=False)
+        try:
+            self._start(rnd, config, elapsed_s, shared)
+        except OSError:
+            self.abandon()
+            raise
+
+    def _start(self, rnd: int, config: str, elapsed_s: float,
+               shared: dict[str, np.ndarray]) -> None:
         self.f.attrs.update(round=rnd, config=config, elapsed_s=elapsed_s,
                             format="hpcfl-checkpoint", schema_version=SCHEMA_VERSION,
                             rng="none stored: every random draw derives from (seed, round, "
@@ -246,6 +254,15 @@ class CheckpointWriter:
             self.h.update(np.ascontiguousarray(shared[name]).tobytes())
         self.private = self.f.create_group("private")
         self.ds, self.at = None, 0
+
+    def abandon(self) -> None:
+        """After a failed write (a full disk, a file size limit): close what still closes and
+        remove the temporary file. The last good checkpoint was never touched."""
+        try:
+            self.f.close()
+        except (OSError, RuntimeError):  # a file that failed a write may fail to close too
+            pass
+        self.tmp.unlink(missing_ok=True)
 
     def begin(self, name: str, shape: tuple[int, ...]) -> None:
         """The next private tensor (names in sorted order): `shape` (clients, *row shape)."""

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 
 import numpy as np
 import torch
@@ -204,7 +205,7 @@ class World:
                 result = _Refused(str(e))
         result = self.from_main(result)
         if isinstance(result, _Refused):
-            raise ConfigError(result.line)
+            raise ConfigError(result.line, every_rank=True)
         return result
 
     def agree(self, compute):
@@ -219,16 +220,28 @@ class World:
             line = str(e)
         if self.comm is None:
             if line is not None:
-                raise ConfigError(line)
+                raise ConfigError(line, every_rank=True)
             return result
         lines = self.comm.allgather(line)
         failed = [(r, x) for r, x in enumerate(lines) if x is not None]
         if failed:
             rank, first = failed[0]
-            host = self.comm.allgather(socket.gethostname())[rank]
-            raise ConfigError(first if len(failed) == self.size else
-                              f"rank {rank} ({host}): {first}")
+            name = self.comm.allgather(self.name)[rank]
+            raise ConfigError(first if len(failed) == self.size else f"{name}: {first}",
+                              every_rank=True)
         return result
+
+    @property
+    def name(self) -> str:
+        """This rank, as a line about it names it: "rank 1 (node07)"."""
+        return f"rank {self.rank} ({socket.gethostname()})"
+
+    def abort(self, code: int, line: str) -> None:
+        """Print `line` and end every rank now with exit `code` (MPI_Abort). MPI's own report of
+        the abort is silenced: `line` already says why, and a job's error is then one line."""
+        print(line, file=sys.stderr, flush=True)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        self.comm.Abort(code)
 
     def abort_on_exit(self, exc: BaseException) -> None:
         """Make this process abort every rank as it exits with `exc` (MPI_Abort): without it

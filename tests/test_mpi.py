@@ -125,15 +125,14 @@ def reference(tmp_path_factory):
     return results(out / "ref.h5")
 
 
-@pytest.mark.parametrize("resume_ranks", [2, 1])
-def test_kill9_of_the_job_then_rerun_matches_an_uninterrupted_run(tmp_path, reference,
-                                                                   resume_ranks):
+def test_kill9_of_the_job_then_rerun_on_one_rank_matches_an_uninterrupted_run(tmp_path,
+                                                                              reference):
     args = [*ARGS, f"output.dir={tmp_path}", "output.name=k"]
     proc = launch(2, *args)
     wait_for_rows(tmp_path / "k.h5", 4, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # mpiexec, its proxies and every rank
     proc.wait()
-    r = run_mpi(resume_ranks, *args)
+    r = run_mpi(1, *args)
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stderr
     assert max_diff(results(tmp_path / "k.h5"), reference) == 0.0
@@ -142,10 +141,62 @@ def test_kill9_of_the_job_then_rerun_matches_an_uninterrupted_run(tmp_path, refe
         seg = {k: f["segments"][k][:] for k in ("from_round", "to_round", "world_size")}
         resumed = int(f.attrs["resumed_from_round"])
         # every segment kept: who ran which rounds (before, the resume overwrote the first)
-        assert seg["world_size"].tolist() == [2, resume_ranks]
+        assert seg["world_size"].tolist() == [2, 1]
         assert seg["from_round"].tolist() == [0, resumed] and resumed >= 2
         assert seg["to_round"].tolist() == [resumed, 8]
         assert f["segments/git_commit"][0] and f["segments/hostnames"][1]
+
+
+def limit_file_size(kib: int):
+    """`ulimit -f KIB` for a child: a write past it fails with EFBIG (Python ignores SIGXFSZ).
+    The checkpoint (6.8 MB) is past it; the results file (< 1 MB) and MPI's shared-memory
+    segments (about 4 MB) are not."""
+    import resource
+
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (kib * 1024, kib * 1024))
+    return preexec
+
+
+def test_one_rank_killed_then_a_checkpoint_that_cannot_be_written_lose_nothing(tmp_path,
+                                                                              reference):
+    """Two faults, then a clean rerun that gives the uninterrupted run's numbers:
+    1. kill -9 of one rank alone mid-run: mpiexec ends the job within 30 s;
+    2. the rerun resumes, then cannot write its next checkpoint (a file size limit): rank 0
+       alone fails, in the middle of streaming the rows of every rank; the job ends within
+       30 s with exit 2 and one line naming the rank and the file; no temporary file is left,
+       the previous checkpoint still verifies, the results file still reads (and is marked
+       failed). Before: a traceback, a segfault, the other rank left waiting, a 5 MB
+       temporary file."""
+    from hpcfl.store import verify_checkpoint
+
+    args = [*ARGS, f"output.dir={tmp_path}", "output.name=f"]
+    proc = launch(2, *args)
+    wait_for_rows(tmp_path / "f.h5", 3, proc)
+    pids = rank_pids("output.name=f")
+    assert len(pids) == 2
+    os.kill(pids[1], signal.SIGKILL)
+    t0 = time.time()
+    proc.communicate(timeout=60)
+    assert time.time() - t0 < 30 and proc.returncode != 0
+    kept = verify_checkpoint(tmp_path / "f.ckpt.h5")
+    assert kept >= 2
+
+    proc = launch(2, *args, preexec_fn=limit_file_size(5500))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    lines = [x for x in err.splitlines() if not x.startswith("hpcfl: resuming")]
+    assert len(lines) == 1 and lines[0].startswith("hpcfl: error: rank 0 ("), err
+    assert "f.ckpt.h5 of round" in lines[0] and "File too large" in lines[0]
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("*.tmp*"))
+    assert verify_checkpoint(tmp_path / "f.ckpt.h5") == kept
+    with h5py.File(tmp_path / "f.h5") as f:
+        assert f.attrs["status"] != "completed" and len(f["metrics/round"]) >= kept
+
+    r = run_mpi(1, *args)
+    assert r.returncode == 0, r.stderr
+    assert max_diff(results(tmp_path / "f.h5"), reference) == 0.0
 
 
 def test_a_large_sampled_population_checkpointed_on_2_ranks_resumes_exactly_on_1(tmp_path):
@@ -169,19 +220,47 @@ def test_a_large_sampled_population_checkpointed_on_2_ranks_resumes_exactly_on_1
         assert len(f["clients/ids"]) == 50 and f["clients/test_acc"].shape[1] == 50
 
 
-def test_sigterm_to_every_rank_checkpoints_and_resumes_on_three_ranks(tmp_path, reference):
+def sigterm_while_a_checkpoint_is_written(folder, proc) -> int:
+    """SIGTERM to every rank (as Slurm does at the time limit) while rank 0 is inside writing a
+    checkpoint: rank 0 is frozen (SIGSTOP) the moment its temporary file appears, signalled,
+    and let go. Returns the round of the checkpoint being written."""
+    from hpcfl.store import verify_checkpoint
+    end = time.time() + 120
+    while time.time() < end:
+        assert proc.poll() is None, proc.communicate()
+        tmp = list(folder.glob("sigterm.ckpt.h5.tmp*"))
+        if not tmp:
+            time.sleep(0.001)
+            continue
+        writer = int(tmp[0].name.rsplit("tmp", 1)[1])  # the file is named after its pid
+        os.kill(writer, signal.SIGSTOP)
+        if tmp[0].exists():  # caught inside the write: not yet renamed
+            before = (verify_checkpoint(folder / "sigterm.ckpt.h5")
+                      if (folder / "sigterm.ckpt.h5").exists() else 0)
+            for pid in rank_pids("output.name=sigterm"):
+                os.kill(pid, signal.SIGTERM)
+            os.kill(writer, signal.SIGCONT)
+            return before + 2  # checkpoint_every=2
+        os.kill(writer, signal.SIGCONT)
+    raise TimeoutError("no checkpoint write caught")
+
+
+def test_sigterm_while_a_checkpoint_is_written_stops_a_round_later_and_resumes_on_3_ranks(
+        tmp_path, reference):
+    """The checkpoint being written completes (the signal only sets a flag), the ranks agree
+    to stop after the next round's training, which is checkpointed; nothing is lost."""
+    from hpcfl.store import verify_checkpoint
     args = [*ARGS, f"output.dir={tmp_path}", "output.name=sigterm"]
     proc = launch(2, *args)
-    wait_for_rows(tmp_path / "sigterm.h5", 2, proc)
-    pids = rank_pids("output.name=sigterm")
-    assert len(pids) == 2
-    for pid in pids:  # as Slurm does at the time limit: every task gets the signal
-        os.kill(pid, signal.SIGTERM)
+    written = sigterm_while_a_checkpoint_is_written(tmp_path, proc)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "stopped by a signal" in out
     with h5py.File(tmp_path / "sigterm.h5") as f:
         assert f.attrs["status"] == "preempted"
+        assert list(f["metrics/round"][:]) == list(range(1, written + 2))
+    assert verify_checkpoint(tmp_path / "sigterm.ckpt.h5") == written + 1
+    assert verify_checkpoint(tmp_path / "sigterm.ckpt.prev.h5") == written
     r = run_mpi(3, *args)
     assert r.returncode == 0, r.stderr
     assert max_diff(results(tmp_path / "sigterm.h5"), reference) == 0.0
