@@ -60,13 +60,15 @@ def plan_start(cfg: RunConfig, device_type: str = "cpu") -> Start:
             rnd = verify_checkpoint(p)
             break
         except CheckpointError as e:
-            log.warning("%s", e)
             problems.append(str(e))
     else:
         raise ConfigError(f"no usable checkpoint ({'; '.join(problems)}); set "
                           "output.resume=never output.overwrite=true to start over")
+    for problem in problems:  # said once the fallback is known to work, else in the error
+        log.warning("%s; going on from %s", problem, p)
     if not path.exists():
         raise ConfigError(f"checkpoint {p} has no results file {path} to continue")
+    check_readable(path)
     with h5py.File(p, "r", locking=False) as f:
         # parsed as a config, so that a file from an older hpcfl compares in today's types
         stored = RunConfig()
@@ -135,6 +137,18 @@ def checkpoint(world: World, path: Path, cfg: RunConfig, rnd: int, elapsed: floa
         raise ConfigError(f"checkpoint {checkpoint_paths(path)[0]} of round {rnd} could not be "
                           f"written ({why(e)}); the previous checkpoint is kept") from None
     return (time.perf_counter() - t0, size) if writer else (0.0, 0)
+
+
+def check_readable(path: Path) -> None:
+    """A results file to go on with must read (a truncated copy, a full disk at its last write):
+    else one line, and nothing is written to it."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            f["metrics/round"][:], f["timing/round"][:], f["clients/test_acc"].shape
+    except (OSError, KeyError) as e:
+        reason = why(e) if isinstance(e, OSError) else f"no {e.args[0]}"
+        raise ConfigError(f"output.name: results file {path} is damaged ({reason}); it is left "
+                          "as it is: move it away, or set output.overwrite=true to start over")
 
 
 def why(e: OSError) -> str:

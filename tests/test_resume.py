@@ -76,18 +76,26 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, 
     assert max_diff(results(tmp_path / "d.h5"), reference) == 0.0  # rows 1..8, once each
 
 
-def test_no_usable_checkpoint_stops_with_exit_2(tmp_path):
+def test_a_damaged_results_file_or_no_usable_checkpoint_stops_with_exit_2(tmp_path):
+    """At resume: a truncated results file (before: a traceback), then both checkpoints
+    damaged: each one line, exit 2, and nothing written to any file."""
     args = [*ARGS, "train.rounds=4", f"output.dir={tmp_path}", "output.name=b"]
     assert run_mpi(None, *args).returncode == 0
-    for p in ("b.ckpt.h5", "b.ckpt.prev.h5"):
-        damage(tmp_path / p, "truncate")
-    before = (tmp_path / "b.h5").read_bytes()
-    r = run_mpi(None, *args[:-2], "train.rounds=6", *args[-2:])
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert lines[-1].startswith("hpcfl: error: no usable checkpoint")
-    assert "Traceback" not in r.stderr
-    assert (tmp_path / "b.h5").read_bytes() == before
+    intact = (tmp_path / "b.h5").read_bytes()
+    files = sorted(tmp_path.glob("b.*"))
+    for damaged, line in (("b.h5", "hpcfl: error: output.name: results file "),
+                          ("b.ckpt.h5 b.ckpt.prev.h5", "hpcfl: error: no usable checkpoint")):
+        (tmp_path / "b.h5").write_bytes(intact)
+        for p in damaged.split():
+            damage(tmp_path / p, "truncate")
+        before = {p: p.read_bytes() for p in files}
+        r = run_mpi(None, *args[:-2], "train.rounds=6", *args[-2:])
+        assert r.returncode == 2
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(line), r.stderr
+        assert "Traceback" not in r.stderr
+        assert {p: p.read_bytes() for p in files} == before
+        assert sorted(tmp_path.glob("b.*")) == files
 
 
 @pytest.mark.parametrize("change, message", [
