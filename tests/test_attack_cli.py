@@ -8,6 +8,7 @@ import numpy as np
 
 from hpcfl.attack import main
 from hpcfl.data.builtin import load_photos
+from hpcfl.privacy.metrics import psnr
 
 QUICKSTART = str(Path(__file__).parent.parent / "jobs" / "quickstart.yaml")
 
@@ -42,6 +43,14 @@ def test_an_attack_on_a_later_hyperfl_round_trains_to_it_first(tmp_path, capsys)
         assert g["psnr"].shape == (2,) and g.attrs["threat"] == "server"
         n = f["clients/num_samples"][:]
         assert len(g["truth"]) == sum(n[g["targets"][:]])  # every image of both clients
+        # each client's PSNR is its stored images' (matched in order), up to their uint8
+        # rounding, and tells a real reconstruction from nothing
+        bounds = np.cumsum([0, *n[g["targets"][:]]])
+        for k, recorded in enumerate(g["psnr"][:]):
+            rec, truth = (g[name][bounds[k]:bounds[k + 1]] / 255.0
+                          for name in ("reconstruction", "truth"))
+            again = np.mean([psnr(r, t) for r, t in zip(rec, truth)])
+            assert abs(again - recorded) < 0.05 and 3 < recorded < 40, (again, recorded)
     out = capsys.readouterr().out
     assert "ig on hyperfl (server), digits, round 3, 2 client(s)" in out
     # a second attack of the same round reuses the trained run, white-box this time

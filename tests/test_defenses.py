@@ -257,10 +257,16 @@ def test_gradienthide_adds_exactly_one_sgd_step_on_labelled_public_images(tmp_pa
             "data.public_fraction=0.1", "privacy.defense=gradienthide", "output.progress=none",
             f"output.dir={tmp_path}", "output.name=g"]
     run(load_config(None, over), World("cpu"))  # hyperfl: the hypernetwork's step
+    run(load_config(None, [*over[:4], *over[5:-1], "output.name=plain"]), World("cpu"))
     with h5py.File(tmp_path / "g.h5") as f:
         assert f.attrs["gradienthide_labeler"] == "public_model"
         assert f.attrs["gradienthide_public_images"] == 180
-        assert f["metrics/test_acc_mean"].shape == (1,)
+        assert 0 < f["metrics/test_acc_mean"][0] <= 1
+    # the public step moved HyperFL's shared hypernetwork away from the undefended run's
+    with h5py.File(tmp_path / "g.ckpt.h5") as hidden, h5py.File(tmp_path / "plain.ckpt.h5") as f:
+        assert hidden["shared"].keys() == f["shared"].keys()
+        assert any(not np.array_equal(hidden["shared"][k][:], f["shared"][k][:])
+                   for k in f["shared"])
 
 
 def test_a_defense_added_as_the_readme_says_runs_in_a_round(tmp_path):

@@ -1,6 +1,5 @@
 """The GAN-prior attack (GIFD) with a generator hpcfl trains on a public split."""
 import h5py
-import numpy as np
 import pytest
 import torch
 
@@ -96,7 +95,8 @@ def test_generator_mistakes_are_one_line(tmp_path, capsys):
 
 def test_gifd_maps_labels_when_the_generators_classes_differ(tmp_path):
     """A generator of 10 digit classes attacking a task of 5 classes optimizes a mixture of
-    its classes; the attack runs and returns images in the data range."""
+    its classes: it finds the image's label, its images stay in the data range, and the
+    gradient distance falls (measured: 1.06 after 1 iteration, 0.114 after 30)."""
     from hpcfl.config import AttackConfig
     from hpcfl.privacy.attacks import Knowledge, Problem, gifd
     from hpcfl.privacy.generator import Generator
@@ -108,7 +108,8 @@ def test_gifd_maps_labels_when_the_generators_classes_differ(tmp_path):
     gen = Generator((1, 8, 8), 10, 8, 4).eval().requires_grad_(False)
     x_true = torch.rand(1, 1, 8, 8)
     target = know.gradient(x_true, torch.tensor([2]))
-    r = gifd(Problem(know, target, 1, 5, multi_step=False), AttackConfig(iterations=30), gen)
-    x, labels, loss = r.x, r.labels, r.loss
-    assert x.shape == (1, 1, 8, 8) and labels.shape == (1,) and 0 <= labels.item() < 5
-    assert 0 <= x.min() and x.max() <= 1 and np.isfinite(loss)
+    first, r = (gifd(Problem(know, target, 1, 5, multi_step=False),
+                     AttackConfig(iterations=n), gen) for n in (1, 30))
+    assert r.x.shape == (1, 1, 8, 8) and r.labels.tolist() == [2]
+    assert 0 <= r.x.min() and r.x.max() <= 1
+    assert r.loss < 0.3 * first.loss
