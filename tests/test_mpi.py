@@ -194,7 +194,7 @@ def test_one_rank_killed_then_a_checkpoint_that_cannot_be_written_lose_nothing(t
     with h5py.File(tmp_path / "f.h5") as f:
         assert f.attrs["status"] != "completed" and len(f["metrics/round"]) >= kept
 
-    r = run_mpi(1, *args)
+    r = run_mpi(2, *args)
     assert r.returncode == 0, r.stderr
     assert max_diff(results(tmp_path / "f.h5"), reference) == 0.0
 
