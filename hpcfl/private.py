@@ -46,6 +46,10 @@ class PrivateTable:
             self.tensors[k][rows] = torch.as_tensor(v).to(self.tensors[k])
         self.written[rows] = True
 
+    def written_ids(self) -> np.ndarray:
+        """The sorted ids of the hosted clients whose rows have been written."""
+        return np.flatnonzero(self.written.cpu().numpy()) + self.hosted.start
+
     def copy(self) -> "PrivateTable":
         """An independent table with the same rows (hpcfl.bench starts every mode from one)."""
         other = PrivateTable(self.start, self.hosted, self.device)

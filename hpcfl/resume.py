@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
+import numpy as np
 import yaml
 
 from .config import DP_ALGORITHMS, ConfigError, RunConfig, apply_dict
@@ -157,22 +158,27 @@ def why(e: OSError) -> str:
 
 
 def _stream_rows(world: World, population: Population, writer) -> None:
-    """Every private tensor's rows, in id order, into rank 0's writer."""
-    table, blocks = population.table, population.blocks
-    num_clients = blocks[-1].stop
+    """The ids of the written clients, then every private tensor's rows of those clients, in id
+    order, into rank 0's writer: each rank's rows in turn (ranks host contiguous id blocks)."""
+    table = population.table
+    mine = table.written_ids()
+    per_rank = world.gather_to_main(mine)  # ids: 8 bytes a written client
+    if writer:
+        writer.ids(np.concatenate(per_rank))
+    counts = [len(ids) for ids in per_rank] if writer else None
     for name in sorted(table.names):
         shape = table.shapes[name]
         if writer:
-            writer.begin(name, (num_clients, *shape))
+            writer.begin(name, (sum(counts), *shape))
         step = rows_per_chunk(shape)
-        for r, block in enumerate(blocks):
-            for i in range(block.start, block.stop, step):
-                cids = range(i, min(i + step, block.stop))
+        for r in range(world.size):
+            n = len(mine) if r == world.rank else (counts[r] if writer else 0)
+            for i in range(0, n, step):
                 if r == world.rank:
-                    rows = table.get(cids, [name])[name].detach().cpu().numpy()
+                    rows = table.get(mine[i:i + step], [name])[name].detach().cpu().numpy()
                     if writer:
                         writer.write(rows)
                     else:
                         world.send_to_main(rows)
                 elif writer:
-                    writer.write(world.receive_from(r, (len(cids), *shape)))
+                    writer.write(world.receive_from(r, (min(step, n - i), *shape)))

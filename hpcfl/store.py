@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 SCHEMA_VERSION = 2  # 2 (hpcfl 0.2): /clients/ids, /timing/exchange_s, startup_s, checkpoint_*
+CHECKPOINT_VERSION = 3  # 3 (hpcfl 0.3): /private_ids, the rows of written clients only
 METRICS = ("round", "test_acc_mean", "test_acc_weighted", "test_loss_mean", "train_loss",
            "round_time_s", "elapsed_s")
 CLIENT_METRICS = ("test_acc", "test_loss")
@@ -209,6 +210,9 @@ def _digest(f: h5py.File) -> str:
     h = hashlib.sha256()
     h.update(f"{int(f.attrs['round'])}|{f.attrs['config']}|".encode())
     for group in ("shared", "private"):
+        if group == "private" and "private_ids" in f:
+            h.update(b"private_ids")
+            h.update(np.ascontiguousarray(f["private_ids"][:]).tobytes())
         for name in sorted(f[group]):
             h.update(f"{group}/{name}".encode())
             ds = f[group][name]
@@ -223,8 +227,10 @@ def _digest(f: h5py.File) -> str:
 
 class CheckpointWriter:
     """A checkpoint written piece by piece, its checksum computed as it goes: the shared state,
-    then each private tensor (sorted by name) as rows of all clients in id order, appended in
-    chunks (no process holds more than its own rows and one chunk). Plain arrays, no pickle.
+    the ids of the clients whose private state has been written (sorted; a client that never
+    trained is at its start value, which the run knows), then each private tensor (sorted by
+    name) as rows of those clients in id order, appended in chunks (no process holds more than
+    its own rows and one chunk). Plain arrays, no pickle.
     Atomic: written to a temporary file, fsynced and renamed over `path`, which is kept as
     `prev`; a crash at any point leaves the last good checkpoint in place."""
 
@@ -242,7 +248,7 @@ class CheckpointWriter:
     def _start(self, rnd: int, config: str, elapsed_s: float,
                shared: dict[str, np.ndarray]) -> None:
         self.f.attrs.update(round=rnd, config=config, elapsed_s=elapsed_s,
-                            format="hpcfl-checkpoint", schema_version=SCHEMA_VERSION,
+                            format="hpcfl-checkpoint", schema_version=CHECKPOINT_VERSION,
                             rng="none stored: every random draw derives from (seed, round, "
                                 "client)")
         self.h = hashlib.sha256()
@@ -263,6 +269,13 @@ class CheckpointWriter:
         except (OSError, RuntimeError):  # a file that failed a write may fail to close too
             pass
         self.tmp.unlink(missing_ok=True)
+
+    def ids(self, ids: np.ndarray) -> None:
+        """The sorted ids of the clients whose rows follow (before the first `begin`)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self.f.create_dataset("private_ids", data=ids)
+        self.h.update(b"private_ids")
+        self.h.update(ids.tobytes())
 
     def begin(self, name: str, shape: tuple[int, ...]) -> None:
         """The next private tensor (names in sorted order): `shape` (clients, *row shape)."""
@@ -294,17 +307,6 @@ class CheckpointWriter:
         return self.path.stat().st_size
 
 
-def save_checkpoint(path: Path, prev: Path, rnd: int, config: str, elapsed_s: float,
-                    shared: dict[str, np.ndarray], private: dict[str, np.ndarray]) -> int:
-    """A whole checkpoint at once (CheckpointWriter): `private[name]` holds one row per client
-    id (every client of the run). Returns its size in bytes."""
-    w = CheckpointWriter((path, prev), rnd, config, elapsed_s, shared)
-    for name in sorted(private):
-        w.begin(name, private[name].shape)
-        w.write(private[name])
-    return w.finish()
-
-
 def verify_checkpoint(path: Path) -> int:
     """The round of a checkpoint whose contents match its checksum; CheckpointError if not."""
     try:
@@ -322,15 +324,20 @@ def verify_checkpoint(path: Path) -> int:
 
 
 def load_checkpoint(path: Path, table=None) -> Checkpoint:
-    """The shared state; with `table` (a private.PrivateTable), its hosted rows filled from the
-    checkpoint a chunk at a time (rows are stored per client id: any rank count resumes)."""
+    """The shared state; with `table` (a private.PrivateTable), the rows of its hosted clients
+    that the checkpoint holds, a chunk at a time (rows are stored per client id: any rank count
+    resumes; the others stay unwritten, at the start value). A checkpoint of hpcfl <= 0.2.0
+    holds every client's row, in id order."""
     with h5py.File(path, "r", locking=False) as f:
         if table is not None:
-            rows = table.hosted
+            first, stop = table.hosted.start, table.hosted.stop
+            ids = (f["private_ids"][:] if "private_ids" in f else
+                   np.arange(len(f["private"][table.names[0]]) if table.names else 0))
+            lo, hi = np.searchsorted(ids, [first, stop])
             step = rows_per_chunk((table.width,))
-            for i in range(rows.start, rows.stop, step):
-                cids = range(i, min(i + step, rows.stop))
-                table.put(cids, {k: f["private"][k][cids.start:cids.stop] for k in table.names})
+            for i in range(lo, hi, step):
+                j = min(i + step, hi)
+                table.put(ids[i:j], {k: f["private"][k][i:j] for k in table.names})
         return Checkpoint(round=int(f.attrs["round"]), config=str(f.attrs["config"]),
                           elapsed_s=float(f.attrs["elapsed_s"]),
                           shared={k: v[...] for k, v in f["shared"].items()})

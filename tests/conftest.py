@@ -107,6 +107,7 @@ def results(path) -> dict[str, np.ndarray]:
         out["status"] = f.attrs["status"]
     ckpt = Path(str(path).replace(".h5", ".ckpt.h5"))
     with h5py.File(ckpt, "r") as f:
+        out["private_ids"] = f["private_ids"][:]
         for group in ("shared", "private"):
             for k in f[group]:
                 out[f"{group}/{k}"] = f[group][k][:]

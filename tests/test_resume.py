@@ -139,6 +139,7 @@ def test_checkpoint_holds_every_client_keyed_by_id(tmp_path):
     assert run_mpi(None, *TINY, f"output.dir={tmp_path}", "output.name=c").returncode == 0
     with h5py.File(tmp_path / "c.ckpt.h5") as f:
         assert f.attrs["round"] == 2 and "sha256" in f.attrs
+        assert f["private_ids"][:].tolist() == list(range(6))  # all 6 trained
         assert f["private/embedding"].shape == (6, 64)
         assert f["private/head.weight"].shape == (6, 10, 64)
         assert set(f["shared"]) == {k for k in f["shared"] if k.startswith("hypernet.")}
