@@ -144,7 +144,25 @@ def test_checkpoint_holds_every_client_keyed_by_id(tmp_path):
         assert f["private/head.weight"].shape == (6, 10, 64)
         assert set(f["shared"]) == {k for k in f["shared"] if k.startswith("hypernet.")}
         emb = f["private/embedding"][:]
+        f_rows = {k: f["private"][k][:] for k in f["private"]}
     assert not np.allclose(emb[0], emb[1])  # trained apart
+    # a checkpoint of hpcfl 0.2 (every client's row, no /private_ids) loads the same rows
+    import shutil
+
+    import torch
+
+    from hpcfl.private import PrivateTable
+    from hpcfl.store import load_checkpoint
+    shutil.copy(tmp_path / "c.ckpt.h5", tmp_path / "old.ckpt.h5")
+    with h5py.File(tmp_path / "old.ckpt.h5", "r+") as f:
+        del f["private_ids"]
+    start = {"embedding": torch.zeros(64), "head.weight": torch.zeros(10, 64),
+             "head.bias": torch.zeros(10)}
+    now, old = (PrivateTable(start, range(6), "cpu") for _ in range(2))
+    load_checkpoint(tmp_path / "c.ckpt.h5", now)
+    load_checkpoint(tmp_path / "old.ckpt.h5", old)
+    for k, v in now.get(range(6)).items():
+        assert torch.equal(v, old.get(range(6))[k]) and np.array_equal(v.numpy(), f_rows[k])
 
 
 def test_killed_after_its_last_checkpoint_a_rerun_marks_it_completed(tmp_path):
