@@ -56,12 +56,14 @@ def mpiexec() -> str:
 def launch(ranks: int | None, *args: str, module: str = "hpcfl.main", pin_threads: bool = True,
            **popen) -> subprocess.Popen:
     """`mpiexec -n RANKS python -m MODULE ARGS` (plain `python -m MODULE ARGS` if RANKS is
-    None) in its own session, so that the whole job can be killed at once. OMP_NUM_THREADS=1
-    unless `pin_threads` is False (hpcfl's engine.threads decides either way)."""
+    None; module "many": tests/many.py, several runs in one process) in its own session, so
+    that the whole job can be killed at once. OMP_NUM_THREADS=1 unless `pin_threads` is False
+    (hpcfl's engine.threads decides either way)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if not pin_threads:
         env.pop("OMP_NUM_THREADS")
-    cmd = [sys.executable, "-m", module, *args]
+    cmd = [sys.executable, *(["-m", module] if module != "many" else
+                             [str(Path(__file__).parent / "many.py")]), *args]
     if ranks is not None:
         cmd = [mpiexec(), "-n", str(ranks), *cmd]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -78,6 +80,20 @@ def run_mpi(ranks: int | None, *args: str, timeout: float = 240, module: str = "
         proc.communicate()
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_each(ranks: int | None, configs: dict[str, list[str]], *common: str,
+             pin_threads: bool = True) -> dict[str, dict]:
+    """Every config (name -> overrides, plus `common`, which must set output.dir), one after
+    another in ONE job of `ranks` ranks (tests/many.py), each written to output.name=<name>;
+    their results() by name."""
+    argv = []
+    for name, over in configs.items():
+        argv += [*common, *over, f"output.name={name}", "--"]
+    r = run_mpi(ranks, *argv, module="many", pin_threads=pin_threads)
+    assert r.returncode == 0, r.stderr
+    out = next(a for a in common if a.startswith("output.dir=")).split("=", 1)[1]
+    return {name: results(Path(out) / f"{name}.h5") for name in configs}
 
 
 def wait_for_rows(path, rows: int, proc, timeout=180):
@@ -117,7 +133,9 @@ def results(path) -> dict[str, np.ndarray]:
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys() and a["status"] == b["status"] == "completed"
     assert np.array_equal(a["round"], b["round"])
-    return max(float(np.abs(a[k].astype(float) - b[k].astype(float)).max())
+    for k in a:
+        assert np.shape(a[k]) == np.shape(b[k]), k
+    return max(float(np.abs(a[k].astype(float) - b[k].astype(float)).max(initial=0.0))
                for k in a if k != "status")
 
 

@@ -8,26 +8,28 @@ import time
 import h5py
 import pytest
 
-from .conftest import (TINY, launch, max_diff, rank_pids, results, run_mpi, wait_for_rows)
+from .conftest import (TINY, launch, max_diff, rank_pids, results, run_each, run_mpi,
+                       wait_for_rows)
 
 SMALL = ["data.num_clients=10", "train.rounds=3", "train.local_epochs=1",
          "output.progress=none", "train.device=cpu"]
 
 
-@pytest.mark.parametrize("algorithm, rank_counts", [("hyperfl", (1, 2, 3)), ("fedavg", (1, 2))])
-def test_one_two_and_three_ranks_give_the_same_results(tmp_path, algorithm, rank_counts):
+def test_one_two_and_three_ranks_give_the_same_results(tmp_path):
+    """HyperFL on 1, 2 and 3 ranks, FedAvg on 1 and 2: each rank count one job running both."""
+    configs = {"hyperfl": ["algorithm.name=hyperfl"], "fedavg": ["algorithm.name=fedavg"]}
     runs = {}
-    for ranks in rank_counts:
-        name = f"n{ranks}"
-        r = run_mpi(ranks, *SMALL, f"algorithm.name={algorithm}", f"output.dir={tmp_path}",
-                    f"output.name={name}")
-        assert r.returncode == 0, r.stderr
-        runs[ranks] = results(tmp_path / f"{name}.h5")
-        with h5py.File(tmp_path / f"{name}.h5") as f:
-            assert f.attrs["world_size"] == ranks
-            assert f["timing/compute_s"].shape == (3, ranks)
-    for ranks in rank_counts[1:]:
-        assert max_diff(runs[1], runs[ranks]) == 0.0  # README: bit for bit
+    for ranks in (1, 2, 3):
+        todo = configs if ranks < 3 else {"hyperfl": configs["hyperfl"]}
+        out = tmp_path / f"r{ranks}"
+        runs[ranks] = run_each(ranks, todo, *SMALL, f"output.dir={out}")
+        for name in todo:
+            with h5py.File(out / f"{name}.h5") as f:
+                assert f.attrs["world_size"] == ranks
+                assert f["timing/compute_s"].shape == (3, ranks)
+    for ranks in (2, 3):
+        for name in runs[ranks]:  # README: bit for bit
+            assert max_diff(runs[1][name], runs[ranks][name]) == 0.0, (name, ranks)
 
 
 def test_by_default_vectorized_hyperfl_is_the_same_on_one_and_two_ranks(tmp_path):
@@ -61,36 +63,30 @@ def test_every_rank_trains_a_share_of_100_clients_at_frac_03_and_results_match_o
     assert max_diff(runs[1], runs[4]) == 0
 
 
-@pytest.mark.parametrize("algorithm", ["dpfedavg", "ppsgd", "centaur"])
-def test_dp_baselines_give_the_same_results_on_one_and_two_ranks(tmp_path, algorithm):
-    """Their noise, too, is drawn per (seed, round, client), never per rank."""
+def test_dp_baselines_and_defended_runs_give_the_same_results_on_one_and_two_ranks(tmp_path):
+    """DP noise and a defense's randomness are drawn per (seed, round, client), never per rank;
+    a defense's once-per-run parts (slices, public labels) come from rank 0. (dp_gaussian draws
+    through dp_laplace's code with another distribution; topk draws nothing and reads one
+    upload.) The 3 DP baselines and 5 defenses run one after another in one job per rank
+    count."""
+    configs = {a: [f"algorithm.name={a}", "privacy.sample_clip=0.5"]
+               for a in ("dpfedavg", "ppsgd", "centaur")}
+    for i, defense in enumerate(["dp_laplace", "soteria", "random_slice", "gradienthide",
+                                 "random_slice privacy.slice_sample_clip=1e-2"]):
+        configs[f"defense{i}"] = ["train.rounds=2", "algorithm.name=fedavg",
+                                  *f"privacy.defense={defense}".split(),
+                                  "data.public_fraction=0.1", "privacy.slice_noise=5e-3"]
     runs = {}
     for ranks in (1, 2):
-        r = run_mpi(ranks, *SMALL, f"algorithm.name={algorithm}", "privacy.sample_clip=0.5",
-                    f"output.dir={tmp_path}", f"output.name=n{ranks}")
-        assert r.returncode == 0, r.stderr
-        runs[ranks] = results(tmp_path / f"n{ranks}.h5")
-        with h5py.File(tmp_path / f"n{ranks}.h5") as f:
-            runs[ranks]["epsilon"] = f["metrics/epsilon"][:]
-    assert max_diff(runs[1], runs[2]) == 0.0
-    assert runs[1]["train_loss"][-1] < runs[1]["train_loss"][0]
-
-
-@pytest.mark.parametrize("defense", ["dp_laplace", "soteria", "random_slice", "gradienthide",
-                                     "random_slice privacy.slice_sample_clip=1e-2"])
-def test_defended_runs_give_the_same_results_on_one_and_two_ranks(tmp_path, defense):
-    """A defense's randomness is drawn per (seed, round, client), never per rank; the
-    once-per-run parts (slices, public labels) come from rank 0. (dp_gaussian draws through
-    dp_laplace's code with another distribution; topk draws nothing and reads one upload.)"""
-    runs = {}
-    for ranks in (1, 2):
-        r = run_mpi(ranks, *SMALL, "train.rounds=2", "algorithm.name=fedavg",
-                    *f"privacy.defense={defense}".split(), "data.public_fraction=0.1",
-                    "privacy.slice_noise=5e-3", f"output.dir={tmp_path}",
-                    f"output.name=n{ranks}")
-        assert r.returncode == 0, r.stderr
-        runs[ranks] = results(tmp_path / f"n{ranks}.h5")
-    assert max_diff(runs[1], runs[2]) == 0
+        out = tmp_path / f"r{ranks}"
+        runs[ranks] = run_each(ranks, configs, *SMALL, f"output.dir={out}")
+        for name in ("dpfedavg", "ppsgd", "centaur"):
+            with h5py.File(out / f"{name}.h5") as f:
+                runs[ranks][name]["epsilon"] = f["metrics/epsilon"][:]
+    for name in configs:
+        assert max_diff(runs[1][name], runs[2][name]) == 0.0, name
+    for name in ("dpfedavg", "ppsgd", "centaur"):
+        assert runs[1][name]["train_loss"][-1] < runs[1][name]["train_loss"][0], name
 
 
 def test_ranks_reading_their_share_of_a_prepared_file_give_the_same_results(tmp_path):
