@@ -11,9 +11,13 @@ from hpcfl.config import RENAMED
 
 
 def results_files(dirs: list[str]) -> list[Path]:
-    """The results files in `dirs` and any folder below them (not checkpoints)."""
-    return sorted(p for d in dirs for p in Path(d).rglob("*.h5")
-                  if not p.name.endswith((".ckpt.h5", ".ckpt.prev.h5")))
+    """The results files in `dirs` and any folder below them (not checkpoints); a file named
+    in `dirs` is taken as one, whatever its name."""
+    found = set()
+    for d in map(Path, dirs):
+        found |= {d} if d.is_file() else {p for p in d.rglob("*.h5")
+                                          if not p.name.endswith((".ckpt.h5", ".ckpt.prev.h5"))}
+    return sorted(found)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

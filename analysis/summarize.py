@@ -1,4 +1,4 @@
-"""`python -m analysis.summarize DIR... [--csv F] [--plot DIR]`: one table row per results file
+"""`python -m analysis.summarize DIR|FILE... [--csv F] [--plot DIR]`: one table row per results file
 (running, preempted, failed and diverged runs too), mean ± std over seeds, optional figures.
 
 Per run: the config keys (dotted, `output.*` left out) whose values differ between the runs
@@ -21,8 +21,9 @@ DIR/population.png (a training round, an evaluation, start-up and a checkpoint a
 number of clients, log axes, one line style per world size; when the runs have more than one
 client count, e.g. from `python -m hpcfl.bench population`) and DIR/privacy_utility.png
 (analysis.privacy_utility, when a file has /privacy).
-Files that cannot be read as results files are counted and named in one line. No results file:
-exit code 2.
+A results file can also be named itself. Files that cannot be read as results files are counted
+and named in one line. No readable results file, a path that does not exist, or a --csv or
+--plot of the wrong kind: one line on stderr and exit code 2, nothing written.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import pandas as pd
 import yaml
 
 from analysis.results import results_files, run_config
+from hpcfl.config import ArgumentParser, ConfigError
 
 PHASES = ("compute", "allreduce", "exchange", "eval", "io")  # exchange: new in 0.2, else 0
 SEED = "train.seed"
@@ -218,25 +220,51 @@ def plot_population(table: pd.DataFrame, out: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m analysis.summarize",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("dirs", nargs="+", help="folders of results files")
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments, checked before anything is read or written: the inputs exist, and the
+    outputs are not of the wrong kind (a folder where --csv names a file, and the reverse)."""
+    p = ArgumentParser(prog="python -m analysis.summarize", description=__doc__.split("\n\n")[0])
+    p.add_argument("dirs", nargs="+", help="folders of results files (searched below), or "
+                   "results files")
     p.add_argument("--csv", help="write the run table here, the seed groups to <stem>-seeds.csv")
     p.add_argument("--plot", help="write PNG figures into this folder")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    missing = [d for d in args.dirs if not Path(d).exists()]
+    if missing:
+        raise ConfigError(f"no such file or folder: {', '.join(missing)}")
+    if args.csv and (Path(args.csv).is_dir() or any(q.is_file() for q in Path(args.csv).parents)):
+        raise ConfigError(f"--csv {args.csv}: not a file that can be written (a directory, or "
+                          "below a file)")
+    if args.plot and Path(args.plot).exists() and not Path(args.plot).is_dir():
+        raise ConfigError(f"--plot {args.plot} is a file; name the folder for the figures")
+    return args
+
+
+def read_runs(dirs: list[str]) -> tuple[list[Run], list[str]]:
+    """The runs of the results files in `dirs`, and 'name (why)' of each file that cannot be
+    read as one (not HDF5, truncated, another program's)."""
     runs, unreadable = [], []
-    for path in results_files(args.dirs):
+    for path in results_files(dirs):
         try:
             runs.append(read_run(path))
         except (OSError, KeyError, ValueError, TypeError, AttributeError, yaml.YAMLError) as e:
-            unreadable.append(f"{path.name} ({type(e).__name__})")
+            why = " ".join(str(e).split())  # one line: h5py's messages may span several
+            unreadable.append(f"{path.name} ({type(e).__name__}: {why[:120]})")
+    return runs, unreadable
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse(sys.argv[1:] if argv is None else argv)
+        runs, unreadable = read_runs(args.dirs)
+        if not runs:
+            left = f"; unreadable: {', '.join(unreadable)}" if unreadable else ""
+            raise ConfigError(f"no readable results file in {', '.join(args.dirs)}{left}")
+    except ConfigError as e:
+        print(f"analysis.summarize: error: {e}", file=sys.stderr)
+        return 2
     if unreadable:
         print(f"{len(unreadable)} unreadable files left out: {', '.join(unreadable)}")
-    if not runs:
-        print(f"analysis.summarize: error: no readable results file in {', '.join(args.dirs)}",
-              file=sys.stderr)
-        return 2
     keys = varying_keys(runs)
     table = run_table(runs, keys)
     seeds = seed_table(table, keys)

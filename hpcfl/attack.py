@@ -89,14 +89,33 @@ def state_before(cfg: RunConfig, world: World, algo, data, mine: list[int]
     path = Path(cfg.output.dir) / f"{cfg.output.name}.h5"
     attrs = provenance(cfg, world)  # collective
     lock = lock_output(cfg.output, world)  # the run's lock, as any writer of its file
-    if world.is_main and not path.exists():  # round 1 needs no training: a file for /privacy
-        store = ResultsFile.create(path, attrs, (data.num_train, data.num_test),
-                                   evaluated_clients(cfg.train, cfg.data.num_clients), world.size)
-        store.close("completed", note="no round trained: the attack is on round 1's uploads")
-    if lock is not None:
-        lock.release()
+    try:
+        world.on_main(lambda: round_one_file(cfg, path, attrs, data, world.size))
+    finally:
+        if lock is not None:
+            lock.release()
     return (to_device(algo.init_shared(), world.device),
             {c: to_device(algo.init_client(c), world.device) for c in mine}, path)
+
+
+def round_one_file(cfg: RunConfig, path: Path, attrs: dict, data, ranks: int) -> None:
+    """Round 1 needs no training: the run's results file is made for /privacy, or the one that
+    exists is checked now to be one, not when the attack's results are written into it."""
+    if not path.exists():
+        store = ResultsFile.create(path, attrs, (data.num_train, data.num_test),
+                                   evaluated_clients(cfg.train, cfg.data.num_clients), ranks)
+        store.close("completed", note="no round trained: the attack is on round 1's uploads")
+        return
+    why = "a directory" if path.is_dir() else None
+    if why is None:
+        try:
+            with h5py.File(path, "r", locking=False) as f:
+                f.attrs["config"]
+        except (OSError, KeyError) as e:
+            why = " ".join(str(e).split())  # one line: h5py's messages may span several
+    if why is not None:
+        raise ConfigError(f"output.name: {path} exists and is not an hpcfl results file "
+                          f"({why}); choose another output.name")
 
 
 def load_prior(cfg: RunConfig, shape: tuple, device: torch.device) -> Generator:
@@ -272,11 +291,12 @@ def attack(cfg: RunConfig, world: World) -> str | None:
         # Every op that has a deterministic kernel still uses it.
         torch.use_deterministic_algorithms(True, warn_only=True)
     defense = build_defense(cfg.privacy, cfg.train.seed)
+    # first: a population too large for memory is refused here, not by the cohort's draw
+    data = world.agree(lambda: load_federated(cfg.data, cfg.train.seed, world.device))
     cohort = sample_cohort(cfg.train.seed, a.round, cfg.data.num_clients, cfg.train.frac)
     targets = cohort[:a.clients]
     # Each rank attacks a contiguous share of the targets and reads only their data.
     mine = [int(c) for c in np.array_split(targets, world.size)[world.rank]]
-    data = load_federated(cfg.data, cfg.train.seed, world.device)
     algo = build(cfg, data, world.device)
     if a.name == "idlg" and (cfg.algorithm.name == "hyperfl" or
                              any(data.num_train[c] != 1 for c in targets)):

@@ -7,8 +7,10 @@ raises ConfigError with one line naming the key and what is allowed.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,14 @@ class ConfigError(ValueError):
     def __init__(self, line: str, every_rank: bool = False):
         super().__init__(line)
         self.every_rank = every_rank
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage mistakes are ConfigErrors, one line and exit code 2 from the
+    command like any other mistake (argparse's own print its usage as well, several lines)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 def opt(default, help: str, choices: tuple = (), min: float | None = None,
@@ -301,7 +311,17 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
         value, ok = (str(value).lower() if isinstance(value, bool) else str(value)), True
     if not ok:
         raise ConfigError(f"{key}: expected {want.__name__}, got {value!r}")
-    return float(value) if want is float else value
+    if want is not float:
+        return value
+    try:
+        value = float(value)
+    except OverflowError:  # an int of 400 digits
+        value = math.inf
+    # NaN passes every range check (all its comparisons are false), and no option means
+    # anything at inf: both are typing mistakes, to stop here rather than diverge a run later.
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
+    return value
 
 
 def _check(key: str, f: dataclasses.Field, value: Any) -> None:
@@ -373,21 +393,53 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def read_user_file(path: str, what: str) -> str:
+    """The text of a file the user named (`what`: "config file", "sweep file"): one line
+    naming it when it is missing, a folder, unreadable or not UTF-8, the only place such a file
+    is read."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {path} is a directory, not a file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                          f"offset {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
+
+
+def load_yaml(path: str, what: str) -> Any:
+    """A user's YAML file (a config, a sweep), parsed: one line when it is not YAML, or when it
+    holds nothing (empty, or only comments: a file named on purpose that sets nothing is a
+    wrong or truncated file, not a wish for the defaults, which need no file)."""
+    text = read_user_file(path, what)
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({why}{where})") from None
+    if tree is None:
+        raise ConfigError(f"{what} {path} is empty: it sets nothing")
+    return tree
+
+
 def load_config(path: str | None = None, overrides: list[str] = (),
                 base_yaml: str | None = None) -> RunConfig:
     """Defaults <- base_yaml (e.g. from a results file) <- YAML file <- key=value overrides."""
     cfg = RunConfig()
     if base_yaml is not None:
-        apply_dict(cfg, yaml.safe_load(base_yaml), "stored config")
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
         try:
-            tree = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        apply_dict(cfg, tree, path)
+            tree = yaml.safe_load(base_yaml)
+        except yaml.YAMLError:
+            raise ConfigError("stored config: not valid YAML") from None
+        apply_dict(cfg, tree, "stored config")
+    if path is not None:
+        apply_dict(cfg, load_yaml(path, "config file"), path)
     for text in overrides:
         set_value(cfg, *parse_override(text))
     validate(cfg)
@@ -425,3 +477,57 @@ def describe() -> str:
             lines.append(f"  {sec_name}.{name} = {getattr(section, name)!r}{extra}\n"
                          f"      {m['help']}")
     return "\n".join(lines)
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory this process can still take: /proc/meminfo's MemAvailable, or less
+    where its memory cgroup (a Slurm job's --mem) is limited; None where neither is readable."""
+    have = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                have = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    room = _cgroup_room()
+    return room if have is None else have if room is None else min(have, room)
+
+
+def _cgroup_room(root: Path = Path("/")) -> int | None:
+    """The least limit minus usage of this process's memory cgroup and its ancestors (v2, or
+    v1), where the limit is set (Slurm sets it on the job, above the task's cgroup); None:
+    no limit, or none readable. `root`: where /proc and /sys are (a test's folder)."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, where = line.split(":", 2)
+        if controllers == "":
+            base, files = root / "sys/fs/cgroup", ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            base, files = (root / "sys/fs/cgroup/memory",
+                           ("memory.limit_in_bytes", "memory.usage_in_bytes"))
+        else:
+            continue
+        leaf, rooms = base / where.lstrip("/"), []
+        # up to the mount's root, which in a container is the container's own cgroup
+        for folder in [leaf, *(q for q in leaf.parents if q.is_relative_to(base))]:
+            try:
+                limit, used = ((folder / f).read_text().strip() for f in files)
+            except OSError:
+                continue
+            if limit.isdigit() and used.isdigit() and int(limit) < 2 ** 60:  # v1's "no limit"
+                rooms.append(int(limit) - int(used))
+        if rooms:
+            return min(rooms)
+    return None
+
+
+def refuse_unless_fits(need: float, have: float | None, what: str, hint: str) -> None:
+    """One line (ConfigError) when `need` bytes, estimated before anything is allocated, are
+    more than `have` bytes available (None: unknown, nothing refused): better than the crash or
+    the swapping that would follow. `what` says what needs it, `hint` what to do."""
+    if have is not None and need > have:
+        raise ConfigError(f"{what} need about {need / 1e9:,.1f} GB of memory, and "
+                          f"{max(have, 0) / 1e9:,.1f} GB is available; {hint}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import h5py
 
@@ -49,11 +50,14 @@ def parse_args(argv: list[str]) -> RunConfig:
 
 
 def stored_config(path: str) -> str:
+    if Path(path).is_dir():
+        raise ConfigError(f"--from {path} is a directory, not a results file")
     try:
         with h5py.File(path, "r", locking=False) as f:
             return f.attrs["config"]
     except (OSError, KeyError) as e:
-        raise ConfigError(f"--from {path}: not an hpcfl results file ({e})") from None
+        why = " ".join(str(e).split())  # one line: h5py's messages may span several
+        raise ConfigError(f"--from {path}: not an hpcfl results file ({why})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

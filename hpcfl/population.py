@@ -5,12 +5,14 @@ Every per-round cost here is set by the cohort and the evaluated clients, never 
 population."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, available_memory, refuse_unless_fits
 from .engine import evaluate_stack
-from .placement import deal, host_of, hosted
+from .placement import UNIT, deal, host_of, hosted
 from .private import Params, PrivateTable
 from .streams import Stream, numpy_stream
 from .world import World
@@ -30,11 +32,34 @@ def evaluated_clients(t: TrainConfig, num_clients: int) -> np.ndarray:
     return np.sort(numpy_stream(t.seed, Stream.EVALUATED).choice(num_clients, k, replace=False))
 
 
+def check_memory(world: World, start: Params, num_clients: int) -> None:
+    """Refuse a population whose private state cannot fit in this rank's memory, before it is
+    allocated: a row for every client the rank hosts, which PrivateTable reserves at once (a
+    row costs memory on a CPU once its client trains, so a long run fills them; Linux refuses
+    a reservation past the machine's memory, and CUDA allocates it all), and 8 bytes a client
+    for placing them (placement.hosted). The ranks of a node share its memory."""
+    rows = min(num_clients, math.ceil(num_clients / world.size / UNIT) * UNIT)
+    row = PrivateTable.row_bytes(start)
+    if world.device.type == "cuda":
+        have, shared = torch.cuda.mem_get_info(world.device)[0], ""
+    else:
+        memory = available_memory()
+        have = None if memory is None else memory / world.local_size
+        shared = f" (this node's memory is shared by its {world.local_size} ranks)" * (
+            world.local_size > 1)
+    refuse_unless_fits(rows * row + 8 * num_clients, have,
+                       f"data.num_clients={num_clients:,}: the private state of the "
+                       f"{rows:,} clients a rank hosts ({row:,} bytes each once trained) and "
+                       "their placement",
+                       f"use fewer clients, or more ranks on more nodes{shared}")
+
+
 class Population:
     """The clients as this rank sees them: hosted ids `mine` (contiguous, whole UNITs), their
     private state, and which of them every evaluation covers."""
 
     def __init__(self, world: World, start: Params, num_clients: int, evaluated: np.ndarray):
+        world.agree(lambda: check_memory(world, start, num_clients))  # every rank, or none
         self.world = world
         self.blocks = hosted(num_clients, world.size)
         self.mine = self.blocks[world.rank]

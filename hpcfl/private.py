@@ -77,5 +77,12 @@ class PrivateTable:
             i += n
         return out
 
+    @staticmethod
+    def row_bytes(start: Params) -> int:
+        """Bytes a hosted client costs once its row is written (its tensors and the flag that
+        marks it written): what `PrivateTable(start, hosted)` reserves per client, known
+        before it is allocated."""
+        return sum(v.numel() * v.element_size() for v in start.values()) + 1
+
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.tensors.values())

@@ -10,13 +10,12 @@ A sweep file has
     attack: true/false (default false): each point first attacks round attack.round
             (python -m hpcfl.attack), then trains to the end into the same results file.
 Point I runs as output.name <sweep file stem>-<I, 3 digits> unless it sets output.name.
-`--list` prints the numbered points and the --array range of a Slurm array job. A finished
-point (completed, or diverged: rerunning it would diverge again) is skipped; a preempted one
-resumes.
+`--list` checks every point's config (a mistake names the point) and prints the numbered
+points and the --array range of a Slurm array job. A finished point (completed, or diverged:
+rerunning it would diverge again) is skipped; a preempted one resumes.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import sys
@@ -24,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import yaml
 
-from .config import (ConfigError, RunConfig, apply_dict, load_config, parse_override, set_value,
-                     validate)
+from .config import (ArgumentParser, ConfigError, RunConfig, apply_dict, load_config, load_yaml,
+                     parse_override, set_value, validate)
 from .loop import run
 from .cli import Command, requeue_own_job
 
@@ -36,22 +34,21 @@ log = logging.getLogger("hpcfl")
 
 def load_sweep(path: str) -> tuple[dict, list[dict[str, Any]]]:
     """The sweep file's mapping and its points (dotted key -> value), in order."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    try:
-        spec = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    spec = load_yaml(path, "sweep file")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: a sweep is a mapping of base, grid, points, attack; not a "
+                          f"{type(spec).__name__}")
     unknown = set(spec) - {"base", "grid", "points", "attack"}
-    if not isinstance(spec, dict) or unknown:
+    if unknown:
         raise ConfigError(f"{path}: a sweep has base, grid, points, attack; not "
-                          f"{', '.join(sorted(unknown)) if isinstance(spec, dict) else spec!r}")
+                          f"{', '.join(sorted(map(str, unknown)))}")
     grid = spec.get("grid") or {}
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+    if not isinstance(grid, dict) or not all(isinstance(k, str) and isinstance(v, list) and v
+                                             for k, v in grid.items()):
         raise ConfigError(f"{path}: grid maps dotted keys to non-empty lists of values")
     listed = spec.get("points") or [{}]
-    if not isinstance(listed, list) or not all(isinstance(q, dict) for q in listed):
+    if not isinstance(listed, list) or not all(
+            isinstance(q, dict) and all(isinstance(k, str) for k in q) for q in listed):
         raise ConfigError(f"{path}: points is a list of mappings of dotted keys to values")
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     return spec, [{**q, **c} for q in listed for c in combos]
@@ -94,28 +91,41 @@ def describe(point: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in point.items()) or "(base)"
 
 
+def checked(path: str, spec: dict, points: list[dict[str, Any]], index: int,
+            overrides: list[str] = ()) -> RunConfig:
+    """Point `index`'s config; a mistake in it names the point."""
+    try:
+        return point_config(path, spec, points[index], index, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"point {index} ({describe(points[index])}): {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="hpcfl: %(message)s", stream=sys.stderr)
-    p = argparse.ArgumentParser(prog="python -m hpcfl.sweep", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m hpcfl.sweep", description=__doc__.split("\n")[0])
     p.add_argument("sweep", help="the sweep YAML")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--list", action="store_true", help="print the points and their count")
+    what.add_argument("--list", action="store_true", help="print the points and their count "
+                      "(after checking every point's config)")
     what.add_argument("--index", type=int, help="run point I (0-based)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="set for every point, after the sweep file's values")
-    # intermixed: the overrides may come after --index I
-    args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     cmd, world = Command("hpcfl.sweep"), None
     with cmd:
+        # intermixed: the overrides may come after --index I
+        args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
         spec, points = load_sweep(args.sweep)
         if args.list:
+            # every point checked now, not when the array job reaches it
+            for i in range(len(points)):
+                checked(args.sweep, spec, points, i, args.overrides)
             for i, point in enumerate(points):
                 print(f"{i:3d}  {describe(point)}")
             print(f"{len(points)} points (a Slurm array: --array=0-{len(points) - 1})")
             return 0
         if not 0 <= args.index < len(points):
             raise ConfigError(f"--index {args.index}: the sweep has points 0-{len(points) - 1}")
-        cfg = point_config(args.sweep, spec, points[args.index], args.index, args.overrides)
+        cfg = checked(args.sweep, spec, points, args.index, args.overrides)
         attack = bool(spec.get("attack", False))
         if attack and cfg.attack.round < 2:
             raise ConfigError("a sweep with attack: true needs attack.round >= 2 (the attack "

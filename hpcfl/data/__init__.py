@@ -4,13 +4,14 @@ the device (uint8 where the source is), each client's samples indices into the p
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from ..config import ConfigError, DataConfig
+from ..config import ConfigError, DataConfig, available_memory, refuse_unless_fits
 from . import builtin
 from .files import FILE_DATASETS, PreparedFile
 from .index import ClientIndex, SampledIndex, SplitIndex
@@ -230,9 +231,30 @@ def client_index(cfg: DataConfig, seed: int, labels: dict[str, np.ndarray],
     return train_split, test_split, SplitIndex(splits)
 
 
+def check_memory(cfg: DataConfig) -> None:
+    """Refuse, before anything is made, data whose size the config alone sets and which cannot
+    fit in memory: a synthetic pool (uint8 pixels, int64 labels) and, with partition=sampled,
+    every client's two int64 sizes. The other partitions give every client two samples at
+    least (partition.partition checks it), so the pool bounds them; a prepared file holds what
+    was prepared. Each rank holds the data, and this checks one rank's copy."""
+    need, what, keys = 0, [], []
+    if cfg.name.startswith("synthetic-"):
+        need += cfg.synthetic_samples * (math.prod(SHAPES[cfg.name]) + 8)
+        what.append(f"data.synthetic_samples={cfg.synthetic_samples:,} images")
+        keys.append("data.synthetic_samples")
+    if cfg.partition == "sampled":
+        need += 16 * cfg.num_clients
+        what.append(f"the sizes of data.num_clients={cfg.num_clients:,} clients")
+        keys.append("data.num_clients")
+    if need:
+        refuse_unless_fits(need, available_memory(), " and ".join(what),
+                           f"lower {' or '.join(keys)}")
+
+
 def load_federated(cfg: DataConfig, seed: int,
                    device: torch.device | str = "cpu") -> FederatedData:
     """Partition the dataset into cfg.num_clients clients, its splits as pools on the device."""
+    check_memory(cfg)
     source = Source(cfg, device)
     train_split, test_split, index = client_index(cfg, seed, source.labels, source.num_classes)
 

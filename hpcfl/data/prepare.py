@@ -16,7 +16,6 @@ so an interrupted run leaves no file that looks prepared.
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import gzip
 import hashlib
@@ -32,6 +31,7 @@ import h5py
 import numpy as np
 
 from .. import __version__
+from ..config import ArgumentParser, ConfigError
 from .files import FILE_DATASETS, FORMAT, FORMAT_VERSION
 
 
@@ -59,6 +59,8 @@ def find(path: Path) -> Path:
     for p in (path, path.with_name(path.name + ".gz")):
         if p.is_file():
             return p
+        if p.is_dir():
+            raise PrepareError(f"{p} is a directory, not a file")
     raise PrepareError(f"{path}[.gz] not found")
 
 
@@ -123,8 +125,12 @@ def unpickle(path: Path) -> dict:
 def load_cifar10(source: Path) -> dict:
     root = source / "cifar-10-batches-py"
     meta = unpickle(find(root / "batches.meta"))
-    out = {"classes": [c.decode() if isinstance(c, bytes) else c
-                       for c in meta.get("label_names", [])], "sources": [root / "batches.meta"]}
+    try:
+        classes = [c.decode() if isinstance(c, bytes) else c for c in meta.get("label_names", [])]
+    except (UnicodeDecodeError, TypeError) as e:
+        raise PrepareError(f"{root / 'batches.meta'}: label_names are not UTF-8 text ({e})") \
+            from None
+    out = {"classes": classes, "sources": [root / "batches.meta"]}
     for split, files in (("train", [f"data_batch_{i}" for i in range(1, 6)]),
                          ("test", ["test_batch"])):
         xs, ys = [], []
@@ -214,7 +220,14 @@ def source_digests(sources: list[Path], source: Path) -> dict[str, str]:
 def prepare(name: str, source: Path, out: Path, command: str) -> Path:
     spec = FILE_DATASETS[name]
     if not source.is_dir():
-        raise PrepareError(f"--source {source}: not a directory")
+        raise PrepareError(f"--source {source}: " + ("not a directory" if source.exists() else
+                                                     "no such directory"))
+    # found before the reading, not by the writing at the end
+    if out.is_dir():
+        raise PrepareError(f"--out {out} is a directory; name the file to write")
+    below = next((q for q in out.parents if q.is_file()), None)
+    if below is not None:
+        raise PrepareError(f"--out {out}: {below} is a file, not a folder")
     data = LOADERS[name](name, source)
     for split in ("train", "test"):
         x, y = data[split]
@@ -223,9 +236,9 @@ def prepare(name: str, source: Path, out: Path, command: str) -> Path:
                                f"{spec.shape}")
         if len(y) and (y.min() < 0 or y.max() >= spec.num_classes):
             raise PrepareError(f"{name} {split}: labels outside 0..{spec.num_classes - 1}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(tmp, "w") as f:
             for split in ("train", "test"):
                 f[f"{split}/images"], f[f"{split}/labels"] = data[split]
@@ -235,13 +248,16 @@ def prepare(name: str, source: Path, out: Path, command: str) -> Path:
                            command=command, hpcfl_version=__version__,
                            created=dt.datetime.now().astimezone().isoformat(timespec="seconds"))
         os.replace(tmp, out)
+    except OSError as e:  # a folder that cannot be made or written
+        raise PrepareError(f"--out {out}: cannot be written ({e.strerror or e})") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hpcfl.data.prepare",
+    p = ArgumentParser(prog="python -m hpcfl.data.prepare",
                                 description="Write a dataset's distributed files into the HDF5 "
                                 "file that runs read (<data.root>/<name>.h5).")
     p.add_argument("name", choices=sorted(FILE_DATASETS))
@@ -251,7 +267,11 @@ def main(argv: list[str] | None = None) -> int:
                    "data.root)")
     p.add_argument("--download", action="store_true",
                    help="let torchvision download the files into --source first (needs network)")
-    a = p.parse_args(argv)
+    try:
+        a = p.parse_args(argv)
+    except ConfigError as e:
+        print(f"hpcfl.data.prepare: error: {e}", file=sys.stderr)
+        return 2
     out = a.out or Path("data") / f"{a.name}.h5"
     command = " ".join(["python -m hpcfl.data.prepare", *(sys.argv[1:] if argv is None else argv)])
     try:
