@@ -85,8 +85,7 @@ class Population:
         sent = [self._hosted_here(group) for group in trained]
         got = self.world.exchange([self.table.flat(self.table.get(c)) for c in sent])
         private: dict[int, Params] = {}
-        for h, rows in enumerate(got):
-            cids = [c for c in trained[me] if self._host(c) == h]
+        for cids, rows in zip(self._by_host(trained[me]), got):
             private.update(unstack(cids, self.table.unflat(rows)))
         return {c: {k: v.to(self.world.device) for k, v in private[c].items()}
                 for c in trained[me]}
@@ -101,7 +100,7 @@ class Population:
         if self.world.size == 1:
             self.table.put(trained[me], restack(trained[me], private))
             return
-        back = [[c for c in trained[me] if self._host(c) == h] for h in range(self.world.size)]
+        back = self._by_host(trained[me])
         got = self.world.exchange([self.table.flat(restack(cids, private)) if cids else
                                    np.zeros((0, self.table.width), np.float32)
                                    for cids in back])
@@ -110,8 +109,12 @@ class Population:
             if cids:
                 self.table.put(cids, self.table.unflat(rows))
 
-    def _host(self, cid: int) -> int:
-        return int(host_of([cid], self.blocks)[0])
+    def _by_host(self, cids: list[int]) -> list[list[int]]:
+        """`cids` grouped by the rank that hosts them, in their order (one host_of for all)."""
+        out: list[list[int]] = [[] for _ in range(self.world.size)]
+        for c, h in zip(cids, host_of(cids, self.blocks) if cids else []):
+            out[int(h)].append(c)
+        return out
 
     def _hosted_here(self, cids: list[int]) -> list[int]:
         return [c for c in cids if self.mine.start <= c < self.mine.stop]
