@@ -215,6 +215,9 @@ class EngineConfig:
                        "count changes a run's last bits, which HyperFL amplifies; 0 = "
                        "SLURM_CPUS_PER_TASK, else the node's cores shared among its ranks "
                        "(faster on CPU, but results then depend on the rank count)", min=0)
+    compile: bool = opt(False, "torch.compile the local step (forward and backward; CUDA graphs "
+                        "on CUDA): faster steps after a compile of seconds to a minute per "
+                        "phase; the last bits differ from engine.compile=false")
 
 
 @dataclass

@@ -22,8 +22,8 @@ from .algorithms import build_algorithm
 from .config import ConfigError, RunConfig
 from .cli import Diverged
 from .data import load_federated
-from .engine import (ROUND_DTYPE, RoundBuffer, RoundSpec, Slot, precision, resolve_mode,
-                     train_cohort, unflatten)
+from .engine import (ROUND_DTYPE, RoundBuffer, RoundSpec, Slot, compile_unavailable, precision,
+                     resolve_mode, train_cohort, unflatten)
 from .lock import lock_output
 from .placement import deal, stacks
 from .population import Population, evaluated_clients
@@ -87,7 +87,8 @@ def round_spec(cfg: RunConfig, mode: str, rnd: int, mine: list[tuple[int, ...]],
     members = tuple(c for s in mine for c in s)
     return RoundSpec(rnd, cfg.train.seed, cfg.train.batch_size, data.augment, mode,
                      cfg.engine.stack_size, members,
-                     tuple(float(data.num_train[c]) for c in members), tuple(mine))
+                     tuple(float(data.num_train[c]) for c in members), tuple(mine),
+                     cfg.engine.compile)
 
 
 @dataclass
@@ -143,9 +144,19 @@ def run(cfg: RunConfig, world: World, until: int = 0) -> dict:
             lock.release()
 
 
+def check_compile(cfg: RunConfig, device: torch.device) -> None:
+    """engine.compile=true where torch.compile cannot work (no C++ compiler for the CPU, no
+    Triton for CUDA): one line now, not a traceback from inside the first round."""
+    if cfg.engine.compile and (why := compile_unavailable(device)) is not None:
+        raise ConfigError(f"engine.compile=true: torch.compile does not work on {device.type} "
+                          f"here ({why}); use engine.compile=false")
+
+
 def start_up(cfg: RunConfig, device: torch.device):
     """This rank's data and algorithm; a ConfigError (a file missing or damaged on this node,
-    weights it cannot find) ends every rank through world.agree."""
+    weights it cannot find, engine.compile without a compiler) ends every rank through
+    world.agree."""
+    check_compile(cfg, device)
     data = load_federated(cfg.data, cfg.train.seed, device)
     algo = build(cfg, data, device)
     if (cfg.engine.dtype, device.type, cfg.model.name) == ("bf16", "cpu", "resnet18_adapter"):

@@ -134,10 +134,24 @@ class World:
         device pointers."""
         if self.comm is None:
             return
-        host = buf.detach().cpu() if buf.is_cuda else buf.detach()
+        host = self.staging(buf) if buf.is_cuda else buf.detach()
+        if buf.is_cuda:
+            host.copy_(buf)  # waits for the round's kernels; then a DMA into pinned memory
         self.comm.Allreduce(self.MPI.IN_PLACE, host.numpy(), op=self.MPI.SUM)
         if buf.is_cuda:
-            buf.copy_(host)
+            # Queued on the stream: what follows on the device sees the sum. The next write to
+            # `host` is next round's copy above, queued behind this one.
+            buf.copy_(host, non_blocking=True)
+
+    def staging(self, buf: torch.Tensor) -> torch.Tensor:
+        """The pinned (page-locked) host buffer through which a CUDA buffer like `buf` is
+        reduced, allocated once and kept: a copy from pageable memory goes through a bounce
+        buffer at a fraction of the bandwidth, and pinning is slow, so not once a round.
+        Only for CUDA buffers: pinning needs CUDA."""
+        held = getattr(self, "_staging", None)
+        if held is None or held.shape != buf.shape or held.dtype != buf.dtype:
+            held = self._staging = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
+        return held
 
     def reduce_sum_to_main(self, arr: np.ndarray) -> np.ndarray | None:
         """Elementwise sum of `arr` over ranks, on rank 0 (ranks fill disjoint entries)."""

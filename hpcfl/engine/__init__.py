@@ -22,6 +22,7 @@ from ..algorithms import Algorithm, Params
 from ..data import ClientData
 from ..data.transforms import model_inputs
 from .client import SampleTransform, minibatches, train_client
+from .compiled import compile_unavailable
 from .round import ROUND_DTYPE, RoundBuffer, RoundSpec, Slot
 from .stacked import train_stacked
 
@@ -101,7 +102,7 @@ def train_cohort(algo: Algorithm, spec: RoundSpec, shared: Params, private: dict
     per-sample transform where it has one."""
     buf = RoundBuffer.zeros(sum(v.numel() for v in shared.values()), device)
 
-    def add(cid: int, w: float, trained: Params, loss: float) -> None:
+    def add(cid: int, w: float, trained: Params, loss: float | torch.Tensor) -> None:
         start = {**shared, **private[cid]}
         private[cid] = {n: trained[n].detach() for n in private[cid]}
         up = algo.upload(shared, trained)
@@ -121,9 +122,9 @@ def train_cohort(algo: Algorithm, spec: RoundSpec, shared: Params, private: dict
             continue
         stacked, losses = train_stacked(algo, shared, private, data, list(members), spec,
                                         per_sample(list(members)))
-        for i, cid in enumerate(members):
+        for i, cid in enumerate(members):  # the loss stays on the device: no wait here
             add(cid, weight[cid], {**shared, **{n: v[i] for n, v in stacked.items()}},
-                float(losses[i]))
+                losses[i])
     return buf
 
 
@@ -164,6 +165,6 @@ def evaluate_stack(algo: Algorithm, shared: Params, private: Params,
 
 
 __all__ = ["ROUND_DTYPE", "ClientUpload", "DefenseHooks", "RoundBuffer", "RoundSpec",
-           "SampleTransform", "Slot", "evaluate_client", "evaluate_stack", "flatten",
-           "minibatches", "precision",
+           "SampleTransform", "Slot", "compile_unavailable", "evaluate_client", "evaluate_stack",
+           "flatten", "minibatches", "precision",
            "resolve_mode", "train_client", "train_cohort", "train_stacked", "unflatten"]

@@ -16,6 +16,7 @@ from ..data import ClientData
 from ..data.transforms import crop_flip_draws, model_inputs
 from ..sgd import PhaseSGD
 from ..streams import Stream, torch_stream
+from .compiled import local_step
 from .round import RoundSpec
 
 
@@ -89,16 +90,34 @@ class SampleTransform:
         raise NotImplementedError
 
 
+def phase_batches(data: ClientData, spec: RoundSpec, phase: Phase, cid: int, k: int,
+                  device) -> tuple[list[int], torch.Tensor, torch.Tensor | None]:
+    """Phase k's batches of client `cid`, drawn up front (batch order, then crop/flip draws,
+    from their own streams: the draws of a loop that drew them step by step) and moved to the
+    device at once: batch sizes, the indices end to end, the draws end to end (or None). A copy
+    to the device waits for it, so one per phase, not one per step."""
+    gen = torch_stream(spec.seed, Stream.BATCH_ORDER, spec.round, cid, k)
+    batches = list(minibatches(data.num_train, spec.batch_size, phase, gen))
+    sizes = [len(b) for b in batches]
+    draws = None
+    if spec.augment:
+        aug = torch_stream(spec.seed, Stream.AUGMENT, spec.round, cid, k)
+        draws = torch.cat([crop_flip_draws(aug, n) for n in sizes]).to(device)
+    return sizes, torch.cat(batches).to(device), draws
+
+
 def train_client(algo: Algorithm, params: Params, data: ClientData, spec: RoundSpec, cid: int,
                  clip: SampleTransform | None = None) -> tuple[Params, float]:
     """Run every phase of client `cid`'s local training in round spec.round; returns the
     trained state and the mean minibatch loss of the last phase. `clip`: a defense's transform
-    of per-sample gradients."""
+    of per-sample gradients. No step reads a number back from the device (tests/test_host_syncs):
+    the loss is read once, at the end."""
     def loss_fn(trainable, frozen, x, y):
         return F.cross_entropy(algo.forward({**frozen, **trainable}, x), y)
 
-    seed, rnd = spec.seed, spec.round
-    step, dp_step = grad_and_value(loss_fn), per_sample_step(algo)
+    dev = data.y_train.device
+    step = local_step(algo, "client", lambda: grad_and_value(loss_fn), spec.compile, dev)
+    dp_step = per_sample_step(algo)  # eager, compiled or not (engine.compiled)
     params = dict(params)
     losses: list[torch.Tensor] = []
     for k, phase in enumerate(algo.phases()):
@@ -112,20 +131,19 @@ def train_client(algo: Algorithm, params: Params, data: ClientData, spec: RoundS
         opt = PhaseSGD(phase)
         rank_one = {n: trainable[n] for n in opt.rank_one}
         losses = []
-        gen = torch_stream(seed, Stream.BATCH_ORDER, rnd, cid, k)
-        aug = torch_stream(seed, Stream.AUGMENT, rnd, cid, k) if spec.augment else None
-        dev = data.y_train.device
-        noise = (torch_stream(seed, Stream.DP_NOISE, rnd, cid, k, device=dev) if phase.dp
-                 else None)
-        for idx in minibatches(data.num_train, spec.batch_size, phase, gen):
-            idx = idx.to(dev)
+        noise = (torch_stream(spec.seed, Stream.DP_NOISE, spec.round, cid, k, device=dev)
+                 if phase.dp else None)
+        sizes, order, draws = phase_batches(data, spec, phase, cid, k, dev)
+        end = 0
+        for size in sizes:
+            idx, end = order[end:end + size], end + size
             xb = model_inputs(data, data.x_train[idx],
-                              crop_flip_draws(aug, len(idx)) if aug is not None else None)
+                              draws[end - size:end] if draws is not None else None)
             if per_sample:
                 grads, loss = dp_step(trainable, frozen, xb, data.y_train[idx])
                 if clip is not None:
                     grads = clip(grads, lead=1)
-                grads = privatize(grads, torch.ones(len(idx), device=dev), phase.dp,
+                grads = privatize(grads, torch.ones(size, device=dev), phase.dp,
                                   dp_noise(phase.dp, trainable, noise) if phase.dp else None)
                 loss = loss.mean()
             else:  # rank-one weights enter as constants: no gradient of theirs is formed

@@ -18,8 +18,9 @@ class RoundSpec:
     """One round's local training as every client of it runs it: the round, the run's seed,
     the batch size and augmentation; how this rank trains (engine.mode and engine.stack_size);
     this rank's members of the cohort, in the order their uploads are added, with their
-    aggregation weights (training-set sizes); and the stacks they train in (None: cut from the
-    members by stack_size, placement.stacks)."""
+    aggregation weights (training-set sizes); the stacks they train in (None: cut from the
+    members by stack_size, placement.stacks); and whether the local step is compiled
+    (engine.compile, engine.compiled)."""
     round: int
     seed: int
     batch_size: int
@@ -29,6 +30,7 @@ class RoundSpec:
     cohort: tuple[int, ...] = ()
     weights: tuple[float, ...] = ()
     stacks: tuple[tuple[int, ...], ...] | None = None
+    compile: bool = False
 
     def trained_together(self) -> list[tuple[int, ...]]:
         """The members' stacks (one client each in sequential mode)."""
@@ -70,7 +72,10 @@ class RoundBuffer:
     def __setitem__(self, slot: Slot, value: float) -> None:
         self.slots[slot] = value
 
-    def add(self, upload: torch.Tensor, weight: float, loss: float) -> None:
-        """One client's upload (flat), added with its weight."""
+    def add(self, upload: torch.Tensor, weight: float, loss: float | torch.Tensor) -> None:
+        """One client's upload (flat), added with its weight. Scalars are added in place: a
+        tensor built from them would be a host-to-device copy, which waits for the device."""
         self.upload.add_(upload, alpha=weight)
-        self.slots.add_(torch.tensor([loss, 1.0, 0.0, weight], device=self.data.device))
+        self.slots[Slot.LOSS].add_(loss)
+        self.slots[Slot.CLIENTS].add_(1.0)
+        self.slots[Slot.WEIGHT].add_(weight)

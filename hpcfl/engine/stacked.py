@@ -15,21 +15,23 @@ from ..data import ClientData
 from ..data.transforms import crop_flip_draws, model_inputs
 from ..sgd import PhaseSGD
 from ..streams import Stream, torch_stream
+from .compiled import local_step
 from .round import RoundSpec
 from .client import (SampleTransform, dp_noise, minibatches, per_sample_phase, per_sample_step,
                      privatize)
 
 
-def schedules(data: dict[int, ClientData], cids: list[int], spec: RoundSpec, phase: Phase,
-              k: int, device) -> tuple[torch.Tensor, ...]:
+def schedules(data: dict[int, ClientData] | list[ClientData], cids: list[int], spec: RoundSpec,
+              phase: Phase, k: int, device) -> tuple[torch.Tensor, ...]:
     """The sequential path's batches of phase k of every client, padded to a common shape:
     index (clients, steps, batch), sample weight (same, 0 for padding), active (clients, steps),
     and with spec.augment the crop/flip draws (clients, steps, batch, 3) in the sequential path's
-    order (else None)."""
+    order (else None). `data`: by client id, or the clients of `cids` in their order."""
     seed, rnd, batch_size = spec.seed, spec.round, spec.batch_size
-    lists = [list(minibatches(data[c].num_train, batch_size, phase,
+    sizes = [d.num_train for d in (data if isinstance(data, list) else (data[c] for c in cids))]
+    lists = [list(minibatches(n, batch_size, phase,
                               torch_stream(seed, Stream.BATCH_ORDER, rnd, c, k)))
-             for c in cids]
+             for n, c in zip(sizes, cids)]
     steps = max(len(b) for b in lists)
     idx = torch.zeros(len(cids), steps, batch_size, dtype=torch.long)
     weight = torch.zeros(len(cids), steps, batch_size)
@@ -43,16 +45,18 @@ def schedules(data: dict[int, ClientData], cids: list[int], spec: RoundSpec, pha
             idx[i, s, :len(b)], weight[i, s, :len(b)] = b, 1
             if aug is not None:
                 draws[i, s, :len(b)] = crop_flip_draws(aug, len(b))
-    return idx.to(device), weight.to(device), active.to(device), draws
+    return (idx.to(device), weight.to(device), active.to(device),
+            draws.to(device) if draws is not None else None)
 
 
 def stack_noise(dp: DPSGD, stacked: Params, gens: list[torch.Generator],
-                active: torch.Tensor) -> Params:
+                active: list[float]) -> Params:
     """One step's DP noise of a stack, each client's drawn from its own generator in the
-    sequential path's order (a client whose schedule has ended draws nothing)."""
+    sequential path's order (a client whose schedule has ended draws nothing). `active`: this
+    step's column of the schedule, on the host (reading it from the device would wait)."""
     one = {n: stacked[n][0] for n in dp.names}
     draws = [dp_noise(dp, one, g) if a else {n: torch.zeros_like(v) for n, v in one.items()}
-             for g, a in zip(gens, active.tolist())]
+             for g, a in zip(gens, active)]
     return {n: torch.stack([d[n] for d in draws]) for n in dp.names}
 
 
@@ -60,10 +64,12 @@ def train_stacked(algo: Algorithm, shared: Params, private: dict[int, Params],
                   data: dict[int, ClientData], cids: list[int], spec: RoundSpec,
                   clip: SampleTransform | None = None) -> tuple[Params, torch.Tensor]:
     """Train clients `cids` together in round spec.round. Returns their trained state stacked
-    along dim 0 (every tensor that training changed) and each client's last-phase mean loss."""
-    x = torch.cat([data[c].x_train for c in cids])
-    y = torch.cat([data[c].y_train for c in cids])
-    offsets = torch.tensor([0] + [data[c].num_train for c in cids[:-1]],
+    along dim 0 (every tensor that training changed) and each client's last-phase mean loss.
+    No step reads a number back from the device (tests/test_host_syncs)."""
+    clients = [data[c] for c in cids]  # gathered once (data may gather a client when asked)
+    x = torch.cat([c.x_train for c in clients])
+    y = torch.cat([c.y_train for c in clients])
+    offsets = torch.tensor([0] + [c.num_train for c in clients[:-1]],
                            device=y.device).cumsum(0)
     stacked = {n: torch.stack([private[c][n] for c in cids]) for n in private[cids[0]]}
 
@@ -75,7 +81,9 @@ def train_stacked(algo: Algorithm, shared: Params, private: dict[int, Params],
     for k, phase in enumerate(algo.phases()):
         per_sample = per_sample_phase(phase, clip)
         phase = per_sample or phase
-        idx, weight, active, draws = schedules(data, cids, spec, phase, k, y.device)
+        idx, weight, active, draws = schedules(clients, cids, spec, phase, k, y.device)
+        # the schedule's columns on the host, for the DP noise of each step (read back once)
+        active_rows = active.T.tolist() if phase.dp else None
         # A shared tensor gets one copy per client once it is trained; until then all clients
         # read the same one (vmap in_dims None).
         trainable = {n: (stacked[n] if n in stacked else
@@ -88,8 +96,11 @@ def train_stacked(algo: Algorithm, shared: Params, private: dict[int, Params],
             frozen_dims = {n: 0 for n in frozen}
         opt = PhaseSGD(phase, stacked=True)
         rank_one = {n: trainable[n] for n in opt.rank_one}
-        step = vmap(grad_and_value(loss_fn),
-                    in_dims=(0, {**frozen_dims, **dict.fromkeys(rank_one, 0)}, 0, 0, 0))
+        dims = {**frozen_dims, **dict.fromkeys(rank_one, 0)}
+        step = local_step(algo, ("stacked", tuple(sorted(dims.items()))),
+                          lambda: vmap(grad_and_value(loss_fn), in_dims=(0, dims, 0, 0, 0)),
+                          spec.compile, y.device)
+        # eager, compiled or not (engine.compiled)
         dp_step = vmap(per_sample_step(algo), in_dims=(0, frozen_dims, 0, 0))
         rank_one_input = vmap(algo.rank_one_input,
                               in_dims=({**frozen_dims, **dict.fromkeys(trainable, 0)},))
@@ -98,7 +109,7 @@ def train_stacked(algo: Algorithm, shared: Params, private: dict[int, Params],
         losses = torch.zeros(len(cids), device=y.device)
         for s in range(idx.shape[1]):
             rows = offsets[:, None] + idx[:, s]
-            xb = model_inputs(data[cids[0]], x[rows].flatten(0, 1),
+            xb = model_inputs(clients[0], x[rows].flatten(0, 1),
                               draws[:, s].flatten(0, 1) if draws is not None else None)
             xb = xb.view(*rows.shape, *xb.shape[1:])
             if per_sample:
@@ -106,7 +117,7 @@ def train_stacked(algo: Algorithm, shared: Params, private: dict[int, Params],
                 if clip is not None:
                     grads = clip(grads, lead=2)
                 grads = privatize(grads, weight[:, s], phase.dp, stack_noise(
-                    phase.dp, trainable, noise, active[:, s]) if phase.dp else None)
+                    phase.dp, trainable, noise, active_rows[s]) if phase.dp else None)
                 loss = (loss * weight[:, s]).sum(1) / weight[:, s].sum(1).clamp(min=1)
             else:
                 grads, loss = step({n: trainable[n] for n in opt.dense}, {**frozen, **rank_one},
