@@ -63,14 +63,15 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
     g = numpy_stream(seed, Stream.PARTITION)
     by_class = [g.permutation(np.nonzero(labels == c)[0]) for c in range(num_classes)]
     for _ in range(max_tries):
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-        for idx in by_class:
-            p = g.dirichlet(np.full(num_clients, alpha))
-            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
-            for client, chunk in enumerate(np.split(idx, cuts)):
-                parts[client].append(chunk)
-        sizes = [sum(len(c) for c in p) for p in parts]
-        if min(sizes) >= min_size:
+        cuts = [(np.cumsum(g.dirichlet(np.full(num_clients, alpha)))[:-1] * len(idx)).astype(int)
+                for idx in by_class]
+        # sizes from the cuts alone: a draw that fails costs no splitting
+        sizes = sum(np.diff(c, prepend=0, append=len(idx)) for idx, c in zip(by_class, cuts))
+        if sizes.min() >= min_size:
+            parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+            for idx, c in zip(by_class, cuts):
+                for client, chunk in enumerate(np.split(idx, c)):
+                    parts[client].append(chunk)
             return [np.sort(np.concatenate(p)) for p in parts]
     raise ConfigError(f"data.dirichlet_alpha: {alpha} leaves some client with fewer than "
                       f"{min_size} samples; use a larger alpha or fewer clients")
