@@ -107,15 +107,18 @@ def test_a_damaged_results_file_or_no_usable_checkpoint_stops_with_exit_2(tmp_pa
         assert sorted(tmp_path.glob("b.*")) == files
 
 
-@pytest.mark.parametrize("change, message", [
-    ("train.lr=0.1", "train.lr: 0.1 differs from 0.05"),
-    ("algorithm.name=fedavg", "algorithm.name: 'fedavg' differs from 'hyperfl'"),
-])
-def test_resume_refuses_another_experiment(tmp_path, change, message):
+def test_resume_refuses_another_experiment(tmp_path, capsys):
+    """In-process (python -m hpcfl.main's main): one run, then each change refused."""
+    from hpcfl.main import main
     args = [*ARGS, "train.rounds=2", f"output.dir={tmp_path}", "output.name=e"]
-    assert run_mpi(None, *args).returncode == 0
-    r = run_mpi(None, *args, change)
-    assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1
+    assert main(args) == 0
+    for change, message in (("train.lr=0.1", "train.lr: 0.1 differs from 0.05"),
+                            ("algorithm.name=fedavg",
+                             "algorithm.name: 'fedavg' differs from 'hyperfl'")):
+        capsys.readouterr()
+        assert main([*args, change]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
 
 
 def test_a_noisy_run_resumes_only_on_the_device_type_that_drew_its_noise(tmp_path):
