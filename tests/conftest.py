@@ -18,6 +18,20 @@ TINY = ["data.num_clients=6", "data.classes_per_client=3", "train.rounds=2",
         "train.device=cpu"]
 
 
+# A run interrupted and resumed by tests/test_mpi.py and tests/test_resume.py, checkpointed every 2
+# of its 8 rounds; `reference` is its uninterrupted numbers.
+RESUMED = [*TINY, "train.rounds=8", "train.local_epochs=2", "output.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """RESUMED run once, uninterrupted, in one process (any rank count gives these numbers)."""
+    out = tmp_path_factory.mktemp("ref")
+    r = run_mpi(None, *RESUMED, f"output.dir={out}", "output.name=ref")
+    assert r.returncode == 0, r.stderr
+    return results(out / "ref.h5")
+
+
 def run_cli(*args: str, cwd=None, timeout: float = 240, env=None) -> subprocess.CompletedProcess:
     """`python -m hpcfl.main ARGS` in a fresh process, as a user runs it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

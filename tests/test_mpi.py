@@ -6,11 +6,11 @@ import signal
 import time
 
 import h5py
-import pytest
 
-from .conftest import (TINY, launch, max_diff, rank_pids, results, run_each, run_mpi,
+from .conftest import (RESUMED, TINY, launch, max_diff, rank_pids, results, run_each, run_mpi,
                        wait_for_rows)
 
+ARGS = RESUMED  # the runs the `reference` fixture (conftest) ran uninterrupted
 SMALL = ["data.num_clients=10", "train.rounds=3", "train.local_epochs=1",
          "output.progress=none", "train.device=cpu"]
 
@@ -110,15 +110,6 @@ def test_ranks_reading_their_share_of_a_prepared_file_give_the_same_results(tmp_
     assert max_diff(runs[1], runs[2]) == 0.0  # sequential engine: bit for bit
 
 
-ARGS = [*TINY, "train.rounds=8", "train.local_epochs=2", "output.checkpoint_every=2"]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    r = run_mpi(2, *ARGS, f"output.dir={out}", "output.name=ref")
-    assert r.returncode == 0, r.stderr
-    return results(out / "ref.h5")
 
 
 def test_kill9_of_the_job_then_rerun_on_one_rank_matches_an_uninterrupted_run(tmp_path,

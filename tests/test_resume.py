@@ -5,19 +5,11 @@ import signal
 
 import h5py
 import numpy as np
-import pytest
 
-from .conftest import TINY, launch, max_diff, results, run_mpi, wait_for_rows
+from .conftest import RESUMED, TINY, launch, max_diff, results, run_mpi, wait_for_rows
 
-ARGS = [*TINY, "train.rounds=8", "train.local_epochs=2", "output.checkpoint_every=2"]
+ARGS = RESUMED  # the runs the `reference` fixture (conftest) ran uninterrupted
 
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    r = run_mpi(None, *ARGS, f"output.dir={out}", "output.name=ref")
-    assert r.returncode == 0, r.stderr
-    return results(out / "ref.h5")
 
 
 def test_kill9_then_rerun_gives_identical_results(tmp_path, reference):
