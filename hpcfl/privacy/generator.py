@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from ..oneline import one_line
+
 
 class Generator(nn.Module):
     """(latent z, class weights) -> image. Stage 0 maps [z, embedding of the class weights] to
@@ -103,5 +105,5 @@ def load_generator(path: str, device: torch.device | str = "cpu") -> tuple[Gener
     except Exception as e:  # noqa: BLE001 - any unreadable file is one user-facing line
         raise ValueError(f"{path}: not a generator written by python -m "
                          f"hpcfl.privacy.train_generator ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                         f"{one_line(e)})") from None
     return gen.to(device).eval().requires_grad_(False), saved["record"]
