@@ -204,7 +204,7 @@ def read_results(path: Path) -> StoredRun:
     folder, not HDF5, damaged, another program's file). The one test of "is this a results
     file" (--from, resume, a sweep's finished point, an attack's file)."""
     if Path(path).is_dir():
-        raise NotResults("a directory, not a file")
+        raise NotResults("a directory")
     try:
         with h5py.File(path, "r", locking=False) as f:
             missing = [name for name in NEEDED if name not in f]

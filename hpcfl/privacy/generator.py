@@ -2,9 +2,9 @@
 
 GIFD (Fang et al., ICCV 2023) searches a pretrained generator's latent and then its intermediate
 feature maps; no GAN weights can be downloaded here, so the attacker trains its own on public
-data (research/privacy.md §3.5). The generator is split into stages so that an attack can start
-from any intermediate feature map: `features(z, classes, k)` runs the first k stages,
-`finish(h, k)` the rest. Images come out in [-1, 1].
+data (GIFD's own code: ffhibnese/GIFD_Gradient_Inversion_Attack). The generator is split into
+stages so that an attack can start from any intermediate feature map: `features(z, classes, k)`
+runs the first k stages, `finish(h, k)` the rest. Images come out in [-1, 1].
 """
 from __future__ import annotations
 
