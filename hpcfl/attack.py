@@ -8,7 +8,10 @@ local training recipe (phases, steps, learning rates) and its number of images. 
 `attack.threat=server` the client's private state (HyperFL's embedding and head) is unknown:
 the attacker starts from the common initial value and optimizes it with the images; under
 `white-box` it is known. Writes /privacy/<attack.name>/ into the run's results file, a PNG of
-truth (top) against reconstruction (bottom) beside it, and prints one summary line.
+truth (top) against reconstruction (bottom) beside it, and prints one summary line. The run is
+left checkpointed at the round before (round 0 for an attack of round 1) under its own name
+(hpcfl.loop.default_name unless output.name is set): `python -m hpcfl.main` of the same config
+finishes it in that file (docs/cluster-workflows.md).
 
 With no arguments: one FedAvg client holding one photograph takes one local step, and Inverting
 Gradients attacks it.
