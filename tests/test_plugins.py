@@ -75,8 +75,8 @@ def plugins(tmp_path, monkeypatch):
 
 def test_a_defense_and_an_algorithm_from_a_users_module_run_on_two_ranks(plugins, tmp_path):
     """python -m hpcfl.main, as a real job of two ranks: each imports the user's module."""
-    r = run_mpi(2, *TINY, "algorithm.name=mydef:HalfStep", "privacy.defense=mydef:Halve",
-                f"output.dir={tmp_path}", "output.name=p")
+    r = run_mpi(2, *TINY, "train.rounds=1", "algorithm.name=mydef:HalfStep",
+                "privacy.defense=mydef:Halve", f"output.dir={tmp_path}", "output.name=p")
     assert r.returncode == 0, r.stderr
     with h5py.File(tmp_path / "p.h5") as f:
         assert f.attrs["status"] == "completed" and f.attrs["world_size"] == 2
