@@ -39,6 +39,7 @@ import yaml
 
 from analysis.results import results_files, run_config
 from hpcfl.config import ArgumentParser, ConfigError
+from hpcfl.oneline import one_line
 
 PHASES = ("compute", "allreduce", "exchange", "eval", "io")  # exchange: new in 0.2, else 0
 SEED = "train.seed"
@@ -248,8 +249,7 @@ def read_runs(dirs: list[str]) -> tuple[list[Run], list[str]]:
         try:
             runs.append(read_run(path))
         except (OSError, KeyError, ValueError, TypeError, AttributeError, yaml.YAMLError) as e:
-            why = " ".join(str(e).split())  # one line: h5py's messages may span several
-            unreadable.append(f"{path.name} ({type(e).__name__}: {why[:120]})")
+            unreadable.append(f"{path.name} ({type(e).__name__}: {one_line(e)[:120]})")
     return runs, unreadable
 
 

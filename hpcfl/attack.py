@@ -8,7 +8,10 @@ local training recipe (phases, steps, learning rates) and its number of images. 
 `attack.threat=server` the client's private state (HyperFL's embedding and head) is unknown:
 the attacker starts from the common initial value and optimizes it with the images; under
 `white-box` it is known. Writes /privacy/<attack.name>/ into the run's results file, a PNG of
-truth (top) against reconstruction (bottom) beside it, and prints one summary line.
+truth (top) against reconstruction (bottom) beside it, and prints one summary line. The run is
+left checkpointed at the round before (round 0 for an attack of round 1) under its own name
+(hpcfl.loop.default_name unless output.name is set): `python -m hpcfl.main` of the same config
+finishes it in that file (docs/cluster-workflows.md).
 
 With no arguments: one FedAvg client holding one photograph takes one local step, and Inverting
 Gradients attacks it.
@@ -25,15 +28,16 @@ import h5py
 import numpy as np
 import torch
 
-from .config import AttackConfig, ConfigError, RunConfig, describe, load_config
+from .config import (AttackConfig, ConfigError, RunConfig, check_same_experiment, describe,
+                     is_plugin, load_config, parse_stored)
 from .data import ClientData, load_federated
 from .cli import Command
 from .data.transforms import model_inputs
 from .engine import ClientUpload, RoundSpec, train_client
 from .lock import lock_output
-from .loop import (build, prepare_defense, provenance, round_spec, run, sample_cohort,
-                   to_device)
-from .privacy.attacks import (Knowledge, Problem, dlg, gifd, gradient_from_update,
+from .loop import build, default_name, prepare_defense, round_spec, run, sample_cohort, to_device
+from .placement import deal_stacks
+from .privacy.attacks import (Knowledge, Problem, attack_class, dlg, gifd, gradient_from_update,
                               idlg_label, inverting_gradients)
 from .privacy.attacks.common import total_variation
 from .privacy.attacks.hypernet import HypernetProblem, adapt
@@ -41,9 +45,8 @@ from .privacy.defenses import Defense, build_defense
 from .privacy.generator import Generator, load_generator
 from .privacy.metrics import LPIPS_NOTE, image_scores, label_accuracy, to_unit
 from .progress import progress
-from .population import evaluated_clients
 from .private import PrivateTable
-from .store import ResultsFile, checkpoint_paths, load_checkpoint
+from .store import NotResults, checkpoint_paths, load_checkpoint, read_results
 from .world import World
 
 log = logging.getLogger("hpcfl")
@@ -69,53 +72,46 @@ def parse(argv: list[str]) -> RunConfig:
     return load_config(path, overrides if path else [*DEFAULT, *overrides])
 
 
-def state_before(cfg: RunConfig, world: World, algo, data, mine: list[int]
+def state_before(cfg: RunConfig, world: World, algo, mine: list[int]
                  ) -> tuple[dict, dict, Path]:
     """Shared state after round attack.round - 1 and the private state of this rank's targets
-    (`mine`), from the run's checkpoint (trained now, by all ranks, unless it exists), and the
-    run's results file."""
+    (`mine`), from the run's checkpoint (trained now, by all ranks, unless it exists: for round
+    1, the run's start, checkpointed as a run that `python -m hpcfl.main` of the same config
+    finishes), and the run's results file."""
     a = cfg.attack
-    if a.round > 1:
-        path = Path(run(cfg, world, until=a.round - 1)["path"])
-        world.from_main(None)  # rank 0 writes the checkpoint: read it once it is there
-        span = range(mine[0], mine[-1] + 1) if mine else range(0)
-        table = PrivateTable(algo.init_client(0), span, world.device)
-        ck = load_checkpoint(checkpoint_paths(path)[0], table)
-        if ck.round != a.round - 1:
-            raise ConfigError(f"output.name: {path} holds a run at round {ck.round}, not "
-                              f"{a.round - 1}; choose another output.name for this attack")
-        private = {c: {k: v[0] for k, v in table.get([c]).items()} for c in mine}
-        return to_device(ck.shared, world.device), private, path
     path = Path(cfg.output.dir) / f"{cfg.output.name}.h5"
-    attrs = provenance(cfg, world)  # collective
-    lock = lock_output(cfg.output, world)  # the run's lock, as any writer of its file
-    try:
-        world.on_main(lambda: round_one_file(cfg, path, attrs, data, world.size))
-    finally:
-        if lock is not None:
-            lock.release()
-    return (to_device(algo.init_shared(), world.device),
-            {c: to_device(algo.init_client(c), world.device) for c in mine}, path)
-
-
-def round_one_file(cfg: RunConfig, path: Path, attrs: dict, data, ranks: int) -> None:
-    """Round 1 needs no training: the run's results file is made for /privacy, or the one that
-    exists is checked now to be one, not when the attack's results are written into it."""
-    if not path.exists():
-        store = ResultsFile.create(path, attrs, (data.num_train, data.num_test),
-                                   evaluated_clients(cfg.train, cfg.data.num_clients), ranks)
-        store.close("completed", note="no round trained: the attack is on round 1's uploads")
-        return
-    why = "a directory" if path.is_dir() else None
-    if why is None:
+    if a.round == 1 and world.on_main(path.exists):
+        # Every run of this experiment starts from the same state: nothing to read but that
+        # the file is this experiment's results file.
+        lock = lock_output(cfg.output, world)  # the run's lock, as any writer of its file
         try:
-            with h5py.File(path, "r", locking=False) as f:
-                f.attrs["config"]
-        except (OSError, KeyError) as e:
-            why = " ".join(str(e).split())  # one line: h5py's messages may span several
-    if why is not None:
+            world.on_main(lambda: check_run_file(cfg, path))
+        finally:
+            if lock is not None:
+                lock.release()
+        return (to_device(algo.init_shared(), world.device),
+                {c: to_device(algo.init_client(c), world.device) for c in mine}, path)
+    path = Path(run(cfg, world, until=a.round - 1)["path"])
+    world.from_main(None)  # rank 0 writes the checkpoint: read it once it is there
+    span = range(min(mine), max(mine) + 1) if mine else range(0)
+    table = PrivateTable(algo.init_client(0), span, world.device)
+    ck = load_checkpoint(checkpoint_paths(path)[0], table)
+    if ck.round != a.round - 1:
+        raise ConfigError(f"output.name: {path} holds a run at round {ck.round}, not "
+                          f"{a.round - 1}; choose another output.name for this attack")
+    private = {c: {k: v[0] for k, v in table.get([c]).items()} for c in mine}
+    return to_device(ck.shared, world.device), private, path
+
+
+def check_run_file(cfg: RunConfig, path: Path) -> None:
+    """The file an attack of round 1 writes into is a results file of this experiment (checked
+    now, not when the attack's results are written)."""
+    try:
+        stored = read_results(path)
+    except NotResults as e:
         raise ConfigError(f"output.name: {path} exists and is not an hpcfl results file "
-                          f"({why}); choose another output.name")
+                          f"({e}); choose another output.name") from None
+    check_same_experiment(parse_stored(stored.config, path), cfg, path)
 
 
 def load_prior(cfg: RunConfig, shape: tuple, device: torch.device) -> Generator:
@@ -225,7 +221,9 @@ def attack_client(cfg: RunConfig, algo, state: tuple[dict, dict], target: Target
                     "0 at every step: its head epoch fit its %d image(s)); nothing to invert",
                     cid, client.num_train)
     seed = cfg.train.seed
-    if a.name == "dlg":
+    if is_plugin(a.name):
+        rec = attack_class(a.name)(a, seed).reconstruct(p, bar)
+    elif a.name == "dlg":
         rec = dlg(p, a, seed, bar)
     elif a.name == "gifd":
         rec = gifd(p, a, prior, seed, bar)
@@ -269,7 +267,7 @@ def write(path: Path, cfg: RunConfig, results: list[dict]) -> Path:
         g.attrs.update(config=cfg.to_yaml(), round=a.round, threat=a.threat,
                        defense=cfg.privacy.defense,
                        multi_step=a.multi_step, adaptive=a.adaptive, lpips=LPIPS_NOTE)
-    png = path.with_name(f"{path.stem}-{a.name}-r{a.round}.png")
+    png = path.with_name(f"{path.stem}-{a.name.replace(':', '.')}-r{a.round}.png")
     save_grid(png, np.concatenate([r["truth"] for r in results]),
               np.concatenate([r["reconstruction"] for r in results]))
     return png
@@ -279,6 +277,10 @@ def attack(cfg: RunConfig, world: World) -> str | None:
     """Train or resume the run to the attacked round, attack this rank's share of the targets,
     write every rank's results (rank 0). Returns the summary line on rank 0."""
     a = cfg.attack
+    if not cfg.output.name:  # the run's own name: python -m hpcfl.main of it finishes it
+        cfg.output.name = default_name(cfg)
+    if is_plugin(a.name):
+        attack_class(a.name)  # not an Attack: one line, before any work
     if cfg.data.name.startswith("synthetic-"):
         raise ConfigError(f"data.name={cfg.data.name}: synthetic images have no pixel range "
                           "to reconstruct; attack digits, photos or a prepared dataset")
@@ -295,8 +297,9 @@ def attack(cfg: RunConfig, world: World) -> str | None:
     data = world.agree(lambda: load_federated(cfg.data, cfg.train.seed, world.device))
     cohort = sample_cohort(cfg.train.seed, a.round, cfg.data.num_clients, cfg.train.frac)
     targets = cohort[:a.clients]
-    # Each rank attacks a contiguous share of the targets and reads only their data.
-    mine = [int(c) for c in np.array_split(targets, world.size)[world.rank]]
+    # Each rank attacks the targets dealt to it, by their images, and reads only their data.
+    dealt = deal_stacks([(c,) for c in targets], data.num_train, world.size)
+    mine = sorted(c for s in dealt.of(world.rank) for c in s)
     algo = build(cfg, data, world.device)
     if a.name == "idlg" and (cfg.algorithm.name == "hyperfl" or
                              any(data.num_train[c] != 1 for c in targets)):
@@ -305,7 +308,7 @@ def attack(cfg: RunConfig, world: World) -> str | None:
                           "algorithm that uploads the head (not hyperfl)")
     prepare_defense(defense, cfg, world, algo, data.num_classes)
     prior = load_prior(cfg, data.shape, world.device) if a.name == "gifd" else None
-    shared, private, path = state_before(cfg, world, algo, data, mine)
+    shared, private, path = state_before(cfg, world, algo, mine)
     t0, results = time.perf_counter(), []
     bar = progress(len(mine) * iterations(a, prior),
                    cfg.output.progress if world.is_main else "none", f"{a.name} attack")
@@ -319,7 +322,8 @@ def attack(cfg: RunConfig, world: World) -> str | None:
     lock = lock_output(cfg.output, world)  # /privacy goes into the run's file under its lock
     if not world.is_main:
         return None
-    results = [r for rank in gathered for r in rank]
+    results = sorted((r for rank in gathered for r in rank),
+                     key=lambda r: targets.index(r["client"]))
     try:
         png = write(path, cfg, results)
     finally:
@@ -337,9 +341,6 @@ def main(argv: list[str] | None = None) -> int:
     cmd = Command("hpcfl.attack")
     with cmd:
         cfg = parse(sys.argv[1:] if argv is None else argv)
-        if not cfg.output.name:
-            cfg.output.name = (f"attack-{cfg.algorithm.name}-{cfg.data.name}-"
-                               f"r{cfg.attack.round}")
         line = attack(cfg, cmd.start(cfg.train.device, cfg.engine.threads))
     if cmd.code:
         return cmd.code

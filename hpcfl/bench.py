@@ -47,6 +47,7 @@ from .config import DTYPES, ConfigError, load_config
 from .data import load_federated
 from .engine import Slot
 from .loop import build, check_compile, provenance, sample_cohort, to_device, train_round
+from .oneline import one_line
 from .population import Population, evaluated_clients
 from .world import World
 
@@ -194,8 +195,7 @@ def measure_all(cfg, world: World, data, cells: list[Cell], rounds: int, report)
                 raise
             if isinstance(e, ConfigError) and cell.compile:
                 compile_error = str(e)
-            line = next((s for s in str(e).splitlines() if s.strip()), "")
-            r = dict(error=f"{type(e).__name__}: {line}"[:500])
+            r = dict(error=f"{type(e).__name__}: {one_line(e)}")
             if world.device.type == "cuda":
                 torch.cuda.empty_cache()
         for key, ref in (("max_abs_diff", cell.reference), ("max_abs_diff_fp32", fp32)):
@@ -267,12 +267,19 @@ def main(argv: list[str] | None = None) -> int:
         from .bench_suite import main as suite
         return suite(argv[1:])
     p = argparse.ArgumentParser(prog="python -m hpcfl.bench",
-                                description="Time the rounds of a run per engine mode, dtype "
-                                "and compile setting; print a table and write an HDF5 file "
-                                "(see the module docstring).")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description=__doc__.split("\n\n", 1)[1],
+                                epilog="The two other benches, each with its own --help:\n"
+                                "  python -m hpcfl.bench population [--ranks R,R] [--out DIR] "
+                                "[key=value ...]\n    what a run costs as its population "
+                                "grows (hpcfl.bench_population)\n"
+                                "  python -m hpcfl.bench suite [--budget S] [--out DIR] "
+                                "[--scale auto|tiny|full]\n    everything on one machine "
+                                "within a time budget (hpcfl.bench_suite)")
     p.add_argument("workload", nargs="?", default="digits-hyperfl",
                    help=f"one of {', '.join(WORKLOADS)} (default digits-hyperfl)")
-    p.add_argument("--modes", default="sequential,vectorized")
+    p.add_argument("--modes", default="sequential,vectorized",
+                   help=f"comma list of {', '.join(MODES)} (default: both)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per cell (after warm-up)")
     p.add_argument("--dtype", default="fp32", help=f"comma list of {', '.join(DTYPES)}")
     p.add_argument("--compile", default="off", help="engine.compile: off, on, or off,on")

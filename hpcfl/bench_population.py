@@ -126,7 +126,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m hpcfl.bench population",
-                                description=__doc__.split("\n\n")[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description=__doc__.split("\n\n", 1)[1])
     p.add_argument("--ranks", default="1", help="comma list of MPI rank counts (default 1)")
     p.add_argument("--out", default="bench-population", help="folder (default %(default)s)")
     p.add_argument("overrides", nargs="*", help="section.key=value; data.num_clients=a,b,c")

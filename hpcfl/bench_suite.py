@@ -301,10 +301,13 @@ def auto_choice(cells: dict) -> tuple[str, str]:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m hpcfl.bench suite",
-                                description=__doc__.split("\n\n")[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description=__doc__.split("\n\n", 1)[1])
     p.add_argument("--budget", type=float, default=480.0, help="seconds (default 480)")
     p.add_argument("--out", default="bench-suite", help="folder (default %(default)s)")
-    p.add_argument("--scale", default="auto", choices=("auto", "tiny", "full"))
+    p.add_argument("--scale", default="auto", choices=("auto", "tiny", "full"),
+                   help="the workloads as defined (full), smaller (tiny), or full on CUDA and "
+                   "tiny elsewhere (auto, the default)")
     a = p.parse_args(argv)
     if a.budget < 10:
         print("hpcfl.bench: error: --budget: at least 10 seconds", file=sys.stderr)

@@ -10,12 +10,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import hashlib
+import importlib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .oneline import one_line
 
 
 class ConfigError(ValueError):
@@ -37,10 +42,47 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def opt(default, help: str, choices: tuple = (), min: float | None = None,
-        max: float | None = None, min_exclusive: bool = False):
-    """A config field with its help text and the values it allows."""
+        max: float | None = None, min_exclusive: bool = False, max_exclusive: bool = False,
+        plugin: bool = False):
+    """A config field with its help text and the values it allows; `plugin`: also a user's
+    class, `module:Class` (PLUGIN)."""
     return field(default=default, metadata=dict(help=help, choices=choices, min=min, max=max,
-                                                min_exclusive=min_exclusive))
+                                                min_exclusive=min_exclusive,
+                                                max_exclusive=max_exclusive, plugin=plugin))
+
+
+# A user's own algorithm, defense or attack: `module:Class`, the module found on the Python path
+# (PYTHONPATH, or the working directory), e.g. privacy.defense=mydef:Halve (docs/extending.md).
+PLUGIN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def is_plugin(value: str) -> bool:
+    return PLUGIN.fullmatch(value) is not None
+
+
+def load_class(key: str, ref: str, base: type) -> type:
+    """The class `ref` (module:Class) names, imported now, checked to subclass `base`; one line
+    (ConfigError) when the module is not on the path, fails to import, has no such class, or the
+    class is another kind. Each registry's room calls it with its own base class."""
+    module, name = ref.split(":")
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
+            raise ConfigError(f"{key}={ref}: no module {module!r} on the Python path (put its "
+                              "folder on PYTHONPATH, or run from it)") from None
+        raise ConfigError(f"{key}={ref}: importing {module} failed ({one_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - the user's module, whatever it raises: one line
+        raise ConfigError(f"{key}={ref}: importing {module} failed ({type(e).__name__}: "
+                          f"{one_line(e)})") from None
+    cls = getattr(found, name, None)
+    if cls is None:
+        raise ConfigError(f"{key}={ref}: module {module} ({getattr(found, '__file__', '?')}) "
+                          f"has no {name}")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"{key}={ref}: {name} is not a subclass of {base.__module__}."
+                          f"{base.__qualname__}")
+    return cls
 
 
 DATASETS = ("digits", "synthetic-cifar10", "synthetic-mnist", "photos", "mnist", "fmnist",
@@ -78,12 +120,14 @@ class DataConfig:
                                  "label_skew (small = skewed)", min=0, min_exclusive=True)
     label_skew: bool = opt(False, "partition=sampled: each client's label mix drawn from "
                            "Dirichlet(dirichlet_alpha) by (seed, client); false: the pool's")
+    # 1 would hold out everything: no client would have a training sample
     test_fraction: float = opt(0.25, "share of each client's samples held out as its test "
                                "split (every partition but noniid_s)",
-                               min=0, max=1, min_exclusive=True)
+                               min=0, max=1, min_exclusive=True, max_exclusive=True)
     public_fraction: float = opt(0.0, "share of the training split that no client holds: "
                                  "the public data of python -m hpcfl.privacy.train_generator "
-                                 "(and of defenses that need public data)", min=0, max=1)
+                                 "(and of defenses that need public data)", min=0, max=1,
+                                 max_exclusive=True)
     synthetic_samples: int = opt(6000, "total samples of a synthetic-* dataset", min=10)
     augment: str = opt("auto", "random crop (padding 4) + horizontal flip of training batches: "
                        "true, false, or auto (the official transform of the dataset: on for "
@@ -106,7 +150,9 @@ class ModelConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = opt("hyperfl", "federated method", choices=ALGORITHMS)
+    name: str = opt("hyperfl", "federated method, or a user's own: module:Class, a subclass of "
+                    "hpcfl.algorithms.Algorithm (docs/extending.md)", choices=ALGORITHMS,
+                    plugin=True)
     embed_dim: int = opt(64, "hyperfl: size of each client's private embedding", min=1)
     hidden_dim: int = opt(128, "hyperfl: hidden width of the hypernetwork", min=1)
     head_lr: float = opt(0.1, "hyperfl, centaur, ppsgd: learning rate of the head (official "
@@ -138,15 +184,16 @@ class PrivacyConfig:
                        "(GradDefense: noise on random sensitivity-balanced slices, the server "
                        "denoises; needs data.public_fraction for its root set), "
                        "gradienthide (one more SGD step on labelled public images before the "
-                       "upload; needs data.public_fraction); more can be registered (README, "
-                       "Add a defense)")
+                       "upload; needs data.public_fraction); or a user's own: module:Class, a "
+                       "subclass of hpcfl.privacy.defenses.Defense (docs/extending.md)",
+                       plugin=True)
     update_clip: float = opt(4.0, "dp_gaussian, dp_laplace: L2 bound of the whole update; 0 = "
                              "no clip (GIFD's default 4)", min=0)
     noise: float = opt(0.01, "dp_gaussian: noise std; dp_laplace: Laplace scale; absolute, per "
                        "entry (GIFD's default 0.01)", min=0)
     topk_ratio: float = opt(0.03, "topk: share of each tensor's entries kept, the largest in "
-                            "magnitude (at 0.1 IG on digits lost nothing; see README)", min=0,
-                            max=1, min_exclusive=True)
+                            "magnitude (what it costs an attack and the accuracy, measured: "
+                            "docs/defenses.md)", min=0, max=1, min_exclusive=True)
     slices: int = opt(10, "random_slice: slices of the upload (official 10)", min=1)
     slices_perturbed: int = opt(5, "random_slice: slices perturbed per client and round "
                                 "(official 5)", min=1)
@@ -199,8 +246,9 @@ class TrainConfig:
 @dataclass
 class EngineConfig:
     mode: str = opt("auto", "how a rank trains its clients: sequential (one after another), "
-                    "vectorized (many at once with torch.func.vmap), auto (the faster on this "
-                    "device type, measured with python -m hpcfl.bench)",
+                    "vectorized (many at once with torch.func.vmap), auto (a fixed choice per "
+                    "device type: sequential on cpu, the faster there in python -m hpcfl.bench "
+                    "digits-hyperfl; vectorized on cuda, not yet measured)",
                     choices=("auto", "sequential", "vectorized"))
     stack_size: int = opt(0, "vectorized: the round's cohort, sorted, is cut into stacks of at "
                           "most this many clients that train together (one vmap), dealt to the "
@@ -220,18 +268,29 @@ class EngineConfig:
                         "phase; the last bits differ from engine.compile=false")
 
 
+# Keys a resumed run may change (section.* : all of its keys): how long it goes on, how often it
+# evaluates, where and how it computes and writes, what an attack of it does. Any other change
+# makes it another experiment. Not a DP baseline's train.rounds: its noise is calibrated to them.
+RESUMABLE = ("train.rounds", "train.eval_every", "train.device", "engine.*", "output.*",
+             "attack.*")
+
+
 @dataclass
 class OutputConfig:
     dir: str = opt("runs", "directory of results files")
-    name: str = opt("", "results file is <dir>/<name>.h5; empty = <algorithm>-<data>-<time> "
-                    "(in a Slurm job: -slurm<job id>, so that a requeued job resumes it)")
+    name: str = opt("", "results file is <dir>/<name>.h5; empty = <algorithm>-<data>-<8 hex "
+                    "digits of the config but its output and attack sections>: one name per "
+                    "experiment, so that python -m hpcfl.attack and hpcfl.main of one config "
+                    "share a file, a requeued job resumes its run, two runs of other configs "
+                    "never share one, and a rerun of a completed one reports it done")
     overwrite: bool = opt(False, "start over, replacing an existing results file and checkpoint "
                           "of the same name")
     checkpoint_every: int = opt(10, "write <name>.ckpt.h5 every k rounds (also after the last "
                                 "round and on SIGTERM/SIGUSR1/SIGUSR2); 0 = only then", min=0)
     resume: str = opt("auto", "auto: go on from <name>.ckpt.h5 if it exists; never: start "
-                      "fresh; must: fail unless there is a checkpoint",
-                      choices=("auto", "never", "must"))
+                      "fresh; must: fail unless there is a checkpoint. A resumed run may change "
+                      f"{', '.join(RESUMABLE)} (not a DP baseline's train.rounds); any other "
+                      "change of the config is refused", choices=("auto", "never", "must"))
     progress: str = opt("auto", "progress display: bar (tqdm), log (a line per evaluation), "
                         "none, or auto (bar on a terminal, else log)",
                         choices=("auto", "bar", "log", "none"))
@@ -240,8 +299,9 @@ class OutputConfig:
 @dataclass
 class AttackConfig:
     name: str = opt("ig", "python -m hpcfl.attack: ig (Inverting Gradients), dlg, idlg (iDLG's "
-                    "label, then IG for the image), gifd (a GAN prior: attack.generator)",
-                    choices=("ig", "dlg", "idlg", "gifd"))
+                    "label, then IG for the image), gifd (a GAN prior: attack.generator), or a "
+                    "user's own: module:Class, a subclass of hpcfl.privacy.attacks.Attack "
+                    "(docs/extending.md)", choices=("ig", "dlg", "idlg", "gifd"), plugin=True)
     round: int = opt(1, "attack the uploads of this round (the run is trained to the round "
                      "before it)", min=1)
     clients: int = opt(1, "attack the first this-many clients of the round's cohort", min=1)
@@ -329,15 +389,22 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
 
 def _check(key: str, f: dataclasses.Field, value: Any) -> None:
     m = f.metadata
+    if m["plugin"] and ":" in value:
+        if not is_plugin(value):
+            raise ConfigError(f"{key}: {value!r} is not module:Class (a user's own class)")
+        return  # imported by validate (a stored config is read where its module may not be)
     if m["choices"] and value not in m["choices"]:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, m['choices']))}")
+        mine = " or module:Class" if m["plugin"] else ""
+        raise ConfigError(f"{key}: {value!r} is not one of "
+                          f"{', '.join(map(str, m['choices']))}{mine}")
     lo, hi = m["min"], m["max"]
+    above = f"{'<' if m['max_exclusive'] else '<='} {hi}"
     if lo is not None and (value < lo or (m["min_exclusive"] and value == lo)):
         rel = ">" if m["min_exclusive"] else ">="
         raise ConfigError(f"{key}: {value!r} is out of range; must be {rel} {lo}"
-                          + (f" and <= {hi}" if hi is not None else ""))
-    if hi is not None and value > hi:
-        raise ConfigError(f"{key}: {value!r} is out of range; must be <= {hi}")
+                          + (f" and {above}" if hi is not None else ""))
+    if hi is not None and (value > hi or (m["max_exclusive"] and value == hi)):
+        raise ConfigError(f"{key}: {value!r} is out of range; must be {above}")
 
 
 def set_value(cfg: RunConfig, key: str, value: Any) -> None:
@@ -411,7 +478,7 @@ def read_user_file(path: str, what: str) -> str:
         raise ConfigError(f"{what} {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at "
                           f"offset {e.start}); save it as UTF-8") from None
     except OSError as e:
-        raise ConfigError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
+        raise ConfigError(f"{what} {path}: cannot be read ({one_line(e)})") from None
 
 
 def load_yaml(path: str, what: str) -> Any:
@@ -424,7 +491,7 @@ def load_yaml(path: str, what: str) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        why = getattr(e, "problem", None) or one_line(e)
         raise ConfigError(f"{path}: not valid YAML ({why}{where})") from None
     if tree is None:
         raise ConfigError(f"{what} {path} is empty: it sets nothing")
@@ -434,13 +501,7 @@ def load_yaml(path: str, what: str) -> Any:
 def load_config(path: str | None = None, overrides: list[str] = (),
                 base_yaml: str | None = None) -> RunConfig:
     """Defaults <- base_yaml (e.g. from a results file) <- YAML file <- key=value overrides."""
-    cfg = RunConfig()
-    if base_yaml is not None:
-        try:
-            tree = yaml.safe_load(base_yaml)
-        except yaml.YAMLError:
-            raise ConfigError("stored config: not valid YAML") from None
-        apply_dict(cfg, tree, "stored config")
+    cfg = RunConfig() if base_yaml is None else parse_stored(base_yaml, "the results file")
     if path is not None:
         apply_dict(cfg, load_yaml(path, "config file"), path)
     for text in overrides:
@@ -455,9 +516,14 @@ def validate(cfg: RunConfig) -> None:
     dev = cfg.train.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"train.device: {dev!r} is not one of auto, cpu, cuda, cuda:N")
+    for key, value in (("algorithm.name", cfg.algorithm.name),
+                       ("privacy.defense", cfg.privacy.defense), ("attack.name", cfg.attack.name)):
+        if is_plugin(value):  # there and a class; its registry's room checks its base class
+            load_class(key, value, object)
     alg, model = cfg.algorithm.name, cfg.model.name
     if (alg in LPM_ALGORITHMS and model not in LPM_MODELS) or (
-            model in LPM_MODELS and alg not in (*LPM_ALGORITHMS, "fedavg", "local")):
+            model in LPM_MODELS and alg not in (*LPM_ALGORITHMS, "fedavg", "local")
+            and not is_plugin(alg)):
         raise ConfigError(f"algorithm.name={alg} with model.name={model}: "
                           f"{', '.join(LPM_ALGORITHMS)} go with model.name "
                           f"{' or '.join(LPM_MODELS)}, and those models with them or with "
@@ -468,6 +534,48 @@ def validate(cfg: RunConfig) -> None:
     name = cfg.output.name
     if name and (any(c in name for c in "/\\") or name.startswith(".")):
         raise ConfigError(f"output.name: {name!r} must be a plain file name without '/'")
+
+
+def resumable(key: str, algorithm: str) -> bool:
+    """Whether a resumed run of `algorithm` may change `key` (RESUMABLE)."""
+    if key == "train.rounds" and algorithm in DP_ALGORITHMS:
+        return False
+    return key in RESUMABLE or f"{key.split('.')[0]}.*" in RESUMABLE
+
+
+def check_same_experiment(stored: RunConfig, now: RunConfig, where) -> None:
+    """One line naming every key that differs between the config stored in `where` (a
+    checkpoint, a results file) and the requested one, and that a resumed run may not change
+    (RESUMABLE): a run that goes on, or is reported done, in an existing file must be the
+    experiment that file holds."""
+    old, new = stored.to_dict(), now.to_dict()
+    changed = [f"{sec}.{key}: {new[sec][key]!r} differs from {value!r}"
+               for sec, keys in old.items() for key, value in keys.items()
+               if new[sec][key] != value and not resumable(f"{sec}.{key}", now.algorithm.name)]
+    if changed:
+        raise ConfigError(f"{', '.join(changed)} in {where}; a rerun into an existing results "
+                          "file must be the same experiment: choose another output.name (or "
+                          "output.dir), or set output.overwrite=true to replace it")
+
+
+def parse_stored(text: str, where) -> RunConfig:
+    """The config a file stores (YAML), in today's types and names, unchecked beyond its keys
+    and values: a stored module:Class is not imported (the reader may not have it)."""
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"config stored in {where}: not valid YAML") from None
+    cfg = RunConfig()
+    apply_dict(cfg, tree, f"config stored in {where}")
+    return cfg
+
+
+def experiment_digest(cfg: RunConfig) -> str:
+    """8 hex digits of the config without its output and attack sections: the same for every
+    command line of one experiment (python -m hpcfl.attack and hpcfl.main of one config, a
+    requeued Slurm job), another for any other."""
+    tree = {sec: keys for sec, keys in cfg.to_dict().items() if sec not in ("output", "attack")}
+    return hashlib.sha256(yaml.safe_dump(tree, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def describe() -> str:

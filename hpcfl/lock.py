@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 
 from .config import ConfigError, OutputConfig
+from .oneline import one_line
 
 log = logging.getLogger("hpcfl")
 
@@ -32,15 +33,14 @@ class RunLock:
             folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise ConfigError(f"output.dir: cannot write to {folder} "
-                              f"({e.strerror or type(e).__name__})") from None
+            raise ConfigError(f"output.dir: cannot write to {folder} ({one_line(e)})") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EAGAIN):  # e.g. ENOLCK: no lock manager
                 os.close(fd)
                 log.warning("%s: file locks unsupported here (%s); nothing stops a second "
-                            "process from writing this run", self.path, e.strerror)
+                            "process from writing this run", self.path, one_line(e))
                 return self
             holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)

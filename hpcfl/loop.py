@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -18,16 +17,16 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .algorithms import build_algorithm
-from .config import ConfigError, RunConfig
+from .algorithms import algorithm_class, build_algorithm
+from .config import ConfigError, RunConfig, experiment_digest
 from .cli import Diverged
 from .data import load_federated
 from .engine import (ROUND_DTYPE, RoundBuffer, RoundSpec, Slot, compile_unavailable, precision,
                      resolve_mode, train_cohort, unflatten)
 from .lock import lock_output
-from .placement import deal, stacks
+from .placement import deal_stacks, stacks
 from .population import Population, evaluated_clients
-from .privacy.defenses import Defense, Setup, build_defense
+from .privacy.defenses import Defense, Setup, build_defense, defense_class
 from .record import Recorder
 from .resume import checkpoint, plan_or_error
 from .store import ResultsFile, git_commit, load_checkpoint, mark_completed
@@ -53,11 +52,12 @@ def provenance(cfg: RunConfig, world: World) -> dict:
 
 
 def default_name(cfg: RunConfig) -> str:
-    """<algorithm>-<data>-<when>: in a Slurm job its id, which a requeued job keeps (so that it
-    resumes its own run); else rank 0's clock."""
-    job = os.environ.get("SLURM_JOB_ID")
-    when = f"slurm{job}" if job else time.strftime("%Y%m%d-%H%M%S")
-    return f"{cfg.algorithm.name}-{cfg.data.name}-{when}"
+    """<algorithm>-<data>-<digest of the experiment>: the same for every command of one
+    experiment, on every rank, in any job (hpcfl.attack then hpcfl.main, a requeued job), and
+    another for any other experiment (two runs in one Slurm allocation); a user's
+    module:Class algorithm as module.Class."""
+    return (f"{cfg.algorithm.name.replace(':', '.')}-{cfg.data.name}-"
+            f"{experiment_digest(cfg)}")
 
 
 def to_device(params: dict, device: torch.device) -> dict:
@@ -109,12 +109,10 @@ def train_round(cfg: RunConfig, world: World, algo, state: tuple[dict, Populatio
     the hosts. `state`: (shared, population), updated in place."""
     shared, population = state
     cohort = sample_cohort(cfg.train.seed, rnd, cfg.data.num_clients, cfg.train.frac)
-    together = stacks(cohort, cfg.engine.stack_size, mode)
-    owner = deal([float(data.num_train[list(s)].sum()) for s in together], world.size)
+    dealt = deal_stacks(stacks(cohort, cfg.engine.stack_size, mode), data.num_train, world.size)
     t0 = time.perf_counter()
-    private = population.fetch(together, owner)
-    spec = round_spec(cfg, mode, rnd, [s for s, r in zip(together, owner) if r == world.rank],
-                      data)
+    private = population.fetch(dealt)
+    spec = round_spec(cfg, mode, rnd, dealt.of(world.rank), data)
     t1 = time.perf_counter()
     with precision(cfg.engine.dtype, world.device):
         buf = train_cohort(algo, spec, shared, private, data.clients, world.device, defense)
@@ -126,22 +124,30 @@ def train_round(cfg: RunConfig, world: World, algo, state: tuple[dict, Populatio
         defense.server(buf.upload, [float(data.num_train[c]) for c in cohort])
     t3 = time.perf_counter()
     algo.server_step(shared, unflatten(buf.upload, shared), buf[Slot.WEIGHT])
-    population.give_back(together, owner, private)
+    population.give_back(dealt, private)
     return buf, RoundTimes(t2 - t1, t3 - t2, t1 - t0 + time.perf_counter() - t3)
 
 
-def run(cfg: RunConfig, world: World, until: int = 0) -> dict:
-    """The run, trained to its end, or only to round `until` (> 0), checkpointed there as a
+def run(cfg: RunConfig, world: World, until: int | None = None) -> dict:
+    """The run, trained to its end, or only to round `until`, checkpointed there as a
     preempted run that a later call goes on from (an attack of round until + 1 trains the run
-    this way: the same experiment, e.g. a DP run's noise calibrated to all its rounds)."""
+    this way: the same experiment, e.g. a DP run's noise calibrated to all its rounds; until=0
+    leaves the run's start checkpointed, for an attack of round 1)."""
     if not cfg.output.name:
-        cfg.output.name = world.from_main(default_name(cfg))
+        cfg.output.name = default_name(cfg)
     locks: list = []  # taken by _run once the input is checked: a mistake creates no folder
     try:
         return _run(cfg, world, until, locks)
     finally:
         for lock in filter(None, locks):
             lock.release()
+
+
+def check_classes(cfg: RunConfig) -> None:
+    """The classes algorithm.name and privacy.defense name: a user's module:Class that is not
+    an Algorithm or a Defense is one line now, before any work."""
+    algorithm_class(cfg.algorithm.name)
+    defense_class(cfg.privacy.defense)
 
 
 def check_compile(cfg: RunConfig, device: torch.device) -> None:
@@ -167,7 +173,8 @@ def start_up(cfg: RunConfig, device: torch.device):
 
 def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
     t, n = cfg.train, cfg.data.num_clients
-    last = min(until or t.rounds, t.rounds)
+    last = t.rounds if until is None else min(until, t.rounds)
+    check_classes(cfg)
     defense = build_defense(cfg.privacy, t.seed)
     mode = resolve_mode(cfg.engine.mode, world.device)
     data, algo = world.agree(lambda: start_up(cfg, world.device))
@@ -184,7 +191,7 @@ def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
     if start.round > last:
         raise ConfigError(f"output.name: {start.path} holds a run at round {start.round}, past "
                           f"round {last}; choose another output.name", every_rank=True)
-    if start.round == last:
+    if start.round == last and start.checkpoint is not None:
         return dict(path=str(start.path), round=start.round, stopped=True)
 
     dev = world.device
@@ -217,6 +224,11 @@ def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
     world.catch_stop_signals()
     rec.note_startup()
     t_start, final, stop, rnd = time.perf_counter() - elapsed, {}, False, start.round
+    if last == start.round:  # nothing to train (until=0): the run's start, checkpointed
+        stop = True
+        saved = checkpoint(world, start.path, cfg, rnd, 0.0, (shared, population))
+        if store:
+            store.note_checkpoint(*saved)
     try:
         for rnd in range(start.round + 1, last + 1):
             t0 = time.perf_counter()

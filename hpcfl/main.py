@@ -16,11 +16,10 @@ import logging
 import sys
 from pathlib import Path
 
-import h5py
-
 from .config import ConfigError, RunConfig, describe, load_config
 from .loop import run
 from .cli import Command, requeue_own_job
+from .store import NotResults, read_results
 
 USAGE = """usage: python -m hpcfl.main [CONFIG.yaml] [--from RESULTS.h5] [section.key=value ...]
 
@@ -50,14 +49,10 @@ def parse_args(argv: list[str]) -> RunConfig:
 
 
 def stored_config(path: str) -> str:
-    if Path(path).is_dir():
-        raise ConfigError(f"--from {path} is a directory, not a results file")
     try:
-        with h5py.File(path, "r", locking=False) as f:
-            return f.attrs["config"]
-    except (OSError, KeyError) as e:
-        why = " ".join(str(e).split())  # one line: h5py's messages may span several
-        raise ConfigError(f"--from {path}: not an hpcfl results file ({why})") from None
+        return read_results(Path(path)).config
+    except NotResults as e:
+        raise ConfigError(f"--from {path}: not an hpcfl results file ({e})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     head = f"{cfg.algorithm.name} on {cfg.data.name}: {cfg.data.num_clients} clients"
     if final.get("done"):
-        print(f"{head}: already completed ({final['round']} rounds) -> {final['path']}")
+        print(f"{head}: already completed ({final['round']} rounds) -> {final['path']} "
+              "(output.overwrite=true runs it again)")
     elif final.get("stopped"):
         print(f"{head}: stopped by a signal after round {final['round']}, checkpointed; rerun "
               f"the same command to resume -> {final['path']}", flush=True)

@@ -5,13 +5,15 @@
 - Training: a round's cohort, sorted, is cut into stacks of at most engine.stack_size clients
   (`stacks`; auto: the cohort in 16 near-equal stacks, one client each in sequential mode), a
   cut that depends on the cohort alone; the stacks are then dealt to ranks to balance their
-  samples (`deal`). A member's private state travels from its host to the rank that trains it
-  and back (loop.train_round): every rank works, whatever the population, and results do not
-  depend on the rank count. An evaluation is dealt the same way (population.evaluate).
+  samples (`deal_stacks`). A member's private state travels from its host to the rank that
+  trains it and back (loop.train_round): every rank works, whatever the population, and results
+  do not depend on the rank count. An evaluation (population.evaluate) and an attack's targets
+  (hpcfl.attack) are dealt the same way.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -70,3 +72,29 @@ def deal(loads: list[float], parts: int) -> list[int]:
         r = min(range(parts), key=lambda r: (total[r], r))
         rank[i], total[r] = r, total[r] + loads[i]
     return rank
+
+
+@dataclass(frozen=True)
+class Dealt:
+    """Stacks of client ids and the rank that works on each (`owner`, one per stack)."""
+    stacks: list[tuple[int, ...]]
+    owner: list[int]
+
+    def of(self, rank: int) -> list[tuple[int, ...]]:
+        """The stacks dealt to `rank`, in order."""
+        return [s for s, r in zip(self.stacks, self.owner) if r == rank]
+
+    def members(self, ranks: int) -> list[list[int]]:
+        """Every rank's clients, in its stacks' order."""
+        out: list[list[int]] = [[] for _ in range(ranks)]
+        for s, r in zip(self.stacks, self.owner):
+            out[r].extend(s)
+        return out
+
+
+def deal_stacks(together: list[tuple[int, ...]], sizes, ranks: int) -> Dealt:
+    """`together` (stacks cut from a sorted list of ids alone) dealt to `ranks`, each stack's
+    load the summed `sizes` of its clients (their images: `deal`). The one way work on clients
+    is shared among ranks: a round's training, an evaluation, an attack."""
+    sizes = np.asarray(sizes)
+    return Dealt(together, deal([float(sizes[list(s)].sum()) for s in together], ranks))

@@ -12,7 +12,7 @@ import torch
 
 from .config import TrainConfig, available_memory, refuse_unless_fits
 from .engine import evaluate_stack
-from .placement import UNIT, deal, host_of, hosted
+from .placement import UNIT, Dealt, deal_stacks, host_of, hosted
 from .private import Params, PrivateTable
 from .streams import Stream, numpy_stream
 from .world import World
@@ -66,17 +66,10 @@ class Population:
         self.table = PrivateTable(start, self.mine, world.device)
         self.evaluated = evaluated
 
-    def _trainers(self, stacks: list[tuple[int, ...]], owner: list[int]) -> list[list[int]]:
-        """Every rank's members of the cohort, in its stacks' order."""
-        out: list[list[int]] = [[] for _ in range(self.world.size)]
-        for members, r in zip(stacks, owner):
-            out[r].extend(members)
-        return out
-
-    def fetch(self, stacks: list[tuple[int, ...]], owner: list[int]) -> dict[int, Params]:
+    def fetch(self, dealt: Dealt) -> dict[int, Params]:
         """The private state of this rank's members (the stacks dealt to it), from the ranks
         hosting them: one exchange of rows."""
-        trained = self._trainers(stacks, owner)
+        trained = dealt.members(self.world.size)
         me = self.world.rank
         if not self.table.names:  # no private state (FedAvg): nothing moves
             return {c: {} for c in trained[me]}
@@ -90,12 +83,11 @@ class Population:
         return {c: {k: v.to(self.world.device) for k, v in private[c].items()}
                 for c in trained[me]}
 
-    def give_back(self, stacks: list[tuple[int, ...]], owner: list[int],
-                  private: dict[int, Params]) -> None:
+    def give_back(self, dealt: Dealt, private: dict[int, Params]) -> None:
         """The members' trained private state, back to the ranks hosting them."""
         if not self.table.names:
             return
-        trained = self._trainers(stacks, owner)
+        trained = dealt.members(self.world.size)
         me = self.world.rank
         if self.world.size == 1:
             self.table.put(trained[me], restack(trained[me], private))
@@ -131,10 +123,10 @@ class Population:
             return table
         size = max(1, EVAL_IMAGES // int(max(data.num_test[ev])))
         chunks = [tuple(int(c) for c in ev[i:i + size]) for i in range(0, len(ev), size)]
-        owner = deal([float(data.num_test[list(c)].sum()) for c in chunks], self.world.size)
-        private = self.fetch(chunks, owner)
+        dealt = deal_stacks(chunks, data.num_test, self.world.size)
+        private = self.fetch(dealt)
         at = 0
-        for chunk, r in zip(chunks, owner):
+        for chunk, r in zip(dealt.stacks, dealt.owner):
             if r == self.world.rank:
                 clients = [data.client(c) for c in chunk]
                 correct, loss = evaluate_stack(algo, shared, restack(list(chunk), private),

@@ -7,25 +7,22 @@ since private state is stored per client id. Only rank 0 touches the files.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-import yaml
 
-from .config import DP_ALGORITHMS, ConfigError, RunConfig, apply_dict
+from .config import (DP_ALGORITHMS, ConfigError, RunConfig, check_same_experiment, is_plugin,
+                     parse_stored)
+from .oneline import one_line
 from .population import Population
-from .store import (CheckpointError, CheckpointWriter, checkpoint_paths, rows_per_chunk,
-                    verify_checkpoint)
+from .store import (CheckpointError, CheckpointWriter, NotResults, StoredRun, checkpoint_paths,
+                    read_results, rows_per_chunk, verify_checkpoint)
 from .world import World
 
 log = logging.getLogger("hpcfl")
-# Keys a resumed run may change; any other change would make it a different experiment.
-RESUMABLE_CHANGES = ("train.rounds", "train.eval_every", "train.device", "engine.", "output.",
-                     "attack.")
 
 
 @dataclass
@@ -49,6 +46,8 @@ def plan_start(cfg: RunConfig, device_type: str = "cpu") -> Start:
     if o.resume == "never" or o.overwrite or not have:
         if o.resume == "must":
             raise ConfigError(f"output.resume=must but there is no checkpoint {ckpt}")
+        if path.exists() and not have and not o.overwrite and o.resume == "auto":
+            return finished(cfg, path)
         if (path.exists() or have) and not o.overwrite:
             raise ConfigError(f"output.name: {path} exists; choose another output.name or set "
                               "output.overwrite=true to start over")
@@ -72,9 +71,7 @@ def plan_start(cfg: RunConfig, device_type: str = "cpu") -> Start:
     check_readable(path)
     with h5py.File(p, "r", locking=False) as f:
         # parsed as a config, so that a file from an older hpcfl compares in today's types
-        stored = RunConfig()
-        apply_dict(stored, yaml.safe_load(f.attrs["config"]), f"config stored in {p}")
-        check_same_experiment(stored.to_dict(), cfg.to_dict(), p)
+        check_same_experiment(parse_stored(f.attrs["config"], p), cfg, p)
     check_same_noise(cfg, path, device_type)
     if rnd > cfg.train.rounds:
         raise ConfigError(f"train.rounds: {p} is at round {rnd}, past train.rounds="
@@ -84,22 +81,30 @@ def plan_start(cfg: RunConfig, device_type: str = "cpu") -> Start:
     return Start(path, p, rnd, done=rnd == cfg.train.rounds)
 
 
-def check_same_experiment(stored: dict, now: dict, where: Path) -> None:
-    for section, keys in stored.items():
-        for key, value in keys.items():
-            name = f"{section}.{key}"
-            if now[section][key] == value or (name.startswith(RESUMABLE_CHANGES) and not (
-                    name == "train.rounds" and now["algorithm"]["name"] in DP_ALGORITHMS)):
-                continue  # (a DP run's noise is calibrated to its number of rounds)
-            raise ConfigError(f"{name}: {now[section][key]!r} differs from {value!r} in {where}; "
-                              "a resumed run must be the same experiment (or set "
-                              "output.resume=never output.overwrite=true, or another output.name)")
+def finished(cfg: RunConfig, path: Path) -> Start:
+    """A results file without a checkpoint (its checkpoints removed, or written before
+    checkpoints were kept) is done if it completed this experiment, the same number of rounds;
+    anything else there is refused with one line."""
+    run = check_readable(path)
+    if run.status != "completed":
+        raise ConfigError(f"output.name: {path} exists ({run.status}, no checkpoint to go on "
+                          "from); choose another output.name or set output.overwrite=true to "
+                          "start over")
+    stored = parse_stored(run.config, path)
+    check_same_experiment(stored, cfg, path)
+    if stored.train.rounds != cfg.train.rounds:
+        raise ConfigError(f"train.rounds: {path} completed {stored.train.rounds} rounds and has "
+                          "no checkpoint to go on from; choose another output.name or set "
+                          "output.overwrite=true to start over")
+    return Start(path, None, stored.train.rounds, done=True)
 
 
 def check_same_noise(cfg: RunConfig, results: Path, device_type: str) -> None:
     """DP and defense noise come from generators of the device they run on, and CPU and CUDA
     generators give other draws from one seed: a noisy run resumes on its own device type."""
-    if cfg.algorithm.name not in DP_ALGORITHMS and cfg.privacy.defense == "none":
+    # (a user's algorithm may draw noise: it is held to this too)
+    if (cfg.algorithm.name not in DP_ALGORITHMS and not is_plugin(cfg.algorithm.name)
+            and cfg.privacy.defense == "none"):
         return
     with h5py.File(results, "r", locking=False) as f:
         before = str(f.attrs.get("device", device_type)).split(":")[0]
@@ -136,25 +141,18 @@ def checkpoint(world: World, path: Path, cfg: RunConfig, rnd: int, elapsed: floa
         if writer:
             writer.abandon()
         raise ConfigError(f"checkpoint {checkpoint_paths(path)[0]} of round {rnd} could not be "
-                          f"written ({why(e)}); the previous checkpoint is kept") from None
+                          f"written ({one_line(e)}); the previous checkpoint is kept") from None
     return (time.perf_counter() - t0, size) if writer else (0.0, 0)
 
 
-def check_readable(path: Path) -> None:
+def check_readable(path: Path) -> StoredRun:
     """A results file to go on with must read (a truncated copy, a full disk at its last write):
     else one line, and nothing is written to it."""
     try:
-        with h5py.File(path, "r", locking=False) as f:
-            f["metrics/round"][:], f["timing/round"][:], f["clients/test_acc"].shape
-    except (OSError, KeyError) as e:
-        reason = why(e) if isinstance(e, OSError) else f"no {e.args[0]}"
-        raise ConfigError(f"output.name: results file {path} is damaged ({reason}); it is left "
+        return read_results(path)
+    except NotResults as e:
+        raise ConfigError(f"output.name: results file {path} is damaged ({e}); it is left "
                           "as it is: move it away, or set output.overwrite=true to start over")
-
-
-def why(e: OSError) -> str:
-    """A failed write's reason in a few words (h5py's own message spans lines)."""
-    return os.strerror(e.errno) if e.errno else str(e).splitlines()[0]
 
 
 def _stream_rows(world: World, population: Population, writer) -> None:

@@ -20,8 +20,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 2  # 2 (hpcfl 0.2): /clients/ids, /timing/exchange_s, startup_s, checkpoint_*
-CHECKPOINT_VERSION = 3  # 3 (hpcfl 0.3): /private_ids, the rows of written clients only
+from .oneline import one_line
+
+# Each file's format version, and the hpcfl release that first wrote it (hpcfl's own version is
+# at least the newest: a format that changed is a new release; a test checks it).
+SCHEMA_VERSIONS = {2: "0.2.0",  # /clients/ids, /timing/exchange_s, startup_s, checkpoint_*
+                   3: "0.3.0"}  # /segments
+CHECKPOINT_VERSIONS = {2: "0.2.0",  # every client's private row, in id order
+                       3: "0.3.0"}  # /private_ids: the rows of the clients that trained only
+SCHEMA_VERSION, CHECKPOINT_VERSION = max(SCHEMA_VERSIONS), max(CHECKPOINT_VERSIONS)
 METRICS = ("round", "test_acc_mean", "test_acc_weighted", "test_loss_mean", "train_loss",
            "round_time_s", "elapsed_s")
 CLIENT_METRICS = ("test_acc", "test_loss")
@@ -175,6 +182,43 @@ class ResultsFile:
             self.f.close()
 
 
+class NotResults(Exception):
+    """A file that is not a readable hpcfl results file; the message says why, in one line."""
+
+
+@dataclass
+class StoredRun:
+    """What a results file says of its run: its status, its config (YAML) and, per attack in
+    /privacy, the config of that attack's run."""
+    status: str
+    config: str
+    attacks: dict[str, str]
+
+
+NEEDED = ("metrics/round", "timing/round", "clients/test_acc")  # what a run goes on from
+
+
+def read_results(path: Path) -> StoredRun:
+    """The run of the results file at `path`, once the file is known to read whole (a truncated
+    copy, or a full disk at its last write, fails reading NEEDED); NotResults otherwise (a
+    folder, not HDF5, damaged, another program's file). The one test of "is this a results
+    file" (--from, resume, a sweep's finished point, an attack's file)."""
+    if Path(path).is_dir():
+        raise NotResults("a directory")
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            missing = [name for name in NEEDED if name not in f]
+            if missing or "config" not in f.attrs:
+                raise NotResults(f"no {', '.join(missing or ['config attribute'])}")
+            for name in NEEDED:
+                f[name][...]
+            attacks = {name: str(g.attrs.get("config", ""))
+                       for name, g in f["privacy"].items()} if "privacy" in f else {}
+            return StoredRun(str(f.attrs.get("status", "")), str(f.attrs["config"]), attacks)
+    except (OSError, KeyError, ValueError) as e:  # h5py's ways of saying "damaged"
+        raise NotResults(one_line(e)) from None
+
+
 def mark_completed(path: Path) -> None:
     with h5py.File(path, "r+", locking=False) as f:
         if f.attrs.get("status") != "completed":
@@ -320,7 +364,7 @@ def verify_checkpoint(path: Path) -> int:
         raise
     except Exception as e:  # h5py raises OSError, KeyError, ValueError on damaged files
         raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                              f"{one_line(e)})") from None
 
 
 def load_checkpoint(path: Path, table=None) -> Checkpoint:

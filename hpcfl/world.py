@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
+from .oneline import one_line
 
 log = logging.getLogger("hpcfl")
 
@@ -32,7 +33,7 @@ def _import_mpi():
         from mpi4py import MPI
         return MPI, ""
     except (ImportError, RuntimeError, OSError) as e:
-        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+        return None, one_line(e)
 
 
 class _Refused:
@@ -73,12 +74,17 @@ class World:
         self.stop_requested = False
 
     def _check_slurm(self) -> None:
-        # srun starting N tasks that each see a world of 1 means srun and the MPI library
-        # disagree on how to start ranks: every task would run the whole job alone.
+        # srun starting N tasks that each see a smaller world means srun and the MPI library
+        # disagree on how to start ranks: every task would run the whole job alone. Fewer step
+        # tasks than ranks is no mismatch: mpiexec inside an allocation (MPICH's Hydra, Open
+        # MPI's mpirun) starts one launcher per node with srun, and its ranks inherit that
+        # step's SLURM_STEP_NUM_TASKS, the number of nodes.
         step_tasks = os.environ.get("SLURM_STEP_NUM_TASKS")
-        if step_tasks and step_tasks.isdigit() and int(step_tasks) != self.size:
-            raise ConfigError(f"srun started {step_tasks} tasks but MPI sees {self.size}: use "
-                              "srun --mpi=pmi2 (MPICH, Intel MPI) or --mpi=pmix (Open MPI)")
+        if step_tasks and step_tasks.isdigit() and int(step_tasks) > self.size:
+            raise ConfigError(f"srun started {step_tasks} tasks but MPI sees {self.size}: "
+                              "srun's MPI plugin must match the MPI library: srun --mpi=pmi2 "
+                              "(MPICH, Intel MPI, the mpich wheel) or --mpi=pmix (Open MPI); "
+                              "slurm/*.sbatch take it from SLURM_MPI_TYPE")
 
     def _set_threads(self, threads: int) -> None:
         """`threads` per rank (engine.threads); 0: Slurm's CPUs per task, else the node's cores

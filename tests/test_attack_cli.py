@@ -6,8 +6,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from hpcfl.attack import main
+from hpcfl.attack import DEFAULT, main
+from hpcfl.config import load_config
 from hpcfl.data.builtin import load_photos
+from hpcfl.loop import default_name
 from hpcfl.privacy.metrics import psnr
 
 QUICKSTART = str(Path(__file__).parent.parent / "jobs" / "quickstart.yaml")
@@ -19,7 +21,7 @@ def test_the_no_argument_attack_runs_and_records_what_it_found(tmp_path):
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip().splitlines()[-1]
     assert line.startswith("ig on fedavg") and "PSNR" in line
-    path = tmp_path / "runs" / "attack-fedavg-photos-r1.h5"
+    path = tmp_path / "runs" / f"{default_name(load_config(None, DEFAULT))}.h5"
     with h5py.File(path) as f:
         g = f["privacy/ig"]
         psnr, truth, rec = g["psnr"][:], g["truth"][:], g["reconstruction"][:]
@@ -29,7 +31,7 @@ def test_the_no_argument_attack_runs_and_records_what_it_found(tmp_path):
     photos = load_photos()[0].numpy()
     assert truth.shape == rec.shape == (1, 3, 32, 32) and truth.dtype == np.uint8
     assert any(np.array_equal(truth[0], p) for p in photos)  # the client's own photo
-    assert (tmp_path / "runs" / "attack-fedavg-photos-r1-ig-r1.png").stat().st_size > 0
+    assert path.with_name(f"{path.stem}-ig-r1.png").stat().st_size > 0
 
 
 def test_an_attack_on_a_later_hyperfl_round_trains_to_it_first(tmp_path, capsys):

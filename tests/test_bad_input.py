@@ -140,7 +140,7 @@ MAIN = [
          "trained) and their placement need about 54.2 GB of memory, and 8.0 GB is available",
          memory=8),
     # --from
-    Case("--from a directory", "main", ["--from", "{tmp}/r.h5", OUT], "r.h5 is a directory",
+    Case("--from a directory", "main", ["--from", "{tmp}/r.h5", OUT], "r.h5: not an hpcfl results file (a directory)",
          {"r.h5": DIR}),
     Case("--from not hdf5", "main", ["--from", "{tmp}/r.h5", OUT], "file signature not found",
          {"r.h5": "status: completed\n"}),

@@ -87,8 +87,9 @@ def test_rank_one_update_matches_torch_optim_on_the_dense_gradient(momentum, wd)
 
 
 def official_hyperfl_client(algo, shared, private, data, cfg, seed, rnd, cid):
-    """The official LocalUpdate_HyperFL.local_training (research digest §4), with torch modules
-    and optimizers: one head epoch, then hypernetwork + embedding epochs with separate clips."""
+    """The official LocalUpdate_HyperFL.local_training (HyperFL's cnn/methods/hyperfl.py), with
+    torch modules and optimizers: one head epoch, then hypernetwork + embedding epochs with
+    separate clips."""
     hyper = copy.deepcopy(algo.hypernet).to_empty(device="cpu")
     hyper.load_state_dict({k[len("hypernet."):]: v for k, v in shared.items()})
     emb = torch.nn.Parameter(private["embedding"].clone())

@@ -18,8 +18,8 @@ def counts(model):
 
 
 def test_official_adapters_and_hypernetworks_have_the_official_sizes():
-    """hyperfl.md §3b: ViT-S/16-384, 12 blocks of 19,608 adapter weights (235,296), hypernetwork
-    30,361,504; ResNet-18, 352,000 adapter weights, hypernetwork 45,416,320. On the meta device:
+    """HyperFL's vit/ and resnet/ (a62bd10): ViT-S/16-384, 12 blocks of 19,608 adapter weights
+    (235,296), hypernetwork 30,361,504; ResNet-18, 352,000 adapter weights, hypernetwork 45,416,320. On the meta device:
     no weights needed."""
     with torch.device("meta"):
         vit, resnet = build_lpm("vit_adapter", 10), build_lpm("resnet18_adapter", 10)

@@ -7,7 +7,7 @@ from hpcfl.models import HyperNetwork, build_model, resolve_name
 
 
 @pytest.mark.parametrize("name, shape, extractor, hyper", [
-    # Counts of the official code (research digest §3).
+    # Counts of the official code (github.com/Pengxin-Guo/HyperFL a62bd10, cnn/models/cnn.py).
     ("cifar_cnn", (3, 32, 32), 106_400, 13_733_920),
     ("mnist_cnn", (1, 28, 28), 115_776, 14_943_424),
     ("digits_cnn", (1, 8, 8), 13_056, 1_692_544),

@@ -83,8 +83,8 @@ def test_synthetic_data_has_the_papers_shapes_and_class_structure():
 # ---------------------------------------------------------------- the official noniid_s split
 
 def official_counts(dataset: str, client: int, size: int) -> list[int]:
-    """Label counts of one client under the official rules (FedPAC's data_loader.py, digest in
-    shared/research/hyperfl.md §2): int(size * 0.2) images spread evenly over all classes (the
+    """Label counts of one client under the official rules (FedPAC's data_loader.py, as HyperFL's
+    cnn/data_loader.py copies it): int(size * 0.2) images spread evenly over all classes (the
     last class takes the remainder), the rest evenly over the client's label group (its last
     class takes the remainder)."""
     num_classes = 62 if dataset == "emnist" else 10

@@ -1,7 +1,7 @@
 """Which rank hosts which clients (hpcfl.placement)."""
 import pytest
 
-from hpcfl.placement import balanced_blocks, deal, host_of, hosted, stacks
+from hpcfl.placement import balanced_blocks, deal, deal_stacks, host_of, hosted, stacks
 
 
 @pytest.mark.parametrize("unit", [1, 4])
@@ -22,11 +22,11 @@ def rank_loads(num_clients: int, frac: float, ranks: int, sizes) -> list[float]:
     """Samples each rank trains in round 1 under the default engine.stack_size (auto)."""
     from hpcfl.loop import sample_cohort
     cohort = sample_cohort(0, 1, num_clients, frac)
-    together = stacks(cohort, 0, "vectorized")
-    owner = deal([float(sum(sizes[c] for c in s)) for s in together], ranks)
-    assert sorted(c for s in together for c in s) == sorted(cohort)  # every member, once
-    return [sum(sizes[c] for s, r in zip(together, owner) if r == rank for c in s)
-            for rank in range(ranks)]
+    dealt = deal_stacks(stacks(cohort, 0, "vectorized"), sizes, ranks)
+    members = dealt.members(ranks)
+    assert sorted(c for m in members for c in m) == sorted(cohort)  # every member, once
+    assert all(m == [c for s in dealt.of(r) for c in s] for r, m in enumerate(members))
+    return [sum(sizes[c] for c in m) for m in members]
 
 
 @pytest.mark.parametrize("num_clients, frac, ranks", [

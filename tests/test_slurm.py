@@ -1,7 +1,8 @@
 """On a real Slurm (tests/slurm/start_local_slurm.sh starts a one-node one; .ci/run does): srun
-starts the ranks of one run, slurm/sweep.sbatch runs a sweep as an array job, a run signalled
-before its time limit requeues itself and resumes to the numbers of an uninterrupted run, and an
-srun whose MPI plugin does not match the library stops with exit code 2.
+starts the ranks of one run, and so does mpiexec inside an allocation; slurm/sweep.sbatch runs a
+sweep as an array job, a run signalled before its time limit requeues itself and resumes to the
+numbers of an uninterrupted run, and an srun whose MPI plugin (SLURM_MPI_TYPE) does not match
+the library stops with exit code 2.
 
 Without Slurm these tests skip, unless HPCFL_REQUIRE_SLURM=1 (set by .ci/run) makes that a
 failure."""
@@ -19,7 +20,10 @@ import yaml
 
 from analysis.summarize import main as summarize
 
-from .conftest import TINY, launch, max_diff, results, wait_for_rows
+from hpcfl.config import load_config
+from hpcfl.loop import default_name
+
+from .conftest import TINY, launch, max_diff, mpiexec, results, wait_for_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 # the Python of this test session first on PATH: srun and sbatch pass the environment on
@@ -87,14 +91,31 @@ def test_srun_starts_the_ranks_of_one_run(tmp_path):
         assert f["timing/compute_s"].shape == (2, 2)
 
 
-def test_srun_with_an_mpi_plugin_the_library_does_not_speak_is_exit_2(tmp_path):
-    # --mpi=none: each task initializes MPI alone and sees a world of 1
-    r = srun("--mpi=none", "-n", "2", sys.executable, "-m", "hpcfl.main", *TINY,
-             f"output.dir={tmp_path}", "output.name=x", cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    lines = [x for x in r.stderr.splitlines() if x.startswith("hpcfl:")]
-    assert lines and all("srun started 2 tasks but MPI sees 1" in x for x in lines)
-    assert "Traceback" not in r.stderr and not (tmp_path / "x.h5").exists()
+def test_mpiexec_in_an_allocation_runs_and_the_scripts_take_srun_s_plugin_from_a_variable(
+        tmp_path):
+    """`mpiexec -n $SLURM_NTASKS` inside an allocation starts the ranks of one run (its ranks
+    see SLURM_STEP_NUM_TASKS=1, Hydra's one launcher per node: before, hpcfl stopped there);
+    slurm/run.sbatch runs srun with the plugin SLURM_MPI_TYPE names (before: --mpi=pmi2 in the
+    script), and one the library does not speak (none: each task sees a world of 1) is exit 2
+    with one line per rank, and no results file."""
+    out = f"output.dir={tmp_path}"
+    inside = sbatch("-n", "2", f"--output={tmp_path}/mpiexec-%j.out", "--wrap",
+                    f"{mpiexec()} -n $SLURM_NTASKS {sys.executable} -m hpcfl.main "
+                    f"{' '.join(TINY)} {out} output.name=inside", cwd=tmp_path)
+    plugin = subprocess.run(["sbatch", "--parsable", *ON_THIS_NODE, "--ntasks-per-node=2",
+                             str(ROOT / "slurm" / "run.sbatch"), *TINY, out, "output.name=x"],
+                            cwd=tmp_path, env=dict(ENV, SLURM_MPI_TYPE="none"),
+                            capture_output=True, text=True, check=True).stdout.strip()
+    states = wait_for(inside), wait_for(plugin)
+    log = (tmp_path / f"mpiexec-{inside}.out").read_text()
+    assert states[0] == ["COMPLETED"], log
+    with h5py.File(tmp_path / "inside.h5", "r") as f:
+        assert f.attrs["status"] == "completed" and f.attrs["world_size"] == 2
+    log = (tmp_path / f"hpcfl-{plugin}.out").read_text()
+    assert states[1] == ["FAILED"], log
+    lines = [x for x in log.splitlines() if x.startswith("hpcfl:") and "error" in x]
+    assert lines and all("srun started 2 tasks but MPI sees 1" in x for x in lines), log
+    assert "Traceback" not in log and not (tmp_path / "x.h5").exists()
 
 
 def test_an_array_job_runs_every_point_of_a_sweep_and_summarize_reads_them(tmp_path, capsys):
@@ -121,7 +142,7 @@ def test_a_signalled_batch_run_requeues_itself_and_ends_as_an_uninterrupted_run(
     args = [*TINY, "train.rounds=12", "algorithm.name=hyperfl"]
     ref = launch(None, *args, f"output.dir={tmp_path / 'ref'}", "output.name=ref")
     job = sbatch(str(ROOT / "slurm" / "run.sbatch"), *args, cwd=tmp_path)
-    path = tmp_path / "runs" / f"hyperfl-digits-slurm{job}.h5"  # the default name in a job
+    path = tmp_path / "runs" / f"{default_name(load_config(None, args))}.h5"  # no name given
     try:
         end = time.time() + 120
         while not path.exists() and time.time() < end:

@@ -31,8 +31,9 @@ def test_list_numbers_the_product_of_grid_and_points(tmp_path, capsys):
     assert sweep([path, "--list"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == "8 points (a Slurm array: --array=0-7)"
-    assert out[0].split() == ["0", "algorithm.name=fedavg", "train.seed=0", "train.lr=0.05"]
-    assert out[7].split() == ["7", "algorithm.name=hyperfl", "train.seed=1", "train.lr=0.1"]
+    assert out[0].split() == ["0", "algorithm.name=fedavg", "train.seed=0", "train.lr=0.05",
+                              "->", "runs/s-000.h5"]
+    assert out[7].split()[:4] == ["7", "algorithm.name=hyperfl", "train.seed=1", "train.lr=0.1"]
     assert sweep([path, "--index", "8"]) == 2
     assert "points 0-7" in capsys.readouterr().err
     bad = write_sweep(tmp_path, base=BASE, grid={"train.lr": 0.1})

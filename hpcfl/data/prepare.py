@@ -32,6 +32,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import ArgumentParser, ConfigError
+from ..oneline import one_line
 from .files import FILE_DATASETS, FORMAT, FORMAT_VERSION
 
 
@@ -249,7 +250,7 @@ def prepare(name: str, source: Path, out: Path, command: str) -> Path:
                            created=dt.datetime.now().astimezone().isoformat(timespec="seconds"))
         os.replace(tmp, out)
     except OSError as e:  # a folder that cannot be made or written
-        raise PrepareError(f"--out {out}: cannot be written ({e.strerror or e})") from None
+        raise PrepareError(f"--out {out}: cannot be written ({one_line(e)})") from None
     finally:
         if tmp.parent.is_dir():
             tmp.unlink(missing_ok=True)

@@ -1,5 +1,6 @@
-"""HyperFL-LPM's models (research digest hyperfl.md §3b): a frozen pretrained timm backbone with
-small bottleneck adapters where the official code puts them, and a private head.
+"""HyperFL-LPM's models (HyperFL's vit/ and resnet/, github.com/Pengxin-Guo/HyperFL a62bd10):
+a frozen pretrained timm backbone with small bottleneck adapters where the official code puts
+them, and a private head.
 
 - `vit_adapter`: a timm VisionTransformer (official: vit_small_patch16_384); in every block the
   MLP branch goes through an adapter inside the residual, x + Adapter(mlp(norm2(x))), with

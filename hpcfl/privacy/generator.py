@@ -2,9 +2,9 @@
 
 GIFD (Fang et al., ICCV 2023) searches a pretrained generator's latent and then its intermediate
 feature maps; no GAN weights can be downloaded here, so the attacker trains its own on public
-data (research/privacy.md §3.5). The generator is split into stages so that an attack can start
-from any intermediate feature map: `features(z, classes, k)` runs the first k stages,
-`finish(h, k)` the rest. Images come out in [-1, 1].
+data (GIFD's own code: ffhibnese/GIFD_Gradient_Inversion_Attack). The generator is split into
+stages so that an attack can start from any intermediate feature map: `features(z, classes, k)`
+runs the first k stages, `finish(h, k)` the rest. Images come out in [-1, 1].
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
+
+from ..oneline import one_line
 
 
 class Generator(nn.Module):
@@ -103,5 +105,5 @@ def load_generator(path: str, device: torch.device | str = "cpu") -> tuple[Gener
     except Exception as e:  # noqa: BLE001 - any unreadable file is one user-facing line
         raise ValueError(f"{path}: not a generator written by python -m "
                          f"hpcfl.privacy.train_generator ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                         f"{one_line(e)})") from None
     return gen.to(device).eval().requires_grad_(False), saved["record"]

@@ -3,6 +3,7 @@ from .common import Knowledge, Problem, Reconstruction, gradient_from_update, id
 from .dlg import dlg
 from .gifd import gifd
 from .ig import inverting_gradients
+from .plugin import Attack, attack_class
 
-__all__ = ["Knowledge", "Problem", "Reconstruction", "gradient_from_update", "idlg_label", "dlg",
-           "gifd", "inverting_gradients"]
+__all__ = ["Attack", "Knowledge", "Problem", "Reconstruction", "attack_class",
+           "gradient_from_update", "idlg_label", "dlg", "gifd", "inverting_gradients"]

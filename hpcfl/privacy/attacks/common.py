@@ -2,8 +2,7 @@
 batch would produce, the distances between gradients, total variation, iDLG's label.
 
 References: breaching (github JonasGeiping/breaching) and the original repositories of DLG
-(mit-han-lab/dlg), iDLG and Inverting Gradients (JonasGeiping/invertinggradients); digest in
-shared/research/privacy.md.
+(mit-han-lab/dlg), iDLG and Inverting Gradients (JonasGeiping/invertinggradients).
 """
 from __future__ import annotations
 

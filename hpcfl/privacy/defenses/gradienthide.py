@@ -1,5 +1,5 @@
-"""GradientHide (ICLR 2026 submission, OpenReview hcL8wbKFB5; only its abstract is public,
-research/privacy.md §6.5): after its local training a client takes one more local update on
+"""GradientHide (ICLR 2026 submission, OpenReview hcL8wbKFB5; only its abstract is
+public): after its local training a client takes one more local update on
 public data before it uploads, hiding what its private images left in the update. The public
 images get labels from a labeler; the paper uses CLIP zero-shot.
 

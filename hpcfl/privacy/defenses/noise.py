@@ -1,7 +1,8 @@
-"""DP-G / DP-L as attack papers call them (breaching's and GIFD's noise defenses; research
-privacy.md §6): the whole update clipped to L2 norm privacy.update_clip, then i.i.d. Gaussian
-(std privacy.noise) or Laplacian (scale privacy.noise) noise on every entry. An absolute noise
-scale, not a DP guarantee (that is the dpfedavg baseline)."""
+"""DP-G / DP-L as attack papers call them (breaching's and GIFD's noise defenses:
+JonasGeiping/breaching, ffhibnese/GIFD_Gradient_Inversion_Attack): the whole update clipped to
+L2 norm privacy.update_clip, then i.i.d. Gaussian (std privacy.noise) or Laplacian (scale
+privacy.noise) noise on every entry. An absolute noise scale, not a DP guarantee (that is the
+dpfedavg baseline)."""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,6 @@
 """Random-slice perturbation with global compensation: GradDefense (Wang, Guo, Xie, Qi, "Protect
 Privacy from Gradient Leakage Attack in Federated Learning", INFOCOM 2022; official code github
-wangjunxiao/GradDefense: sensitivity.py, perturb.py, compensate.py; research/privacy.md §6.4).
+wangjunxiao/GradDefense at ffc37d4: sensitivity.py, perturb.py, compensate.py).
 
 1. Once, on a root set (5 public images per class): each uploaded tensor's sensitivity, the mean
    over images of ||d(sum of the tensor's gradient)/d image||, and from it M slices of the
