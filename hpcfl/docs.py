@@ -28,8 +28,8 @@ SECTIONS = {
 
 INTRO = f"""# Configuration
 
-<!-- Generated from hpcfl/config.py by `{COMMAND}`; do not edit by hand:
-     tests/test_docs.py fails when this page and the code differ. -->
+<!-- Generated from hpcfl/config.py by `{COMMAND}`;
+     do not edit by hand: tests/test_docs.py fails when this page and the code differ. -->
 
 Every option of a run, with its default, the values it allows and what it does, as the code
 defines them (`hpcfl/config.py`; `python -m hpcfl.main --help` prints the same).
@@ -108,7 +108,7 @@ def configuration_page() -> str:
                          f"{_cell(_allowed(f))} | {_cell(f.metadata['help'])} |")
         lines.append("")
     lines += ["## Renamed keys", "",
-              "Old names, still read from YAML files, command lines and the configs stored in "
+              "Old names, still read from YAML files, command lines and the configs stored in",
               "results files and checkpoints of earlier versions:", "",
               "| old name | now |", "|---|---|"]
     lines += [f"| `{old}` | `{new}` |" for old, new in RENAMED.items()]
