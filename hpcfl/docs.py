@@ -118,11 +118,14 @@ def configuration_page() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv:
+    if argv in (["-h"], ["--help"]):
         print(f"usage: {COMMAND}\n\nPrints the configuration page, generated from "
-              "hpcfl/config.py.", file=sys.stderr if argv not in (["-h"], ["--help"]) else
-              sys.stdout)
-        return 0 if argv in (["-h"], ["--help"]) else 2
+              "hpcfl/config.py.")
+        return 0
+    if argv:
+        print(f"hpcfl.docs: error: takes no arguments, got {' '.join(argv)!r}; usage: "
+              f"{COMMAND}", file=sys.stderr)
+        return 2
     sys.stdout.write(configuration_page())
     return 0
 
