@@ -42,8 +42,9 @@ def written(tmp_path_factory) -> dict[str, Path]:
           "privacy.defense=random_slice", "data.public_fraction=0.3", "attack.round=2",
           "attack.iterations=2", "output.name=dp"]
     assert attack(dp) == 0 and run(dp) == 0
-    with h5py.File(out / "dp.ckpt.h5", "r") as f:
+    with h5py.File(out / "dp.ckpt.h5", "r") as f, h5py.File(out / "dp.h5", "r") as g:
         assert len(f["private"]) and len(f["private_ids"])  # /private/<name> is checked
+        assert "resumed_from_round" in g.attrs and "privacy/ig" in g  # so are these
     assert run([*common, "algorithm.name=fedavg", "train.rounds=1",
                 "privacy.defense=gradienthide", "data.public_fraction=0.02",
                 "output.name=hide"]) == 0
