@@ -21,8 +21,8 @@ SECTIONS = {
     "privacy": "the DP-SGD baselines' budget and the defenses "
                "([defenses.md](defenses.md))",
     "attack": "`python -m hpcfl.attack` only ([attacks.md](attacks.md))",
-    "engine": "how a rank trains its clients; none of these keys may change a run's "
-              "numbers beyond the last bits ([performance.md](performance.md))",
+    "engine": "how a rank trains its clients: these keys change speed and rounding, not the "
+              "method ([performance.md](performance.md))",
     "output": "where results go, checkpoints, resume ([cluster.md](cluster.md))",
 }
 
