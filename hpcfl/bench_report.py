@@ -1,5 +1,5 @@
-"""What `python -m hpcfl.bench suite` writes: DIR/suite.h5 and DIR/suite.md (a table the README
-can take as it is), and the facts about the machine both carry.
+"""What `python -m hpcfl.bench suite` writes: DIR/suite.h5 and DIR/suite.md (a table
+docs/performance.md can take as it is), and the facts about the machine both carry.
 
     /                      attrs: command, budget_s, wall_s, scale, device, auto_mode,
                            auto_tally, host, platform, cpu, cores, memory_gb, gpu, torch_version,

@@ -1,6 +1,6 @@
 """What every hpcfl command does on failure, and what a run raises besides ConfigError.
 
-Exit codes (README): 0 done or preempted; 2 a user mistake (one line, no traceback, no results
+Exit codes (docs/cluster.md): 0 done or preempted; 2 a user mistake (one line, no traceback, no results
 file); 3 diverged; 1 a crash (every rank aborted). A preempted Slurm job requeues itself.
 """
 from __future__ import annotations

@@ -164,7 +164,7 @@ class AlgorithmConfig:
                            "hypernetwork and of the embedding, each separately; 0 = off", min=0)
     hypernet_bias: bool = opt(True, "hyperfl: the hypernetwork's output layers have biases "
                               "(official); false: without, so that the upload carries no "
-                              "generated tensor's gradient as such (see README, Attacks)")
+                              "generated tensor's gradient as such (docs/attacks.md)")
 
 
 @dataclass
@@ -192,8 +192,9 @@ class PrivacyConfig:
     noise: float = opt(0.01, "dp_gaussian: noise std; dp_laplace: Laplace scale; absolute, per "
                        "entry (GIFD's default 0.01)", min=0)
     topk_ratio: float = opt(0.03, "topk: share of each tensor's entries kept, the largest in "
-                            "magnitude (what it costs an attack and the accuracy, measured: "
-                            "docs/defenses.md)", min=0, max=1, min_exclusive=True)
+                            "magnitude (IG on digits lost 1.4 dB of PSNR at 0.1, 3.2 dB at 0.03: "
+                            "docs/defenses.md)", min=0,
+                            max=1, min_exclusive=True)
     slices: int = opt(10, "random_slice: slices of the upload (official 10)", min=1)
     slices_perturbed: int = opt(5, "random_slice: slices perturbed per client and round "
                                 "(official 5)", min=1)

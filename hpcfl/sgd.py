@@ -7,7 +7,7 @@ d hᵀ of the layer's output gradient d (which is also its bias's gradient) and 
 formed. Its norm is |d|·|h|; momentum and the step take it through `addr_` / `baddbmm_`:
 m = mu*m + d hᵀ + wd*W, W -= lr*m reads and writes W and m a few times per step instead of
 writing a dense gradient and passing over it for the clip, the weight decay, the momentum and the
-step (README, Engine and performance).
+step (docs/performance.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The results file `<name>.h5` and the checkpoint `<name>.ckpt.h5` (schemas in README.md).
+"""The results file `<name>.h5` and the checkpoint `<name>.ckpt.h5` (schemas in docs/results-schema.md).
 
 Both are written by rank 0 alone. The results file is appended one evaluation at a time and
 flushed after each, so a crash leaves every finished row readable; it is opened without HDF5

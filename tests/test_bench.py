@@ -6,6 +6,8 @@ import h5py
 import numpy as np
 import torch
 
+from .schema import assert_documented
+
 
 def bench(*args, cwd):
     return subprocess.run([sys.executable, "-m", "hpcfl.bench", *args], cwd=cwd,
@@ -124,3 +126,4 @@ def test_the_suite_keeps_its_budget_and_writes_its_table_and_file(tmp_path):
             assert f["gpu_tests"].attrs["status"] == "skipped"
             assert "tests marked gpu: no CUDA device here" in skipped
         assert f.attrs["auto_mode"] in ("sequential", "vectorized")
+    assert_documented(tmp_path / "tmp" / "suite.h5", "suite")  # its cells and scaling too

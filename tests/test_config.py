@@ -106,25 +106,6 @@ def test_stored_config_is_yaml_of_every_key():
     assert tree == RunConfig().to_dict()
 
 
-def test_the_readme_table_lists_every_key_and_choice():
-    """The README's table of config keys stays true as keys are added."""
-    import dataclasses
-    import re
-    from pathlib import Path
-
-    from hpcfl.config import RunConfig
-
-    readme = Path(__file__).parent.parent.joinpath("README.md").read_text()
-    for section in dataclasses.fields(RunConfig):
-        row = re.search(rf"^\| `{section.name}` \|(.*)\|$", readme, re.M)
-        assert row, section.name
-        for f in dataclasses.fields(section.default_factory):
-            assert f"`{f.name}`" in row[1], f"{section.name}.{f.name}"
-            for choice in f.metadata.get("choices", ()):
-                assert re.search(rf"\b{re.escape(choice)}\b", row[1]), \
-                    f"{section.name}.{f.name}={choice}"
-
-
 def test_renamed_keys_are_still_read_from_files_and_command_lines(tmp_path):
     """Configs and results files of earlier versions (privacy.clip, engine.group_size, ...)
     keep working: every old name lands on its new key, and an unknown key still does not."""

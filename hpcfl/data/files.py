@@ -81,7 +81,7 @@ class PreparedFile:
     def __init__(self, name: str, root: str):
         self.name, self.path = name, Path(root) / f"{name}.h5"
         hint = (f"run: python -m hpcfl.data.prepare {name} --source DIR --out {self.path} "
-                "(README, Data)")
+                "(docs/data.md)")
         if not self.path.is_file():
             raise ConfigError(f"data.name={name}: {self.path} not found; {hint}")
         try:

@@ -85,8 +85,8 @@ def precision(dtype: str, device: torch.device):
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
-    """engine.mode=auto: the path `python -m hpcfl.bench digits-hyperfl` measured faster on this
-    device type (README, Performance)."""
+    """engine.mode=auto: AUTO_MODE of the device type (on a CPU the path `python -m hpcfl.bench`
+    measured faster; on CUDA a choice not yet measured: docs/performance.md)."""
     if mode != "auto":
         return mode
     return AUTO_MODE[torch.device(device).type]

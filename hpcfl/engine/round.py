@@ -9,7 +9,7 @@ import torch
 
 from ..placement import stacks
 
-# float64: the sum must not depend on how clients are spread over ranks (README, MPI).
+# float64: the sum must not depend on how clients are spread over ranks (docs/cluster.md, MPI).
 ROUND_DTYPE = torch.float64
 
 

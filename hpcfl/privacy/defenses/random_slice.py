@@ -18,7 +18,7 @@ wangjunxiao/GradDefense at ffc37d4: sensitivity.py, perturb.py, compensate.py).
    * sigma_agg^2, projected out. sigma_agg^2 is the variance of the noise in an entry of the
    weighted mean, (m / M) * sigma^2 * sum_k w_k^2 / (sum_k w_k)^2. The official demo uses
    K * (m / M) * sigma^2 (K^2 times more for equal weights): its window then lies above every
-   eigenvalue of our CNNs' updates and compensation never removes anything (measured; README).
+   eigenvalue of our CNNs' updates and compensation never removes anything (measured; docs/defenses.md).
    The official V is the smallest factor of the length >= sqrt(Q * length): for a length with a
    large prime factor (pfl_cnn's 1,626,442 = 2 x 813,221) that is an 813,221 x 2 matrix, whose
    2 x 2 covariance has no noise bulk to find, and the search is O(length) per round. Padding
