@@ -11,7 +11,7 @@ the attacker starts from the common initial value and optimizes it with the imag
 truth (top) against reconstruction (bottom) beside it, and prints one summary line. The run is
 left checkpointed at the round before (round 0 for an attack of round 1) under its own name
 (hpcfl.loop.default_name unless output.name is set): `python -m hpcfl.main` of the same config
-finishes it in that file (docs/cluster-workflows.md).
+finishes it in that file (docs/cluster.md, "Attack, then finish the run").
 
 With no arguments: one FedAvg client holding one photograph takes one local step, and Inverting
 Gradients attacks it.

@@ -135,7 +135,7 @@ def test_simulated_hyperfl_round_reproduces_its_hypernetwork_update():
                      phases=tuple(algo.phases()), batch_size=50)
     sim = know.update(model_inputs(one, one.x_train), one.y_train)
     for got, (k, want) in zip(sim, upload.items()):
-        assert (got - want).abs().max() <= 1e-6, k  # README: to 1e-6 (6e-8 measured)
+        assert (got - want).abs().max() <= 1e-6, k  # docs/attacks.md: to 1e-6 (6e-8 measured)
 
 
 def test_an_attack_whose_every_loss_is_nan_still_returns_a_candidate():

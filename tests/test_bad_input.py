@@ -349,9 +349,9 @@ def test_a_real_process_says_one_line(module, files, args, expect, tmp_path):
 
 
 def test_a_million_sampled_clients_are_still_accepted(tmp_path, capsys, monkeypatch):
-    """README, "Scaling to many clients": the estimate refuses what cannot fit, not a large
-    population. HyperFL's million clients come to 5.4 GB of rows: they fit in 8 GB, and a
-    FedAvg run of a million clients (ten a round) completes."""
+    """docs/performance.md, "Scaling to many clients": the estimate refuses what cannot fit,
+    not a large population. HyperFL's million clients come to 5.4 GB of rows: they fit in 8 GB,
+    and a FedAvg run of a million clients (ten a round) completes."""
     from hpcfl.config import ConfigError, load_config
     from hpcfl.data import load_federated
     from hpcfl.loop import build

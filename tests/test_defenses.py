@@ -140,7 +140,7 @@ DIGITS = ["data.name=digits", "data.partition=iid", "data.num_clients=600",
 def test_every_defense_lowers_ig_psnr_and_muting_soterias_layer_raises_it(tmp_path):
     """At the default strengths, but random_slice at ten times the official noise and
     gradienthide with a public batch of 1: at the official 5e-4, and with the default 32 public
-    images, they did not lower IG's PSNR here (README, Defenses)."""
+    images, they did not lower IG's PSNR here (docs/defenses.md, "Measured")."""
     psnr = {}
     for name, extra in (("none", []), ("dp_gaussian", []), ("dp_laplace", []), ("topk", []),
                         ("random_slice", ["privacy.slice_noise=5e-3"]),
@@ -269,8 +269,9 @@ def test_gradienthide_adds_exactly_one_sgd_step_on_labelled_public_images(tmp_pa
                    for k in f["shared"])
 
 
-def test_a_defense_added_as_the_readme_says_runs_in_a_round(tmp_path):
-    """README, "Add a defense", followed from this file alone: one class and a register call.
+def test_a_defense_added_as_extending_md_says_runs_in_a_round(tmp_path):
+    """docs/extending.md, "A defense", followed from this file alone: one class and a register
+    call.
     The loop prepares it, the engine calls its upload hook, the server its server hook."""
     from hpcfl.privacy.defenses import DEFENSES, Defense, register
 

@@ -45,8 +45,8 @@ def test_a_signal_during_local_training_stops_the_run_after_that_round(tmp_path)
 
 
 def test_tf32_is_training_only_and_never_leaks_into_evaluation():
-    """engine.dtype=tf32 sets torch's global TF32 flags for local training; the README promises
-    fp32 evaluation, so they are restored when training ends (before, they stayed set)."""
+    """engine.dtype=tf32 sets torch's global TF32 flags for local training; docs/performance.md
+    promises fp32 evaluation, so they are restored when training ends (before, they stayed set)."""
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     with precision("tf32", torch.device("cpu")):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32

@@ -70,7 +70,8 @@ def test_one_step_gives_back_the_clients_embedding_and_extractor(bias):
 def test_after_several_steps_the_embedding_read_off_is_their_mean_and_is_optimized():
     """The embedding moves during local training (round 1: clipped steps of a loss ~50-100);
     what the trunk's update gives is a mean over the steps. Measured on this client: theta
-    within 2.5 % after 3 steps, 5.3 % after 5 (README, Attacks)."""
+    within 2.5 % after 3 steps, 5.3 % after 5 (docs/attacks.md, "The adaptive attack on
+    HyperFL")."""
     for steps, bound in ((3, 0.05), (5, 0.1)):
         algo, shared, state, c, upload = engine_upload(steps)
         p = adapted(algo, shared, state, c, upload, "server")

@@ -149,7 +149,7 @@ def test_hyperfl_lpm_trains_the_same_on_both_engine_paths():
                              {c: algo.init_client(c) for c in cids}, data.clients, "cpu").data
                 for mode in ("sequential", "vectorized"))
     mean_seq, mean_vec = seq[:-len(Slot)] / seq[-1], vec[:-len(Slot)] / vec[-1]
-    # the averaged upload, entries up to 6.5e-3: README, "agree to 2e-8" (6.5e-9 measured)
+    # the averaged upload, entries up to 6.5e-3: docs/methods.md, "agree to 2e-8" (6.5e-9 measured)
     assert (mean_seq - mean_vec).abs().max() <= 2e-8
     assert mean_seq.abs().max() > 0
 

@@ -21,7 +21,7 @@ ROOT_ATTRS = ("hpcfl_version", "git_commit", "config", "created", "status", "wor
 
 
 def read_metrics(path) -> pd.DataFrame:
-    """The README's pandas example."""
+    """A results file's metrics as a pandas DataFrame, one column per dataset."""
     with h5py.File(path, "r") as f:
         return pd.DataFrame({k: f["metrics"][k][:] for k in f["metrics"]})
 

@@ -28,7 +28,7 @@ def test_one_two_and_three_ranks_give_the_same_results(tmp_path):
                 assert f.attrs["world_size"] == ranks
                 assert f["timing/compute_s"].shape == (3, ranks)
     for ranks in (2, 3):
-        for name in runs[ranks]:  # README: bit for bit
+        for name in runs[ranks]:  # docs/cluster.md: bit for bit
             assert max_diff(runs[1][name], runs[ranks][name]) == 0.0, (name, ranks)
 
 
@@ -187,9 +187,10 @@ def test_one_rank_killed_then_a_checkpoint_that_cannot_be_written_lose_nothing(t
 
 
 def test_a_large_sampled_population_checkpointed_on_2_ranks_resumes_exactly_on_1(tmp_path):
-    """The 1M-client case (README, "Scaling") at a size the suite affords: 600 clients over
-    three UNITs of ids (rank 0 hosts 512, rank 1 88), 30 a round, the private rows streamed
-    into the checkpoint rank by rank and read back by one rank."""
+    """The 1M-client case (docs/performance.md, "Scaling to many clients") at a size the
+    suite affords: 600 clients over three UNITs of ids (rank 0 hosts 512, rank 1 88), 30 a
+    round, the private rows streamed into the checkpoint rank by rank and read back by one
+    rank."""
     args = [*TINY, "data.num_clients=600", "data.partition=sampled", "train.frac=0.05",
             "train.rounds=6", "output.checkpoint_every=2", "train.eval_clients=50",
             f"output.dir={tmp_path}"]

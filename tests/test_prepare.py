@@ -234,7 +234,7 @@ def test_uint8_pixels_with_augmentation_train_the_same_on_both_engine_paths(tmp_
     into normalized floats. Their updates then agree within 5e-4: on an AVX2 machine the
     vectorized path's grouped-convolution weight gradient is 0.5 % off the float64 one on
     black-padded crops (a sum that cancels), where the sequential path's oneDNN convolution is
-    within 1e-6 (measured; README, Engine and performance)."""
+    within 1e-6 (measured; docs/performance.md, "Engine modes")."""
     import torch
 
     from hpcfl.algorithms import build_algorithm

@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # the Python of this test session first on PATH: srun and sbatch pass the environment on
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-# the batch scripts as the README shows them, unmodified: their defaults (no GPU, one core a
-# rank) run on a CPU-only node (before, they asked for a GPU and 4 cores, and sbatch refused
-# with "Invalid generic resource (gres) specification")
+# the batch scripts as README.md and docs/cluster.md show them, unmodified: their defaults (no
+# GPU, one core a rank) run on a CPU-only node (before, they asked for a GPU and 4 cores, and
+# sbatch refused with "Invalid generic resource (gres) specification")
 ON_THIS_NODE: list[str] = []
 
 

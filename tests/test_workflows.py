@@ -1,4 +1,4 @@
-"""The workflows as docs/cluster-workflows.md writes them: attack then finish with default names,
+"""The workflows as docs/cluster.md writes them: attack then finish with default names,
 one default name per experiment, a file of another experiment refused naming every key (main
 and sweeps), array ranges that match the sweeps, and the help that says what the code does."""
 import re
