@@ -1,9 +1,11 @@
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -37,6 +39,34 @@ def run_cli(*args: str, cwd=None, timeout: float = 240, env=None) -> subprocess.
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "hpcfl.main", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def logging_to_stderr():
+    """What the tools' logging.basicConfig gives them in a process of their own (INFO lines on
+    stderr), which pytest's own handlers prevent in this one: a log line counts as a line too."""
+    root, handler = logging.getLogger(), logging.StreamHandler(sys.stderr)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def run_main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`python -m hpcfl.main ARGS` in this process (hpcfl.main.main), its stdout and stderr (log
+    lines included) as a process's: for runs whose test is not about the process itself
+    (signals, a kill, MPI), which saves starting Python, torch and the data again."""
+    from hpcfl.main import main
+
+    capsys.readouterr()
+    with logging_to_stderr():
+        code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["hpcfl.main", *args], code, out, err)
 
 
 def evaluate_each(algo, shared, private: dict, data) -> np.ndarray:

@@ -3,13 +3,14 @@ job resumes (with the same or another number of ranks) to the numbers of an unin
 and one failing rank ends the whole job."""
 import os
 import signal
+import subprocess
 import time
 
 import h5py
 import pytest
 
-from .conftest import (RESUMED, TINY, launch, max_diff, rank_pids, results, run_each, run_mpi,
-                       wait_for_rows)
+from .conftest import (RESUMED, TINY, launch, max_diff, rank_pids, results, run_each, run_main,
+                       run_mpi, wait_for_rows)
 
 ARGS = RESUMED  # the runs the `reference` fixture (conftest) ran uninterrupted
 SMALL = ["data.num_clients=10", "train.rounds=3", "train.local_epochs=1",
@@ -98,21 +99,22 @@ def test_by_default_vectorized_hyperfl_is_the_same_on_one_and_two_ranks(across_r
 
 
 def test_every_rank_trains_a_share_of_100_clients_at_frac_03_and_results_match_one_rank(
-        tmp_path):
+        tmp_path, capsys):
     """The cohort's stacks are dealt to all ranks (before: ranks trained only the blocks of 32
     ids they hosted, 32/32/32/4 of 100 clients on 4 ranks); the private state moves to the rank
-    that trains it and back, and the numbers are one rank's, bit for bit."""
-    runs = {}
-    for ranks in (1, 4):
-        r = run_mpi(ranks, "data.num_clients=100", "train.frac=0.3", "train.rounds=2",
-                    "train.local_epochs=1", "engine.mode=vectorized", "output.progress=none",
-                    "train.device=cpu", f"output.dir={tmp_path}", f"output.name=n{ranks}")
-        assert r.returncode == 0, r.stderr
-        runs[ranks] = results(tmp_path / f"n{ranks}.h5")
-        with h5py.File(tmp_path / f"n{ranks}.h5") as f:
-            compute = f["timing/compute_s"][:]
-        assert (compute.min(1) > 0.2 * compute.max(1)).all(), compute  # every rank worked
-    assert max_diff(runs[1], runs[4]) == 0
+    that trains it and back, and the numbers are one rank's (run in this process), bit for
+    bit."""
+    args = ["data.num_clients=100", "train.frac=0.3", "train.rounds=2", "train.local_epochs=1",
+            "engine.mode=vectorized", "output.progress=none", "train.device=cpu",
+            f"output.dir={tmp_path}"]
+    r = run_mpi(4, *args, "output.name=n4")
+    assert r.returncode == 0, r.stderr
+    with h5py.File(tmp_path / "n4.h5") as f:
+        assert f.attrs["world_size"] == 4
+        compute = f["timing/compute_s"][:]
+    assert (compute.min(1) > 0.2 * compute.max(1)).all(), compute  # every rank worked
+    assert run_main(capsys, *args, "output.name=n1").returncode == 0
+    assert max_diff(results(tmp_path / "n1.h5"), results(tmp_path / "n4.h5")) == 0
 
 
 @ACROSS
@@ -216,14 +218,15 @@ def test_one_rank_killed_then_a_checkpoint_that_cannot_be_written_lose_nothing(t
     assert max_diff(results(tmp_path / "f.h5"), reference) == 0.0
 
 
-def test_a_large_sampled_population_checkpointed_on_2_ranks_resumes_exactly_on_1(tmp_path):
+def test_a_large_sampled_population_checkpointed_on_2_ranks_resumes_exactly_on_1(tmp_path,
+                                                                                  capsys):
     """The 1M-client case (README, "Scaling") at a size the suite affords: 600 clients over
     three UNITs of ids (rank 0 hosts 512, rank 1 88), 30 a round, the private rows streamed
     into the checkpoint rank by rank and read back by one rank."""
     args = [*TINY, "data.num_clients=600", "data.partition=sampled", "train.frac=0.05",
             "train.rounds=6", "output.checkpoint_every=2", "train.eval_clients=50",
             f"output.dir={tmp_path}"]
-    ref = run_mpi(1, *args, "output.name=ref")
+    ref = run_main(capsys, *args, "output.name=ref")  # uninterrupted, in this process
     assert ref.returncode == 0, ref.stderr
     proc = launch(2, *args, "output.name=k")
     wait_for_rows(tmp_path / "k.h5", 3, proc)
@@ -290,15 +293,23 @@ def test_sigterm_while_a_checkpoint_is_written_stops_a_round_later_and_resumes_o
     assert max_diff(results(tmp_path / "sigterm.h5"), reference) == 0.0
 
 
-def test_an_attack_spread_over_two_ranks_finds_what_one_rank_finds(tmp_path):
+def test_an_attack_spread_over_two_ranks_finds_what_one_rank_finds(tmp_path, capsys):
     """python -m hpcfl.attack under mpiexec: the ranks train the run to the attacked round
-    together, each attacks its share of the targets, rank 0 writes them all."""
+    together, each attacks its share of the targets, rank 0 writes them all. One rank: in this
+    process."""
+    from hpcfl.attack import main as attack
+
     args = ["data.num_clients=6", "algorithm.name=fedavg", "train.local_steps=1",
             "train.device=cpu", "output.progress=none", f"output.dir={tmp_path}",
             "attack.round=2", "attack.clients=3", "attack.iterations=20"]
     found = {}
     for ranks in (1, 2):
-        r = run_mpi(ranks, *args, f"output.name=a{ranks}", module="hpcfl.attack")
+        if ranks == 1:
+            capsys.readouterr()
+            assert attack([*args, "output.name=a1"]) == 0
+            r = subprocess.CompletedProcess([], 0, capsys.readouterr().out, "")
+        else:
+            r = run_mpi(ranks, *args, f"output.name=a{ranks}", module="hpcfl.attack")
         assert r.returncode == 0, r.stderr
         assert r.stdout.count("ig on fedavg") == 1  # one summary line, from rank 0
         with h5py.File(tmp_path / f"a{ranks}.h5") as f:
@@ -326,7 +337,6 @@ def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
 def test_a_data_file_missing_on_one_rank_ends_every_rank_with_one_line(tmp_path):
     """MPMD: rank 1 is given a data.root without the prepared file, as on a node where it is
     missing. Before, rank 1 exited 2 silently and rank 0 waited in the next collective."""
-    import subprocess
     import sys
 
     from hpcfl.data.prepare import main as prepare
