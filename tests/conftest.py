@@ -1,5 +1,7 @@
+import fcntl
 import logging
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -11,8 +13,51 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from hpcfl.config import load_config
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (setup.cfg): one worker per core, at most 4 (most tests are one thread; the
+    MPI tests start 2-4 ranks of their own)."""
+    return max(1, min(4, usable_cores()))
+
+
+# The tests that take tens of seconds (pytest --durations), started first so that the xdist
+# workers finish together instead of one of them starting the default run at the end.
+LONG = ("test_main.py::test_default_run_reaches_090",
+        "test_attack_cli.py::test_the_no_argument_attack",
+        "test_compile.py::test_a_compiled_local_step",
+        "test_hypernet_attack.py::test_the_adaptive_attack_beats",
+        "test_bench.py::test_the_suite_keeps_its_budget",
+        "test_mpi.py::test_sigterm_while_a_checkpoint",
+        "test_mpi.py::test_a_large_sampled_population",
+        "test_mpi.py::test_kill9_of_the_job",
+        "test_mpi.py::test_every_rank_trains_a_share",
+        "test_mpi.py::test_an_attack_spread",
+        "test_mpi.py::test_one_rank_killed",
+        "test_slice_clip.py::test_both_engine_paths",
+        "test_prepare.py::test_a_paper_job",
+        "test_defenses.py::test_every_defense",
+        "test_dp.py::test_each_dp_baseline_learns",
+        "test_gifd.py::test_gifd_beats",
+        "test_lpm.py::test_a_bf16_run")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not any(name in item.nodeid for name in LONG))  # stable
+
+
+def pytest_configure(config):
+    """Workers side by side share the cores: each one's in-process torch gets its share of
+    them (runs set engine.threads themselves)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, usable_cores() // workers))
 
 # A run small enough for a unit test: 6 digits clients, 2 rounds of 1 local epoch.
 TINY = ["data.num_clients=6", "data.classes_per_client=3", "train.rounds=2",
@@ -25,13 +70,31 @@ TINY = ["data.num_clients=6", "data.classes_per_client=3", "train.rounds=2",
 RESUMED = [*TINY, "train.rounds=8", "train.local_epochs=2", "output.checkpoint_every=2"]
 
 
+def once(tmp_path_factory, name: str, make):
+    """`make(folder)`'s value, computed by one pytest process of the session (xdist workers
+    share it through the base temporary folder they have in common, under a file lock)."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the workers' folders are popen-gw0, popen-gw1, ... in it
+    folder = root / f"once-{name}"
+    with open(root / f"once-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "value.pkl").exists():
+            folder.mkdir(exist_ok=True)
+            value = make(folder)
+            (folder / "value.pkl").write_bytes(pickle.dumps(value))
+        return pickle.loads((folder / "value.pkl").read_bytes())
+
+
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
-    """RESUMED run once, uninterrupted, in one process (any rank count gives these numbers)."""
-    out = tmp_path_factory.mktemp("ref")
-    r = run_mpi(None, *RESUMED, f"output.dir={out}", "output.name=ref")
-    assert r.returncode == 0, r.stderr
-    return results(out / "ref.h5")
+    """RESUMED run once, uninterrupted, in this process (any rank count gives these numbers)."""
+    from hpcfl.main import main
+
+    def make(out):
+        assert main([*RESUMED, f"output.dir={out}", "output.name=ref"]) == 0
+        return results(out / "ref.h5")
+    return once(tmp_path_factory, "reference", make)
 
 
 def run_cli(*args: str, cwd=None, timeout: float = 240, env=None) -> subprocess.CompletedProcess:
@@ -184,13 +247,14 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def rank_pids(marker: str) -> list[int]:
-    """PIDs of the Python ranks (not mpiexec or its proxies) whose arguments contain `marker`."""
+    """PIDs of the Python ranks (not mpiexec or its proxies) with the argument `marker` (the
+    test's own output.dir=...: tests run side by side)."""
     pids = []
     for d in Path("/proc").iterdir():
         try:
             argv = (d / "cmdline").read_bytes().decode().split("\0")
         except (OSError, ValueError):
             continue
-        if argv[1:3] == ["-m", "hpcfl.main"] and any(marker in a for a in argv):
+        if argv[1:3] == ["-m", "hpcfl.main"] and marker in argv:
             pids.append(int(d.name))
     return pids

@@ -192,7 +192,7 @@ def test_one_rank_killed_then_a_checkpoint_that_cannot_be_written_lose_nothing(t
     args = [*ARGS, f"output.dir={tmp_path}", "output.name=f"]
     proc = launch(2, *args)
     wait_for_rows(tmp_path / "f.h5", 3, proc)
-    pids = rank_pids("output.name=f")
+    pids = rank_pids(f"output.dir={tmp_path}")
     assert len(pids) == 2
     os.kill(pids[1], signal.SIGKILL)
     t0 = time.time()
@@ -264,7 +264,7 @@ def sigterm_while_a_checkpoint_is_written(folder, proc) -> int:
         if tmp[0].exists():  # caught inside the write: not yet renamed
             before = (verify_checkpoint(folder / "sigterm.ckpt.h5")
                       if (folder / "sigterm.ckpt.h5").exists() else 0)
-            for pid in rank_pids("output.name=sigterm"):
+            for pid in rank_pids(f"output.dir={folder}"):
                 os.kill(pid, signal.SIGTERM)
             os.kill(writer, signal.SIGCONT)
             return before + 2  # checkpoint_every=2
