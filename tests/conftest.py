@@ -190,14 +190,14 @@ def run_mpi(ranks: int | None, *args: str, timeout: float = 240, module: str = "
 
 
 def run_each(ranks: int | None, configs: dict[str, list[str]], *common: str,
-             pin_threads: bool = True) -> dict[str, dict]:
+             pin_threads: bool = True, timeout: float = 240) -> dict[str, dict]:
     """Every config (name -> overrides, plus `common`, which must set output.dir), one after
     another in ONE job of `ranks` ranks (tests/many.py), each written to output.name=<name>;
     their results() by name."""
     argv = []
     for name, over in configs.items():
         argv += [*common, *over, f"output.name={name}", "--"]
-    r = run_mpi(ranks, *argv, module="many", pin_threads=pin_threads)
+    r = run_mpi(ranks, *argv, module="many", pin_threads=pin_threads, timeout=timeout)
     assert r.returncode == 0, r.stderr
     out = next(a for a in common if a.startswith("output.dir=")).split("=", 1)[1]
     return {name: results(Path(out) / f"{name}.h5") for name in configs}

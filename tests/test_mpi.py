@@ -37,8 +37,11 @@ ACROSS_RANKS = {
 }
 
 
-# the tests of `across_ranks` on one pytest-xdist worker, which runs its jobs once
-ACROSS = pytest.mark.xdist_group("across_ranks")
+def ACROSS(test):
+    """The tests of `across_ranks`: on one pytest-xdist worker, which runs its jobs once, and
+    with the time of those jobs (the first test's setup, 13 runs a job: the 300 s of setup.cfg
+    were not enough on the shared VM at load 11-14)."""
+    return pytest.mark.xdist_group("across_ranks")(pytest.mark.timeout(1200)(test))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,8 @@ def across_ranks(tmp_path_factory) -> dict[int, dict]:
     for ranks in (1, 2, 3):
         todo = configs if ranks < 3 else {"hyperfl": configs["hyperfl"]}
         out = tmp / f"r{ranks}"
-        runs[ranks] = run_each(ranks, todo, *SMALL, f"output.dir={out}", pin_threads=False)
+        runs[ranks] = run_each(ranks, todo, *SMALL, f"output.dir={out}", pin_threads=False,
+                               timeout=900)
         for name in todo:
             with h5py.File(out / f"{name}.h5") as f:
                 runs[ranks][name].update(world_size=f.attrs["world_size"],
