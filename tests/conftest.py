@@ -1,16 +1,63 @@
+import fcntl
+import logging
 import os
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from hpcfl.config import load_config
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (setup.cfg): one worker per core, at most 4 (most tests are one thread; the
+    MPI tests start 2-4 ranks of their own)."""
+    return max(1, min(4, usable_cores()))
+
+
+# The tests that take tens of seconds (pytest --durations), started first so that the xdist
+# workers finish together instead of one of them starting the default run at the end.
+LONG = ("test_main.py::test_default_run_reaches_090",
+        "test_attack_cli.py::test_the_no_argument_attack",
+        "test_compile.py::test_a_compiled_local_step",
+        "test_hypernet_attack.py::test_the_adaptive_attack_beats",
+        "test_bench.py::test_the_suite_keeps_its_budget",
+        "test_mpi.py::test_sigterm_while_a_checkpoint",
+        "test_mpi.py::test_a_large_sampled_population",
+        "test_mpi.py::test_kill9_of_the_job",
+        "test_mpi.py::test_every_rank_trains_a_share",
+        "test_mpi.py::test_an_attack_spread",
+        "test_mpi.py::test_one_rank_killed",
+        "test_slice_clip.py::test_both_engine_paths",
+        "test_prepare.py::test_a_paper_job",
+        "test_defenses.py::test_every_defense",
+        "test_dp.py::test_each_dp_baseline_learns",
+        "test_gifd.py::test_gifd_beats",
+        "test_lpm.py::test_a_bf16_run")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not any(name in item.nodeid for name in LONG))  # stable
+
+
+def pytest_configure(config):
+    """Workers side by side share the cores: each one's in-process torch gets its share of
+    them (runs set engine.threads themselves)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, usable_cores() // workers))
 
 # A run small enough for a unit test: 6 digits clients, 2 rounds of 1 local epoch.
 TINY = ["data.num_clients=6", "data.classes_per_client=3", "train.rounds=2",
@@ -23,13 +70,31 @@ TINY = ["data.num_clients=6", "data.classes_per_client=3", "train.rounds=2",
 RESUMED = [*TINY, "train.rounds=8", "train.local_epochs=2", "output.checkpoint_every=2"]
 
 
+def once(tmp_path_factory, name: str, make):
+    """`make(folder)`'s value, computed by one pytest process of the session (xdist workers
+    share it through the base temporary folder they have in common, under a file lock)."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the workers' folders are popen-gw0, popen-gw1, ... in it
+    folder = root / f"once-{name}"
+    with open(root / f"once-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "value.pkl").exists():
+            folder.mkdir(exist_ok=True)
+            value = make(folder)
+            (folder / "value.pkl").write_bytes(pickle.dumps(value))
+        return pickle.loads((folder / "value.pkl").read_bytes())
+
+
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
-    """RESUMED run once, uninterrupted, in one process (any rank count gives these numbers)."""
-    out = tmp_path_factory.mktemp("ref")
-    r = run_mpi(None, *RESUMED, f"output.dir={out}", "output.name=ref")
-    assert r.returncode == 0, r.stderr
-    return results(out / "ref.h5")
+    """RESUMED run once, uninterrupted, in this process (any rank count gives these numbers)."""
+    from hpcfl.main import main
+
+    def make(out):
+        assert main([*RESUMED, f"output.dir={out}", "output.name=ref"]) == 0
+        return results(out / "ref.h5")
+    return once(tmp_path_factory, "reference", make)
 
 
 def run_cli(*args: str, cwd=None, timeout: float = 240, env=None) -> subprocess.CompletedProcess:
@@ -37,6 +102,34 @@ def run_cli(*args: str, cwd=None, timeout: float = 240, env=None) -> subprocess.
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "hpcfl.main", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def logging_to_stderr():
+    """What the tools' logging.basicConfig gives them in a process of their own (INFO lines on
+    stderr), which pytest's own handlers prevent in this one: a log line counts as a line too."""
+    root, handler = logging.getLogger(), logging.StreamHandler(sys.stderr)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def run_main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`python -m hpcfl.main ARGS` in this process (hpcfl.main.main), its stdout and stderr (log
+    lines included) as a process's: for runs whose test is not about the process itself
+    (signals, a kill, MPI), which saves starting Python, torch and the data again."""
+    from hpcfl.main import main
+
+    capsys.readouterr()
+    with logging_to_stderr():
+        code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["hpcfl.main", *args], code, out, err)
 
 
 def evaluate_each(algo, shared, private: dict, data) -> np.ndarray:
@@ -97,14 +190,14 @@ def run_mpi(ranks: int | None, *args: str, timeout: float = 240, module: str = "
 
 
 def run_each(ranks: int | None, configs: dict[str, list[str]], *common: str,
-             pin_threads: bool = True) -> dict[str, dict]:
+             pin_threads: bool = True, timeout: float = 240) -> dict[str, dict]:
     """Every config (name -> overrides, plus `common`, which must set output.dir), one after
     another in ONE job of `ranks` ranks (tests/many.py), each written to output.name=<name>;
     their results() by name."""
     argv = []
     for name, over in configs.items():
         argv += [*common, *over, f"output.name={name}", "--"]
-    r = run_mpi(ranks, *argv, module="many", pin_threads=pin_threads)
+    r = run_mpi(ranks, *argv, module="many", pin_threads=pin_threads, timeout=timeout)
     assert r.returncode == 0, r.stderr
     out = next(a for a in common if a.startswith("output.dir=")).split("=", 1)[1]
     return {name: results(Path(out) / f"{name}.h5") for name in configs}
@@ -154,13 +247,14 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def rank_pids(marker: str) -> list[int]:
-    """PIDs of the Python ranks (not mpiexec or its proxies) whose arguments contain `marker`."""
+    """PIDs of the Python ranks (not mpiexec or its proxies) with the argument `marker` (the
+    test's own output.dir=...: tests run side by side)."""
     pids = []
     for d in Path("/proc").iterdir():
         try:
             argv = (d / "cmdline").read_bytes().decode().split("\0")
         except (OSError, ValueError):
             continue
-        if argv[1:3] == ["-m", "hpcfl.main"] and any(marker in a for a in argv):
+        if argv[1:3] == ["-m", "hpcfl.main"] and marker in argv:
             pids.append(int(d.name))
     return pids

@@ -11,12 +11,10 @@ written, a held lock), tests/test_prepare.py (damaged source files), tests/test_
 (an empty folder), tests/test_attack_cli.py (idlg on hyperfl)."""
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import subprocess
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from hpcfl.data.prepare import main as prepare
 from hpcfl.main import main
 from hpcfl.sweep import main as sweep
 
-from .conftest import TINY
+from .conftest import TINY, logging_to_stderr
 from .datafiles import write_cifar10, write_mnist_like
 
 TOOLS = {"main": (main, "hpcfl: error: "),
@@ -279,21 +277,6 @@ def make(tmp: Path, files: dict, real: Path) -> None:
 
 def snapshot(tmp: Path) -> dict[str, bytes]:
     return {str(p.relative_to(tmp)): p.read_bytes() for p in tmp.rglob("*") if p.is_file()}
-
-
-@contextmanager
-def logging_to_stderr():
-    """What the tools' logging.basicConfig gives them in a process of their own (INFO lines on
-    stderr), which pytest's own handlers prevent here: a log line counts as a line too."""
-    root, handler = logging.getLogger(), logging.StreamHandler(sys.stderr)
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 def available(monkeypatch, gb: float) -> None:

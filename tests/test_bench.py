@@ -37,12 +37,23 @@ def test_bench_writes_a_table_and_the_documented_file(tmp_path):
         assert "max_abs_diff_fp32" not in f["bench/vectorized"].attrs  # fp32 already
 
 
-def test_bench_rejects_an_unknown_mode_dtype_or_workload(tmp_path):
-    r = bench("--modes", "sequential,turbo", cwd=tmp_path)
+def bench_here(capsys, monkeypatch, *args, cwd) -> subprocess.CompletedProcess:
+    """hpcfl.bench's main in this process, in `cwd` (for what a bench refuses before it runs)."""
+    from hpcfl.bench import main
+
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["hpcfl.bench", *args], code, out, err)
+
+
+def test_bench_rejects_an_unknown_mode_dtype_or_workload(tmp_path, capsys, monkeypatch):
+    r = bench_here(capsys, monkeypatch, "--modes", "sequential,turbo", cwd=tmp_path)
     assert r.returncode == 2 and "turbo" in r.stderr and not any(tmp_path.iterdir())
-    r = bench("--dtype", "fp32,fp8", cwd=tmp_path)
+    r = bench_here(capsys, monkeypatch, "--dtype", "fp32,fp8", cwd=tmp_path)
     assert r.returncode == 2 and "--dtype: fp8 is not one of" in r.stderr
-    r = bench("cifar100", cwd=tmp_path)
+    r = bench_here(capsys, monkeypatch, "cifar100", cwd=tmp_path)
     assert r.returncode == 2 and "'cifar100' is not one of" in r.stderr
 
 
@@ -92,8 +103,10 @@ def test_bench_population_gives_a_row_per_size_and_summarize_draws_it(tmp_path):
     assert (tmp_path / "figs" / "population.png").stat().st_size > 10_000
 
 
-def test_bench_population_rejects_a_bad_size_before_running_anything(tmp_path):
-    r = bench("population", "--out", "pop", "data.num_clients=40,many", cwd=tmp_path)
+def test_bench_population_rejects_a_bad_size_before_running_anything(tmp_path, capsys,
+                                                                    monkeypatch):
+    r = bench_here(capsys, monkeypatch, "population", "--out", "pop",
+                   "data.num_clients=40,many", cwd=tmp_path)
     assert r.returncode == 2 and "data.num_clients" in r.stderr and not any(tmp_path.iterdir())
 
 

@@ -7,7 +7,7 @@ import yaml
 
 from hpcfl.config import ConfigError, RunConfig, describe, load_config
 
-from .conftest import run_cli
+from .conftest import run_cli, run_main
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
@@ -87,8 +87,10 @@ def test_help_lists_every_key():
     pytest.param(["train.device=cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
 ])
-def test_cli_config_errors_exit_2_with_one_line_and_no_file(tmp_path, args, message):
-    r = run_cli(*args, f"output.dir={tmp_path / 'runs'}")
+def test_cli_config_errors_exit_2_with_one_line_and_no_file(tmp_path, capsys, args, message):
+    """hpcfl.main.main in this process, its log lines counted (tests/test_bad_input.py: the same
+    from a real `python -m hpcfl.main`)."""
+    r = run_main(capsys, *args, f"output.dir={tmp_path / 'runs'}")
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hpcfl: error: ") and message in lines[0]

@@ -14,7 +14,7 @@ from hpcfl.config import load_config
 from hpcfl.main import main
 from hpcfl.store import CLIENT_METRICS, METRICS, TIMING
 
-from .conftest import TINY, run_cli, wait_for_rows
+from .conftest import TINY, run_cli, run_main, wait_for_rows
 
 ROOT_ATTRS = ("hpcfl_version", "git_commit", "config", "created", "status", "world_size",
               "hostnames", "torch_version", "cuda_version", "mpi_version", "seed", "device")
@@ -68,14 +68,14 @@ def test_same_seed_same_numbers_and_from_results_file(tmp_path):
     assert not (a[cols].values == c[cols].values).all()
 
 
-def test_rerun_of_a_finished_run_changes_nothing_unless_asked(tmp_path):
+def test_rerun_of_a_finished_run_changes_nothing_unless_asked(tmp_path, capsys):
     args = [*TINY, "train.rounds=1", f"output.dir={tmp_path}", "output.name=same"]
     assert main(args) == 0
     before = (tmp_path / "same.h5").read_bytes()
-    r = run_cli(*args)
+    r = run_main(capsys, *args)
     assert r.returncode == 0 and "already completed" in r.stdout
     assert (tmp_path / "same.h5").read_bytes() == before
-    r = run_cli(*args, "output.resume=never")
+    r = run_main(capsys, *args, "output.resume=never")
     assert r.returncode == 2 and "exists" in r.stderr and len(r.stderr.splitlines()) == 1
     assert main([*args, "output.overwrite=true"]) == 0
 
@@ -101,9 +101,10 @@ def test_interrupted_run_leaves_a_readable_file_not_marked_completed(tmp_path, s
         assert f["clients/test_acc"].shape[0] == len(rounds)
 
 
+@pytest.mark.timeout(600)  # over setup.cfg's 300 s at load ~10 with another worker beside it
 def test_default_run_reaches_090(tmp_path):
     """The README's first command, unchanged: HyperFL on digits, 20 clients, 30 rounds."""
-    r = run_cli(cwd=tmp_path, timeout=400)
+    r = run_cli(cwd=tmp_path, timeout=560)
     assert r.returncode == 0, r.stderr
     assert "final test_acc_mean" in r.stdout
     (path,) = [p for p in (tmp_path / "runs").glob("hyperfl-digits-*.h5") if ".ckpt" not in p.name]

@@ -3,113 +3,149 @@ job resumes (with the same or another number of ranks) to the numbers of an unin
 and one failing rank ends the whole job."""
 import os
 import signal
+import subprocess
 import time
 
 import h5py
+import pytest
 
-from .conftest import (RESUMED, TINY, launch, max_diff, rank_pids, results, run_each, run_mpi,
-                       wait_for_rows)
+from .conftest import (RESUMED, TINY, launch, max_diff, rank_pids, results, run_each, run_main,
+                       run_mpi, wait_for_rows)
 
 ARGS = RESUMED  # the runs the `reference` fixture (conftest) ran uninterrupted
 SMALL = ["data.num_clients=10", "train.rounds=3", "train.local_epochs=1",
          "output.progress=none", "train.device=cpu"]
 
 
-def test_one_two_and_three_ranks_give_the_same_results(tmp_path):
-    """HyperFL on 1, 2 and 3 ranks, FedAvg on 1 and 2: each rank count one job running both."""
-    configs = {"hyperfl": ["algorithm.name=hyperfl"], "fedavg": ["algorithm.name=fedavg"]}
-    runs = {}
-    for ranks in (1, 2, 3):
-        todo = configs if ranks < 3 else {"hyperfl": configs["hyperfl"]}
-        out = tmp_path / f"r{ranks}"
-        runs[ranks] = run_each(ranks, todo, *SMALL, f"output.dir={out}")
-        for name in todo:
-            with h5py.File(out / f"{name}.h5") as f:
-                assert f.attrs["world_size"] == ranks
-                assert f["timing/compute_s"].shape == (3, ranks)
-    for ranks in (2, 3):
-        for name in runs[ranks]:  # docs/cluster.md: bit for bit
-            assert max_diff(runs[1][name], runs[ranks][name]) == 0.0, (name, ranks)
+# Every configuration compared across rank counts: name -> overrides of SMALL.
+ACROSS_RANKS = {
+    "hyperfl": ["algorithm.name=hyperfl"],
+    "fedavg": ["algorithm.name=fedavg"],
+    "vectorized": ["train.rounds=2", "engine.mode=vectorized"],  # HyperFL, the default stacks
+    **{a: [f"algorithm.name={a}", "privacy.sample_clip=0.5"]
+       for a in ("dpfedavg", "ppsgd", "centaur")},
+    **{f"defense{i}": ["train.rounds=2", "algorithm.name=fedavg",
+                       *f"privacy.defense={defense}".split(), "data.public_fraction=0.1",
+                       "privacy.slice_noise=5e-3"]
+       for i, defense in enumerate(["dp_laplace", "soteria", "random_slice", "gradienthide",
+                                    "random_slice privacy.slice_sample_clip=1e-2"])},
+    "prepared": ["data.name=cifar10", "data.partition=noniid_s", "data.local_size=30",
+                 "data.num_clients=5", "train.rounds=2"],  # data.root: the fixture's
+    "lpm": ["train.rounds=1", "train.local_steps=2", "train.batch_size=16",
+            "algorithm.name=hyperfl_lpm", "model.name=resnet18_adapter",
+            "model.backbone=test_resnet", "model.pretrained=none"],
+}
 
 
-def test_by_default_vectorized_hyperfl_is_the_same_on_one_and_two_ranks(tmp_path):
-    """No thread count pinned in the environment (engine.threads fixes it), and the default
-    vectorized stacks, cut from the cohort alone and dealt to both ranks."""
-    runs = {}
-    for ranks in (1, 2):
-        r = run_mpi(ranks, *SMALL, "train.rounds=2", "engine.mode=vectorized",
-                    f"output.dir={tmp_path}", f"output.name=v{ranks}",
-                    pin_threads=False)
-        assert r.returncode == 0, r.stderr
-        runs[ranks] = results(tmp_path / f"v{ranks}.h5")
-    assert max_diff(runs[1], runs[2]) == 0
+def ACROSS(test):
+    """The tests of `across_ranks`: on one pytest-xdist worker, which runs its jobs once, and
+    with the time of those jobs (the first test's setup, 13 runs a job: the 300 s of setup.cfg
+    were not enough on the shared VM at load 11-14)."""
+    return pytest.mark.xdist_group("across_ranks")(pytest.mark.timeout(1200)(test))
 
 
-def test_every_rank_trains_a_share_of_100_clients_at_frac_03_and_results_match_one_rank(
-        tmp_path):
-    """The cohort's stacks are dealt to all ranks (before: ranks trained only the blocks of 32
-    ids they hosted, 32/32/32/4 of 100 clients on 4 ranks); the private state moves to the rank
-    that trains it and back, and the numbers are one rank's, bit for bit."""
-    runs = {}
-    for ranks in (1, 4):
-        r = run_mpi(ranks, "data.num_clients=100", "train.frac=0.3", "train.rounds=2",
-                    "train.local_epochs=1", "engine.mode=vectorized", "output.progress=none",
-                    "train.device=cpu", f"output.dir={tmp_path}", f"output.name=n{ranks}")
-        assert r.returncode == 0, r.stderr
-        runs[ranks] = results(tmp_path / f"n{ranks}.h5")
-        with h5py.File(tmp_path / f"n{ranks}.h5") as f:
-            compute = f["timing/compute_s"][:]
-        assert (compute.min(1) > 0.2 * compute.max(1)).all(), compute  # every rank worked
-    assert max_diff(runs[1], runs[4]) == 0
-
-
-def test_dp_baselines_and_defended_runs_give_the_same_results_on_one_and_two_ranks(tmp_path):
-    """DP noise and a defense's randomness are drawn per (seed, round, client), never per rank;
-    a defense's once-per-run parts (slices, public labels) come from rank 0. (dp_gaussian draws
-    through dp_laplace's code with another distribution; topk draws nothing and reads one
-    upload.) The 3 DP baselines and 5 defenses run one after another in one job per rank
-    count."""
-    configs = {a: [f"algorithm.name={a}", "privacy.sample_clip=0.5"]
-               for a in ("dpfedavg", "ppsgd", "centaur")}
-    for i, defense in enumerate(["dp_laplace", "soteria", "random_slice", "gradienthide",
-                                 "random_slice privacy.slice_sample_clip=1e-2"]):
-        configs[f"defense{i}"] = ["train.rounds=2", "algorithm.name=fedavg",
-                                  *f"privacy.defense={defense}".split(),
-                                  "data.public_fraction=0.1", "privacy.slice_noise=5e-3"]
-    runs = {}
-    for ranks in (1, 2):
-        out = tmp_path / f"r{ranks}"
-        runs[ranks] = run_each(ranks, configs, *SMALL, f"output.dir={out}")
-        for name in ("dpfedavg", "ppsgd", "centaur"):
-            with h5py.File(out / f"{name}.h5") as f:
-                runs[ranks][name]["epsilon"] = f["metrics/epsilon"][:]
-    for name in configs:
-        assert max_diff(runs[1][name], runs[2][name]) == 0.0, name
-    for name in ("dpfedavg", "ppsgd", "centaur"):
-        assert runs[1][name]["train_loss"][-1] < runs[1][name]["train_loss"][0], name
-
-
-def test_ranks_reading_their_share_of_a_prepared_file_give_the_same_results(tmp_path):
-    """A prepared file's official noniid_s split, read into one pool per rank (any rank may
-    train any client: the cohort's stacks are dealt by load)."""
+@pytest.fixture(scope="module")
+def across_ranks(tmp_path_factory) -> dict[int, dict]:
+    """ACROSS_RANKS run one after another in ONE job per rank count (tests/many.py): 1 and 2
+    ranks, and HyperFL on 3; results() by rank count and name, with the files' world size,
+    compute_s shape and epsilon. No thread count pinned in the environment (engine.threads
+    fixes it). One job per rank count instead of one per configuration and rank count: the
+    start of a job (Python, torch, MPI, data on every rank) cost more than most of these runs."""
     from hpcfl.data.prepare import main as prepare
 
     from .datafiles import write_cifar10
 
-    write_cifar10(tmp_path / "src")
-    assert prepare(["cifar10", "--source", str(tmp_path / "src"), "--out",
-                    str(tmp_path / "data" / "cifar10.h5")]) == 0
+    tmp = tmp_path_factory.mktemp("ranks")
+    write_cifar10(tmp / "src")
+    assert prepare(["cifar10", "--source", str(tmp / "src"), "--out",
+                    str(tmp / "data" / "cifar10.h5")]) == 0
+    configs = {name: [*over, f"data.root={tmp / 'data'}"] if name == "prepared" else over
+               for name, over in ACROSS_RANKS.items()}
     runs = {}
-    for ranks in (1, 2):
-        r = run_mpi(ranks, "data.name=cifar10", f"data.root={tmp_path / 'data'}",
-                    "data.partition=noniid_s", "data.local_size=30", "data.num_clients=5",
-                    "train.rounds=2", "train.local_epochs=1", "output.progress=none",
-                    "train.device=cpu", f"output.dir={tmp_path}", f"output.name=c{ranks}")
-        assert r.returncode == 0, r.stderr
-        runs[ranks] = results(tmp_path / f"c{ranks}.h5")
-    assert max_diff(runs[1], runs[2]) == 0.0  # sequential engine: bit for bit
+    for ranks in (1, 2, 3):
+        todo = configs if ranks < 3 else {"hyperfl": configs["hyperfl"]}
+        out = tmp / f"r{ranks}"
+        runs[ranks] = run_each(ranks, todo, *SMALL, f"output.dir={out}", pin_threads=False,
+                               timeout=900)
+        for name in todo:
+            with h5py.File(out / f"{name}.h5") as f:
+                runs[ranks][name].update(world_size=f.attrs["world_size"],
+                                         compute_shape=f["timing/compute_s"].shape)
+                if name in ("dpfedavg", "ppsgd", "centaur"):
+                    runs[ranks][name]["epsilon"] = f["metrics/epsilon"][:]
+    return runs
 
 
+def same(a: dict, b: dict) -> float:
+    """max_diff of two runs' numbers (their files' facts left out)."""
+    facts = ("world_size", "compute_shape")
+    return max_diff({k: v for k, v in a.items() if k not in facts},
+                    {k: v for k, v in b.items() if k not in facts})
+
+
+@ACROSS
+def test_one_two_and_three_ranks_give_the_same_results(across_ranks):
+    """HyperFL on 1, 2 and 3 ranks, FedAvg on 1 and 2."""
+    for ranks, names in ((1, ("hyperfl", "fedavg")), (2, ("hyperfl", "fedavg")),
+                         (3, ("hyperfl",))):
+        for name in names:
+            run = across_ranks[ranks][name]
+            assert run["world_size"] == ranks and run["compute_shape"] == (3, ranks)
+            if ranks > 1:  # docs/cluster.md: bit for bit
+                assert same(across_ranks[1][name], run) == 0.0, (name, ranks)
+
+
+@ACROSS
+def test_by_default_vectorized_hyperfl_is_the_same_on_one_and_two_ranks(across_ranks):
+    """No thread count pinned in the environment (engine.threads fixes it), and the default
+    vectorized stacks, cut from the cohort alone and dealt to both ranks."""
+    assert same(across_ranks[1]["vectorized"], across_ranks[2]["vectorized"]) == 0
+
+
+def test_every_rank_trains_a_share_of_100_clients_at_frac_03_and_results_match_one_rank(
+        tmp_path, capsys):
+    """The cohort's stacks are dealt to all ranks (before: ranks trained only the blocks of 32
+    ids they hosted, 32/32/32/4 of 100 clients on 4 ranks); the private state moves to the rank
+    that trains it and back, and the numbers are one rank's (run in this process), bit for
+    bit."""
+    args = ["data.num_clients=100", "train.frac=0.3", "train.rounds=2", "train.local_epochs=1",
+            "engine.mode=vectorized", "output.progress=none", "train.device=cpu",
+            f"output.dir={tmp_path}"]
+    r = run_mpi(4, *args, "output.name=n4")
+    assert r.returncode == 0, r.stderr
+    with h5py.File(tmp_path / "n4.h5") as f:
+        assert f.attrs["world_size"] == 4
+        compute = f["timing/compute_s"][:]
+    assert (compute.min(1) > 0.2 * compute.max(1)).all(), compute  # every rank worked
+    assert run_main(capsys, *args, "output.name=n1").returncode == 0
+    assert max_diff(results(tmp_path / "n1.h5"), results(tmp_path / "n4.h5")) == 0
+
+
+@ACROSS
+def test_dp_baselines_and_defended_runs_give_the_same_results_on_one_and_two_ranks(
+        across_ranks):
+    """DP noise and a defense's randomness are drawn per (seed, round, client), never per rank;
+    a defense's once-per-run parts (slices, public labels) come from rank 0. (dp_gaussian draws
+    through dp_laplace's code with another distribution; topk draws nothing and reads one
+    upload.)"""
+    names = ["dpfedavg", "ppsgd", "centaur", *(f"defense{i}" for i in range(5))]
+    for name in names:
+        assert same(across_ranks[1][name], across_ranks[2][name]) == 0.0, name
+    for name in ("dpfedavg", "ppsgd", "centaur"):
+        assert across_ranks[1][name]["train_loss"][-1] < across_ranks[1][name]["train_loss"][0]
+        assert across_ranks[1][name]["epsilon"][-1] > 0, name
+
+
+@ACROSS
+def test_ranks_reading_their_share_of_a_prepared_file_give_the_same_results(across_ranks):
+    """A prepared file's official noniid_s split, read into one pool per rank (any rank may
+    train any client: the cohort's stacks are dealt by load)."""
+    assert same(across_ranks[1]["prepared"], across_ranks[2]["prepared"]) == 0.0  # bit for bit
+
+
+@ACROSS
+def test_hyperfl_lpm_gives_the_same_results_on_one_and_two_ranks(across_ranks):
+    assert same(across_ranks[1]["lpm"], across_ranks[2]["lpm"]) == 0
 
 
 def test_kill9_of_the_job_then_rerun_on_one_rank_matches_an_uninterrupted_run(tmp_path,
@@ -160,7 +196,7 @@ def test_one_rank_killed_then_a_checkpoint_that_cannot_be_written_lose_nothing(t
     args = [*ARGS, f"output.dir={tmp_path}", "output.name=f"]
     proc = launch(2, *args)
     wait_for_rows(tmp_path / "f.h5", 3, proc)
-    pids = rank_pids("output.name=f")
+    pids = rank_pids(f"output.dir={tmp_path}")
     assert len(pids) == 2
     os.kill(pids[1], signal.SIGKILL)
     t0 = time.time()
@@ -186,7 +222,8 @@ def test_one_rank_killed_then_a_checkpoint_that_cannot_be_written_lose_nothing(t
     assert max_diff(results(tmp_path / "f.h5"), reference) == 0.0
 
 
-def test_a_large_sampled_population_checkpointed_on_2_ranks_resumes_exactly_on_1(tmp_path):
+def test_a_large_sampled_population_checkpointed_on_2_ranks_resumes_exactly_on_1(tmp_path,
+                                                                                  capsys):
     """The 1M-client case (docs/performance.md, "Scaling to many clients") at a size the
     suite affords: 600 clients over three UNITs of ids (rank 0 hosts 512, rank 1 88), 30 a
     round, the private rows streamed into the checkpoint rank by rank and read back by one
@@ -194,7 +231,7 @@ def test_a_large_sampled_population_checkpointed_on_2_ranks_resumes_exactly_on_1
     args = [*TINY, "data.num_clients=600", "data.partition=sampled", "train.frac=0.05",
             "train.rounds=6", "output.checkpoint_every=2", "train.eval_clients=50",
             f"output.dir={tmp_path}"]
-    ref = run_mpi(1, *args, "output.name=ref")
+    ref = run_main(capsys, *args, "output.name=ref")  # uninterrupted, in this process
     assert ref.returncode == 0, ref.stderr
     proc = launch(2, *args, "output.name=k")
     wait_for_rows(tmp_path / "k.h5", 3, proc)
@@ -232,7 +269,7 @@ def sigterm_while_a_checkpoint_is_written(folder, proc) -> int:
         if tmp[0].exists():  # caught inside the write: not yet renamed
             before = (verify_checkpoint(folder / "sigterm.ckpt.h5")
                       if (folder / "sigterm.ckpt.h5").exists() else 0)
-            for pid in rank_pids("output.name=sigterm"):
+            for pid in rank_pids(f"output.dir={folder}"):
                 os.kill(pid, signal.SIGTERM)
             os.kill(writer, signal.SIGCONT)
             return before + 2  # checkpoint_every=2
@@ -261,15 +298,23 @@ def test_sigterm_while_a_checkpoint_is_written_stops_a_round_later_and_resumes_o
     assert max_diff(results(tmp_path / "sigterm.h5"), reference) == 0.0
 
 
-def test_an_attack_spread_over_two_ranks_finds_what_one_rank_finds(tmp_path):
+def test_an_attack_spread_over_two_ranks_finds_what_one_rank_finds(tmp_path, capsys):
     """python -m hpcfl.attack under mpiexec: the ranks train the run to the attacked round
-    together, each attacks its share of the targets, rank 0 writes them all."""
+    together, each attacks its share of the targets, rank 0 writes them all. One rank: in this
+    process."""
+    from hpcfl.attack import main as attack
+
     args = ["data.num_clients=6", "algorithm.name=fedavg", "train.local_steps=1",
             "train.device=cpu", "output.progress=none", f"output.dir={tmp_path}",
             "attack.round=2", "attack.clients=3", "attack.iterations=20"]
     found = {}
     for ranks in (1, 2):
-        r = run_mpi(ranks, *args, f"output.name=a{ranks}", module="hpcfl.attack")
+        if ranks == 1:
+            capsys.readouterr()
+            assert attack([*args, "output.name=a1"]) == 0
+            r = subprocess.CompletedProcess([], 0, capsys.readouterr().out, "")
+        else:
+            r = run_mpi(ranks, *args, f"output.name=a{ranks}", module="hpcfl.attack")
         assert r.returncode == 0, r.stderr
         assert r.stdout.count("ig on fedavg") == 1  # one summary line, from rank 0
         with h5py.File(tmp_path / f"a{ranks}.h5") as f:
@@ -297,7 +342,6 @@ def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
 def test_a_data_file_missing_on_one_rank_ends_every_rank_with_one_line(tmp_path):
     """MPMD: rank 1 is given a data.root without the prepared file, as on a node where it is
     missing. Before, rank 1 exited 2 silently and rank 0 waited in the next collective."""
-    import subprocess
     import sys
 
     from hpcfl.data.prepare import main as prepare
@@ -322,15 +366,3 @@ def test_a_data_file_missing_on_one_rank_ends_every_rank_with_one_line(tmp_path)
     assert len(lines) == 1 and lines[0].startswith("hpcfl: error: rank 1 (")
     assert "cifar10" in lines[0]
     assert not (tmp_path / "m.h5").exists()
-
-
-def test_hyperfl_lpm_gives_the_same_results_on_one_and_two_ranks(tmp_path):
-    runs = {}
-    for ranks in (1, 2):
-        r = run_mpi(ranks, *SMALL, "train.rounds=1", "train.local_steps=2",
-                    "train.batch_size=16", "algorithm.name=hyperfl_lpm",
-                    "model.name=resnet18_adapter", "model.backbone=test_resnet",
-                    "model.pretrained=none", f"output.dir={tmp_path}", f"output.name=n{ranks}")
-        assert r.returncode == 0, r.stderr
-        runs[ranks] = results(tmp_path / f"n{ranks}.h5")
-    assert max_diff(runs[1], runs[2]) == 0

@@ -69,6 +69,18 @@ def test_a_clients_data_is_its_indices_into_the_pool():
         assert torch.equal(c.y_test, data.test_pool.y[te])
 
 
+def test_the_digits_are_scikit_learns():
+    """Read from scikit-learn's file without importing it: its load_digits' images and labels."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    from hpcfl.data.builtin import load_digits
+    x, y = load_digits()
+    want = sk_digits()
+    assert x.dtype == torch.float32 and x.shape == (1797, 1, 8, 8)
+    assert np.array_equal(x.squeeze(1).numpy(), want.images.astype(np.float32) / 16)
+    assert np.array_equal(y.numpy(), want.target) and y.dtype == torch.int64
+
+
 def test_synthetic_data_has_the_papers_shapes_and_class_structure():
     for name, shape in [("synthetic-cifar10", (3, 32, 32)), ("synthetic-mnist", (1, 28, 28))]:
         x, y, _, _ = load_pool(DataConfig(name=name, synthetic_samples=500))

@@ -6,13 +6,13 @@ import signal
 import h5py
 import numpy as np
 
-from .conftest import RESUMED, TINY, launch, max_diff, results, run_mpi, wait_for_rows
+from .conftest import RESUMED, TINY, launch, max_diff, results, run_main, wait_for_rows
 
 ARGS = RESUMED  # the runs the `reference` fixture (conftest) ran uninterrupted
 
 
 
-def test_kill9_then_rerun_gives_identical_results(tmp_path, reference):
+def test_kill9_then_rerun_gives_identical_results(tmp_path, reference, capsys):
     args = [*ARGS, f"output.dir={tmp_path}", "output.name=k"]
     proc = launch(None, *args)
     wait_for_rows(tmp_path / "k.h5", 4, proc)
@@ -20,13 +20,13 @@ def test_kill9_then_rerun_gives_identical_results(tmp_path, reference):
     proc.wait()
     with h5py.File(tmp_path / "k.h5") as f:
         assert f.attrs["status"] == "running"
-    r = run_mpi(None, *args)
+    r = run_main(capsys, *args)  # the rerun: in this process
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stderr
     assert max_diff(results(tmp_path / "k.h5"), reference) == 0.0
 
 
-def test_sigterm_checkpoints_exits_0_preempted_then_resumes(tmp_path, reference):
+def test_sigterm_checkpoints_exits_0_preempted_then_resumes(tmp_path, reference, capsys):
     args = [*ARGS, f"output.dir={tmp_path}", "output.name=t"]
     proc = launch(None, *args)
     wait_for_rows(tmp_path / "t.h5", 2, proc)
@@ -37,7 +37,7 @@ def test_sigterm_checkpoints_exits_0_preempted_then_resumes(tmp_path, reference)
     with h5py.File(tmp_path / "t.h5") as f, h5py.File(tmp_path / "t.ckpt.h5") as c:
         assert f.attrs["status"] == "preempted"
         assert c.attrs["round"] == f["timing/round"][-1] >= f["metrics/round"][-1] >= 2
-    r = run_mpi(None, *args)
+    r = run_main(capsys, *args)  # the rerun: in this process
     assert r.returncode == 0, r.stderr
     assert max_diff(results(tmp_path / "t.h5"), reference) == 0.0
 
@@ -56,32 +56,32 @@ def damage(path, how: str) -> None:
             fh.write(bytes(x ^ 0x5A for x in b))
 
 
-def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, reference):
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, capsys):
     """Truncated (unreadable) or one flipped byte (checksum mismatch): reported, and the run goes
-    on from the previous checkpoint (round 2) to the numbers of an uninterrupted run. Both
-    cases resume in one process (tests/many.py)."""
+    on from the previous checkpoint (round 2) to the numbers of an uninterrupted run. The runs
+    in this process (hpcfl.main.main)."""
     import shutil
     first = tmp_path / "first"
-    assert run_mpi(None, *ARGS, f"output.dir={first}", "output.name=d",
-                   "train.rounds=4").returncode == 0
-    argv = []
+    assert run_main(capsys, *ARGS, f"output.dir={first}", "output.name=d",
+                    "train.rounds=4").returncode == 0
+    err = ""
     for how in ("truncate", "flip"):
         shutil.copytree(first, tmp_path / how)
         damage(tmp_path / how / "d.ckpt.h5", how)
-        argv += [*ARGS, f"output.dir={tmp_path / how}", "output.name=d", "--"]
-    r = run_mpi(None, *argv, module="many")  # train.rounds=8: go on
-    assert r.returncode == 0, r.stderr
-    assert "unreadable" in r.stderr and "checksum mismatch" in r.stderr
-    assert r.stderr.count("from round 2") == 2
+        r = run_main(capsys, *ARGS, f"output.dir={tmp_path / how}", "output.name=d")  # go on
+        assert r.returncode == 0, r.stderr
+        err += r.stderr
+    assert "unreadable" in err and "checksum mismatch" in err
+    assert err.count("from round 2") == 2
     for how in ("truncate", "flip"):
         assert max_diff(results(tmp_path / how / "d.h5"), reference) == 0.0  # rows 1..8, once
 
 
-def test_a_damaged_results_file_or_no_usable_checkpoint_stops_with_exit_2(tmp_path):
+def test_a_damaged_results_file_or_no_usable_checkpoint_stops_with_exit_2(tmp_path, capsys):
     """At resume: a truncated results file (before: a traceback), then both checkpoints
     damaged: each one line, exit 2, and nothing written to any file."""
     args = [*ARGS, "train.rounds=4", f"output.dir={tmp_path}", "output.name=b"]
-    assert run_mpi(None, *args).returncode == 0
+    assert run_main(capsys, *args).returncode == 0
     intact = (tmp_path / "b.h5").read_bytes()
     files = sorted(tmp_path.glob("b.*"))
     for damaged, line in (("b.h5", "hpcfl: error: output.name: results file "),
@@ -90,7 +90,7 @@ def test_a_damaged_results_file_or_no_usable_checkpoint_stops_with_exit_2(tmp_pa
         for p in damaged.split():
             damage(tmp_path / p, "truncate")
         before = {p: p.read_bytes() for p in files}
-        r = run_mpi(None, *args[:-2], "train.rounds=6", *args[-2:])
+        r = run_main(capsys, *args[:-2], "train.rounds=6", *args[-2:])
         assert r.returncode == 2
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(line), r.stderr
@@ -113,34 +113,34 @@ def test_resume_refuses_another_experiment(tmp_path, capsys):
         assert message in err and len(err.splitlines()) == 1, err
 
 
-def test_a_noisy_run_resumes_only_on_the_device_type_that_drew_its_noise(tmp_path):
+def test_a_noisy_run_resumes_only_on_the_device_type_that_drew_its_noise(tmp_path, capsys):
     """DP and defense noise come from device generators (CPU and CUDA draw differently): a run
     that drew on CUDA is refused on the CPU with one line, and goes on where it drew."""
     args = [*TINY, "algorithm.name=fedavg", "privacy.defense=dp_gaussian", "privacy.noise=1e-3",
             f"output.dir={tmp_path}", "output.name=d"]
-    assert run_mpi(None, *args).returncode == 0
+    assert run_main(capsys, *args).returncode == 0
     with h5py.File(tmp_path / "d.h5", "r+") as f:
         assert f.attrs["device"] == "cpu"
         f.attrs["device"] = "cuda:0"  # as a run on a GPU node leaves it
     before = (tmp_path / "d.h5").read_bytes()
-    r = run_mpi(None, *args, "train.rounds=3")
+    r = run_main(capsys, *args, "train.rounds=3")
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
     assert "drew its noise on cuda; resumed on cpu" in r.stderr
     assert (tmp_path / "d.h5").read_bytes() == before
     with h5py.File(tmp_path / "d.h5", "r+") as f:
         f.attrs["device"] = "cpu"
-    r = run_mpi(None, *args, "train.rounds=3")
+    r = run_main(capsys, *args, "train.rounds=3")
     assert r.returncode == 0, r.stderr
 
 
-def test_resume_must_needs_a_checkpoint(tmp_path):
-    r = run_mpi(None, *TINY, f"output.dir={tmp_path}", "output.resume=must")
+def test_resume_must_needs_a_checkpoint(tmp_path, capsys):
+    r = run_main(capsys, *TINY, f"output.dir={tmp_path}", "output.resume=must")
     assert r.returncode == 2 and "no checkpoint" in r.stderr
     assert not any(tmp_path.iterdir())
 
 
-def test_checkpoint_holds_every_client_keyed_by_id(tmp_path):
-    assert run_mpi(None, *TINY, f"output.dir={tmp_path}", "output.name=c").returncode == 0
+def test_checkpoint_holds_every_client_keyed_by_id(tmp_path, capsys):
+    assert run_main(capsys, *TINY, f"output.dir={tmp_path}", "output.name=c").returncode == 0
     with h5py.File(tmp_path / "c.ckpt.h5") as f:
         assert f.attrs["round"] == 2 and "sha256" in f.attrs
         assert f["private_ids"][:].tolist() == list(range(6))  # all 6 trained
@@ -169,13 +169,13 @@ def test_checkpoint_holds_every_client_keyed_by_id(tmp_path):
         assert torch.equal(v, old.get(range(6))[k]) and np.array_equal(v.numpy(), f_rows[k])
 
 
-def test_killed_after_its_last_checkpoint_a_rerun_marks_it_completed(tmp_path):
+def test_killed_after_its_last_checkpoint_a_rerun_marks_it_completed(tmp_path, capsys):
     args = [*TINY, f"output.dir={tmp_path}", "output.name=last"]
-    assert run_mpi(None, *args).returncode == 0
+    assert run_main(capsys, *args).returncode == 0
     with h5py.File(tmp_path / "last.h5", "r+") as f:  # as if killed before closing the file
         f.attrs["status"] = "running"
         rows = len(f["metrics/round"])
-    r = run_mpi(None, *args)
+    r = run_main(capsys, *args)
     assert r.returncode == 0 and "already completed" in r.stdout
     with h5py.File(tmp_path / "last.h5") as f:
         assert f.attrs["status"] == "completed" and len(f["metrics/round"]) == rows

@@ -26,6 +26,9 @@ from hpcfl.loop import default_name
 from .conftest import TINY, launch, max_diff, mpiexec, results, wait_for_rows
 
 ROOT = Path(__file__).resolve().parent.parent
+# one worker runs them one after another: the one-node cluster has a CPU per core, and a job
+# of the next test would wait for the CPUs of the last
+pytestmark = pytest.mark.xdist_group("slurm")
 # the Python of this test session first on PATH: srun and sbatch pass the environment on
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
