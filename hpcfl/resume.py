@@ -24,8 +24,8 @@ from .world import World
 
 log = logging.getLogger("hpcfl")
 # Keys a resumed run may change; any other change would make it a different experiment.
-RESUMABLE_CHANGES = ("train.rounds", "train.eval_every", "train.device", "engine.", "output.",
-                     "attack.")
+RESUMABLE_CHANGES = ("train.rounds", "train.eval_every", "train.device",
+                     "train.collective_timeout_s", "engine.", "output.", "attack.")
 
 
 @dataclass

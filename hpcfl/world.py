@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ log = logging.getLogger("hpcfl")
 
 # Slurm sends SIGTERM at the time limit and on preemption, and --signal=USR1/USR2@T before it.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+TIMED_OUT = 4  # exit code of a run stopped by the watchdog (hpcfl.cli)
 
 
 def _import_mpi():
@@ -71,6 +73,7 @@ class World:
         self._set_threads(threads)
         self.device = self.agree(lambda: self._pick_device(device))  # e.g. no CUDA on one node
         self.stop_requested = False
+        self.timeout_s = 0.0  # the watchdog, off until watch_collectives
 
     def _check_slurm(self) -> None:
         # srun starting N tasks that each see a world of 1 means srun and the MPI library
@@ -128,20 +131,68 @@ class World:
         for s, h in getattr(self, "_previous_handlers", {}).items():
             signal.signal(s, h)
 
-    def allreduce_sum_(self, buf: torch.Tensor) -> None:
+    def watch_collectives(self, seconds: float) -> None:
+        """The watchdog (train.collective_timeout_s; 0: off): a collective of the run that has
+        not finished after `seconds` stops every rank with one line (exit code 4) instead of
+        waiting forever for a node that died or a link that was cut. Collective: every rank."""
+        if self.comm is None or not seconds:
+            return
+        self.timeout_s = seconds
+        # the round's arrival notes travel apart from the run's own messages (a checkpoint's
+        # Recv takes any tag)
+        self._notes = self.comm.Dup()
+        self._hosts = self.comm.allgather(socket.gethostname())
+
+    def allreduce_sum_(self, buf: torch.Tensor, rnd: int = 0) -> None:
         """Sum `buf` (float32, contiguous) over all ranks, in place: the one collective of a
-        round. Staged through host memory: the pip MPI wheels are not CUDA-aware and segfault on
-        device pointers."""
+        round (`rnd`). Staged through host memory: the pip MPI wheels are not CUDA-aware and
+        segfault on device pointers."""
         if self.comm is None:
             return
         host = self.staging(buf) if buf.is_cuda else buf.detach()
         if buf.is_cuda:
             host.copy_(buf)  # waits for the round's kernels; then a DMA into pinned memory
-        self.comm.Allreduce(self.MPI.IN_PLACE, host.numpy(), op=self.MPI.SUM)
+        if self.timeout_s:
+            self._watched_allreduce(host.numpy(), rnd)
+        else:
+            self.comm.Allreduce(self.MPI.IN_PLACE, host.numpy(), op=self.MPI.SUM)
         if buf.is_cuda:
             # Queued on the stream: what follows on the device sees the sum. The next write to
             # `host` is next round's copy above, queued behind this one.
             buf.copy_(host, non_blocking=True)
+
+    def _watched_allreduce(self, arr: np.ndarray, rnd: int) -> None:
+        """The round's Allreduce under the watchdog: nonblocking, beside a note to every other
+        rank that this one has reached it, so that a round that cannot finish is reported with
+        the ranks not heard from (a note per pair of ranks a round: bytes, not time)."""
+        others = [r for r in range(self.size) if r != self.rank]
+        here, got = np.array([rnd], np.int64), np.zeros((self.size, 1), np.int64)
+        notes = [self._notes.Irecv(got[r], source=r) for r in others]
+        sent = [self._notes.Isend(here, dest=r) for r in others]
+        reduced = self.comm.Iallreduce(self.MPI.IN_PLACE, arr, op=self.MPI.SUM)
+        self._wait([reduced], f"round {rnd}: the Allreduce", dict(zip(others, notes)))
+        self.MPI.Request.Waitall(notes + sent)  # every rank has sent: they complete now
+
+    def _wait(self, requests: list, what: str, notes: dict | None = None) -> None:
+        """Poll `requests` until they complete or the watchdog's time is up; then, if no
+        lower rank seems alive to do it first (so that a job's log gets one line, not one per
+        rank), or after twice the time anyway, abort every rank naming the ranks whose `notes`
+        (rank -> its arrival note's request) have not come."""
+        start, nap = time.monotonic(), 1e-5
+        while not self.MPI.Request.Testall(requests):
+            waited = time.monotonic() - start
+            if waited > self.timeout_s:
+                silent = [r for r, q in (notes or {}).items() if not q.Test()]
+                alive_below = any(r < self.rank and r not in silent for r in range(self.size))
+                if not alive_below or waited > 2 * self.timeout_s:
+                    names = ", ".join(f"rank {r} ({self._hosts[r]})" for r in silent)
+                    self.abort(TIMED_OUT, f"hpcfl: {what} did not finish within "
+                               f"{self.timeout_s:g} s (train.collective_timeout_s); not heard "
+                               f"from: {names or 'none (every rank reached it)'}; every rank "
+                               "stopped: rerun the same command to resume from the last "
+                               "checkpoint")
+            time.sleep(nap)  # short naps first: a healthy round finishes within microseconds
+            nap = min(2 * nap, 0.01)
 
     def staging(self, buf: torch.Tensor) -> torch.Tensor:
         """The pinned (page-locked) host buffer through which a CUDA buffer like `buf` is
