@@ -55,6 +55,42 @@ def deterministic_kernels() -> None:
     torch.use_deterministic_algorithms(True)
 
 
+class _Arrivals:
+    """Who has reached round `rnd`'s Allreduce, for the watchdog's line. Every rank sends its
+    note to rank 0, which answers each note once it has it: rank 0 learns who arrived, the
+    others whether rank 0 did, and no rank sends to one that has not just shown it is alive (a
+    send to a dead node can end a process inside MPI, with MPI's message instead of ours).
+    2 (size - 1) messages of 8 bytes a round."""
+
+    def __init__(self, comm, rank: int, size: int, rnd: int):
+        self.comm, self.rank = comm, rank
+        self.note, self.got = np.array([rnd], np.int64), np.zeros((size, 1), np.int64)
+        self.waiting = {r: comm.Irecv(self.got[r], source=r)
+                        for r in (range(1, size) if rank == 0 else [0])}
+        self.sent = [] if rank == 0 else [comm.Isend(self.note, dest=0)]
+
+    def poll(self) -> None:
+        for r, request in list(self.waiting.items()):
+            if request.Test():
+                del self.waiting[r]
+                if self.rank == 0:
+                    self.sent.append(self.comm.Isend(self.note, dest=r))
+
+    def silent(self) -> list[int]:
+        return sorted(self.waiting)
+
+    def finish(self) -> None:
+        """After the Allreduce, which every rank reached: every note was sent, so the waits
+        end now."""
+        for r, request in list(self.waiting.items()):
+            request.Wait()
+            del self.waiting[r]
+            if self.rank == 0:
+                self.sent.append(self.comm.Isend(self.note, dest=r))
+        for request in self.sent:
+            request.Wait()
+
+
 class World:
     """rank / size / node-local rank / device of this process, and the run's collectives."""
 
@@ -162,35 +198,32 @@ class World:
             buf.copy_(host, non_blocking=True)
 
     def _watched_allreduce(self, arr: np.ndarray, rnd: int) -> None:
-        """The round's Allreduce under the watchdog: nonblocking, beside a note to every other
-        rank that this one has reached it, so that a round that cannot finish is reported with
-        the ranks not heard from (a note per pair of ranks a round: bytes, not time)."""
-        others = [r for r in range(self.size) if r != self.rank]
-        here, got = np.array([rnd], np.int64), np.zeros((self.size, 1), np.int64)
-        notes = [self._notes.Irecv(got[r], source=r) for r in others]
-        sent = [self._notes.Isend(here, dest=r) for r in others]
+        """The round's Allreduce under the watchdog: nonblocking, beside the arrival notes that
+        name, if it cannot finish, the ranks that never reached it."""
+        arrivals = _Arrivals(self._notes, self.rank, self.size, rnd)
         reduced = self.comm.Iallreduce(self.MPI.IN_PLACE, arr, op=self.MPI.SUM)
-        self._wait([reduced], f"round {rnd}: the Allreduce", dict(zip(others, notes)))
-        self.MPI.Request.Waitall(notes + sent)  # every rank has sent: they complete now
+        self._wait(reduced, f"round {rnd}: the Allreduce", arrivals)
+        arrivals.finish()
 
-    def _wait(self, requests: list, what: str, notes: dict | None = None) -> None:
-        """Poll `requests` until they complete or the watchdog's time is up; then, if no
-        lower rank seems alive to do it first (so that a job's log gets one line, not one per
-        rank), or after twice the time anyway, abort every rank naming the ranks whose `notes`
-        (rank -> its arrival note's request) have not come."""
+    def _wait(self, request, what: str, arrivals: "_Arrivals") -> None:
+        """Poll `request` until it completes or the watchdog's time is up; then abort every
+        rank with one line: rank 0 names the ranks it has not heard from; another rank does so
+        only if rank 0 is one of them, else it leaves the line to rank 0 (a job's log gets one
+        line, not one per rank) and aborts by itself only after twice the time."""
         start, nap = time.monotonic(), 1e-5
-        while not self.MPI.Request.Testall(requests):
+        while not request.Test():
+            arrivals.poll()
             waited = time.monotonic() - start
-            if waited > self.timeout_s:
-                silent = [r for r, q in (notes or {}).items() if not q.Test()]
-                alive_below = any(r < self.rank and r not in silent for r in range(self.size))
-                if not alive_below or waited > 2 * self.timeout_s:
-                    names = ", ".join(f"rank {r} ({self._hosts[r]})" for r in silent)
-                    self.abort(TIMED_OUT, f"hpcfl: {what} did not finish within "
-                               f"{self.timeout_s:g} s (train.collective_timeout_s); not heard "
-                               f"from: {names or 'none (every rank reached it)'}; every rank "
-                               "stopped: rerun the same command to resume from the last "
-                               "checkpoint")
+            silent = arrivals.silent()
+            if waited > self.timeout_s and (self.rank == 0 or 0 in silent
+                                             or waited > 2 * self.timeout_s):
+                names = ", ".join(f"rank {r} ({self._hosts[r]})" for r in silent) or (
+                    "none (every rank reached it)" if self.rank == 0 else
+                    f"none that rank {self.rank} knows of (rank 0 reached it)")
+                self.abort(TIMED_OUT, f"hpcfl: {what} did not finish within {self.timeout_s:g} "
+                           f"s (train.collective_timeout_s); not heard from: {names}; every "
+                           "rank stopped: rerun the same command to resume from the last "
+                           "checkpoint")
             time.sleep(nap)  # short naps first: a healthy round finishes within microseconds
             nap = min(2 * nap, 0.01)
 
