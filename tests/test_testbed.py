@@ -3,9 +3,9 @@ each node a network + UTS + mount namespace with its own hostname, address, /dev
 memory and slurmd). The unmodified slurm/run.sbatch on 2 nodes gives the numbers of one rank bit
 for bit; a node killed during a round ends its job within 60 s with the watchdog's one line
 naming the rank and host not heard from, and the run resumes on the remaining node to the same
-numbers; the per-host paths see their own node (node-local rank and size, the node's memory
-shared by its ranks, a data root missing on one node: one line naming it, exit 2 on every rank),
-under srun and under mpiexec (hydra) across the nodes.
+numbers; the per-host paths see their own node: node-local rank and size and the node's memory
+shared by its ranks (under mpiexec, hydra, across the nodes), a data root missing on one node
+(under srun: one line naming it, exit 2 on every rank).
 
 The testbed is brought up once for the module and always torn down; then no namespace, link,
 mount, cgroup or process of it is left. Where it cannot run (not root, no namespaces, no Slurm
@@ -16,7 +16,9 @@ import fcntl
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -27,13 +29,14 @@ import pytest
 
 from hpcfl.data.prepare import main as prepare
 
-from .conftest import RESUMED, TINY, max_diff, results
+from .conftest import RESUMED, TINY, max_diff, mpiexec, results
 from .datafiles import write_mnist_like
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTBED = ROOT / "slurm" / "testbed" / "testbed"
 RUN, QUICKSTART = str(ROOT / "slurm" / "run.sbatch"), str(ROOT / "jobs" / "quickstart.yaml")
-NAME = "ci"  # nodes ci1..ci3; apart from a user's testbed (tb) and the local one-node Slurm
+LOOP = str(ROOT / "tests" / "slurm" / "allreduce_loop.py")
+NAME = "ci"  # nodes ci1..ci4; apart from a user's testbed (tb) and the local one-node Slurm
 STATE = Path("/run/hpcfl-testbed") / NAME
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HPCFL_TESTBED=NAME,
            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -117,7 +120,7 @@ def testbed(tmp_path_factory):
         tool("down")  # what a session killed before its teardown left
         try:
             t0 = time.time()
-            r = tool("up", "--nodes", "3", "--cpus", "4", "--node-memory", "4G")
+            r = tool("up", "--nodes", "4", "--cpus", "4", "--node-memory", "4G")
             assert r.returncode == 0, r.stderr
             assert time.time() - t0 <= 60, r.stderr
             exports = dict(re.findall(r"^export (\w+)=(\S+)$", r.stdout, re.M))
@@ -189,25 +192,22 @@ def test_the_2_node_batch_run_gives_the_numbers_of_one_rank_bit_for_bit(testbed,
     assert segments(path) == [("ci1,ci2", 2)]
 
 
-def test_every_per_host_path_sees_its_own_node_under_srun_and_mpiexec(testbed):
-    def probe(*launch: str) -> dict[int, dict]:
-        r = testbed.run(*launch, sys.executable, str(ROOT / "tests" / "slurm" / "node_probe.py"))
-        assert r.returncode == 0, r.stderr
-        return {d["rank"]: d for d in map(json.loads, r.stdout.split("\n")[:-1])}
+def test_every_per_host_path_sees_its_own_node(testbed):
+    # under mpiexec (hydra: the testbed's ssh launcher), 2 ranks on each of 2 nodes
+    r = testbed.run(mpiexec(), "-launcher", "ssh", "-launcher-exec",
+                    str(TESTBED.parent / "ssh"), "-hosts", "ci1,ci2", "-ppn", "2", "-n", "4",
+                    sys.executable, str(ROOT / "tests" / "slurm" / "node_probe.py"))
+    assert r.returncode == 0, r.stderr
+    ranks = [json.loads(x) for x in re.findall(r"\{[^{}]*\}", r.stdout)]  # lines interleave
+    assert sorted((d["host"], d["local_rank"]) for d in ranks) == [
+        ("ci1", 0), ("ci1", 1), ("ci2", 0), ("ci2", 1)]
+    for d in ranks:
+        assert d["local_size"] == 2 and d["hosts"] == ["ci1", "ci2"]
+        # the node's memory (up --node-memory 4G), not this machine's, shared by its 2 ranks
+        assert 0 < d["memory"] <= 2 * 2 ** 30 and "shared by its 2 ranks" in d["shared"]
 
-    two_each = probe("srun", "--mpi=pmi2", "-N2", "--ntasks-per-node=2", "-w", "ci1,ci2")
-    one_each = probe(shutil.which("mpiexec") or "mpiexec", "-launcher", "ssh", "-launcher-exec",
-                     str(TESTBED.parent / "ssh"), "-hosts", "ci1,ci2", "-n", "2")
-    node = 4 * 2 ** 30  # up --node-memory 4G: the node's, not this machine's
-    for ranks, per_node in ((two_each, 2), (one_each, 1)):
-        assert sorted((d["host"], d["local_rank"]) for d in ranks.values()) == sorted(
-            (h, i) for h in ("ci1", "ci2") for i in range(per_node))
-        for d in ranks.values():
-            assert d["local_size"] == per_node and d["hosts"] == ["ci1", "ci2"]
-            assert 0 < d["memory"] <= node / per_node
-            assert ("shared by its 2 ranks" in d["shared"]) == (per_node == 2)
-
-    # a data root on node ci1 only (node-local scratch): one line naming ci2, exit 2 everywhere
+    # under srun, a data root on node ci1 only (node-local scratch): one line naming ci2, and
+    # exit code 2 on every rank
     write_mnist_like(testbed.dir / "src", "mnist")
     assert prepare(["mnist", "--source", str(testbed.dir / "src"), "--out",
                     str(STATE / "nodes" / "ci1" / "scratch" / "data" / "mnist.h5")]) == 0
@@ -218,7 +218,8 @@ def test_every_per_host_path_sees_its_own_node_under_srun_and_mpiexec(testbed):
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("hpcfl: error: rank 1 (ci2): data.name=mnist: ") and \
         "not found" in lines[0], r.stderr
-    assert re.search(r"ci\[1-2\]: tasks 0-1: Exited with exit code 2", r.stderr), r.stderr
+    for task, node in enumerate(("ci1", "ci2")):
+        assert f"{node}: task {task}: Exited with exit code 2" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (testbed.dir / "runs" / "local.h5").exists()
 
 
@@ -230,3 +231,74 @@ def test_the_run_resumes_on_the_remaining_node_to_the_numbers_of_one_that_never_
     assert "hpcfl: resuming runs/lost.h5 from round" in testbed.log(resumed)
     assert max_diff(results(path), reference) == 0.0
     assert segments(path) == [("ci2,ci3", 2), ("ci2", 1)]
+
+
+def read_until(stream, pattern: str, timeout: float) -> tuple[str, str]:
+    """Lines of a running process's `stream` until one matches `pattern`: (that line, all)."""
+    seen, end = "", time.time() + timeout
+    while time.time() < end:
+        if select.select([stream], [], [], max(end - time.time(), 0))[0]:
+            line = stream.readline()
+            seen += line
+            if re.search(pattern, line):
+                return line, seen
+            if not line:
+                break
+    raise AssertionError(f"no line matching {pattern!r} in {timeout} s:\n{seen}")
+
+
+def test_a_cut_link_ends_the_round_by_the_watchdog_with_one_line(testbed):
+    """No FIN, no reset: without the watchdog the Allreduce would wait for TCP's timeout
+    (minutes) or the job's time limit."""
+    cmd = ["srun", "--mpi=pmi2", "-J", "cut", "-N2", "--ntasks-per-node=1", "-w", "ci1,ci4",
+           sys.executable, LOOP, "3"]
+    proc = subprocess.Popen(cmd, cwd=testbed.dir, env=testbed.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        read_until(proc.stdout, r"^round 5$", 120)
+        assert tool("link", "ci4", "down").returncode == 0
+        t0 = time.time()
+        line, seen = read_until(proc.stderr, r"^hpcfl:", 30)
+        assert time.time() - t0 <= 3 + 10, seen
+        assert re.fullmatch(r"hpcfl: round \d+: the Allreduce did not finish within 3 s "
+                            r"\(train.collective_timeout_s\); not heard from: rank 1 \(ci4\); "
+                            r"every rank stopped: .*\n", line), seen
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        testbed.run("scancel", "-n", "cut")
+        tool("link", "ci4", "up")
+
+
+def test_the_watchdog_names_a_rank_that_stopped_answering_and_exits_4():
+    """Without the testbed (any machine): rank 1 of a local mpiexec frozen (SIGSTOP)."""
+    proc = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, LOOP, "2"], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        read_until(proc.stdout, r"^round 3$", 120)
+        rank1 = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
+                 and LOOP.encode() in _read(d / "cmdline") and b"PMI_RANK=1\0" in
+                 _read(d / "environ")]
+        assert len(rank1) == 1
+        os.kill(rank1[0], signal.SIGSTOP)
+        t0 = time.time()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 4 and time.time() - t0 <= 2 + 10, err
+        lines = [x for x in err.splitlines() if x.startswith("hpcfl:")]
+        assert len(lines) == 1 and re.fullmatch(
+            r"hpcfl: round \d+: the Allreduce did not finish within 2 s "
+            rf"\(train.collective_timeout_s\); not heard from: rank 1 \({os.uname().nodename}\); "
+            r"every rank stopped: rerun the same command to resume from the last checkpoint",
+            lines[0]), err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
