@@ -2,7 +2,8 @@
 [--cells mode:dtype:off|on,...] [--rounds N] [--out F.h5] [key=value]`
 (`python -m hpcfl.bench population ...`: cost against the population, hpcfl.bench_population;
 `python -m hpcfl.bench suite ...`: everything on one machine within a time budget,
-hpcfl.bench_suite)
+hpcfl.bench_suite; `python -m hpcfl.bench allreduce ...`: the round's Allreduce alone,
+hpcfl.bench_allreduce)
 
 Times the rounds of a run, per cell (engine.mode x engine.dtype x engine.compile), with the
 run's own code (data on the device, the engine, the Allreduce, the server step, the evaluation),
@@ -266,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["suite"]:  # everything within a budget: hpcfl.bench_suite
         from .bench_suite import main as suite
         return suite(argv[1:])
+    if argv[:1] == ["allreduce"]:  # the round's Allreduce alone: hpcfl.bench_allreduce
+        from .bench_allreduce import main as allreduce
+        return allreduce(argv[1:], WORKLOADS)
     p = argparse.ArgumentParser(prog="python -m hpcfl.bench",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description=__doc__.split("\n\n", 1)[1],

@@ -1,7 +1,9 @@
 """What every hpcfl command does on failure, and what a run raises besides ConfigError.
 
-Exit codes (docs/cluster.md): 0 done or preempted; 2 a user mistake (one line, no traceback, no results
-file); 3 diverged; 1 a crash (every rank aborted). A preempted Slurm job requeues itself.
+Exit codes (docs/cluster.md): 0 done or preempted; 2 a user mistake (one line, no traceback, no
+results file); 3 diverged; 4 the round's Allreduce did not finish within
+train.collective_timeout_s (hpcfl.world's watchdog: one line, every rank aborted, resumable); 1 a
+crash (every rank aborted). A preempted Slurm job requeues itself.
 """
 from __future__ import annotations
 

@@ -242,6 +242,13 @@ class TrainConfig:
                             "fixed sample of K clients drawn from the seed, the same every "
                             "evaluation); auto (all up to 1000 clients, else a sample of 1000)")
     device: str = opt("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N")
+    collective_timeout_s: float = opt(0.0, "the watchdog: seconds the round's Allreduce may "
+                                      "wait before every rank is stopped (exit code 4) with "
+                                      "one line naming the round and the ranks not heard from, "
+                                      "the run resumable from its last checkpoint, rather than "
+                                      "hang on a dead node or a cut link until the job's time "
+                                      "limit; more than the slowest rank's lag in a round; 0 = "
+                                      "off", min=0)
 
 
 @dataclass
@@ -272,8 +279,8 @@ class EngineConfig:
 # Keys a resumed run may change (section.* : all of its keys): how long it goes on, how often it
 # evaluates, where and how it computes and writes, what an attack of it does. Any other change
 # makes it another experiment. Not a DP baseline's train.rounds: its noise is calibrated to them.
-RESUMABLE = ("train.rounds", "train.eval_every", "train.device", "engine.*", "output.*",
-             "attack.*")
+RESUMABLE = ("train.rounds", "train.eval_every", "train.device", "train.collective_timeout_s",
+             "engine.*", "output.*", "attack.*")
 
 
 @dataclass

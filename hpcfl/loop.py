@@ -119,7 +119,7 @@ def train_round(cfg: RunConfig, world: World, algo, state: tuple[dict, Populatio
     buf[Slot.STOP] = float(world.stop_requested)
     world.synchronize()
     t2 = time.perf_counter()
-    world.allreduce_sum_(buf.data)
+    world.allreduce_sum_(buf.data, rnd)
     if defense is not None:  # the server's side, in place on the reduced sum
         defense.server(buf.upload, [float(data.num_train[c]) for c in cohort])
     t3 = time.perf_counter()
@@ -221,6 +221,7 @@ def _run(cfg: RunConfig, world: World, until: int, locks: list) -> dict:
         show = "bar" if sys.stderr.isatty() else "log"
     bar = tqdm(total=t.rounds, initial=start.round, unit="round",
                disable=not (world.is_main and show == "bar"))
+    world.watch_collectives(t.collective_timeout_s)
     world.catch_stop_signals()
     rec.note_startup()
     t_start, final, stop, rnd = time.perf_counter() - elapsed, {}, False, start.round

@@ -32,6 +32,18 @@ def evaluated_clients(t: TrainConfig, num_clients: int) -> np.ndarray:
     return np.sort(numpy_stream(t.seed, Stream.EVALUATED).choice(num_clients, k, replace=False))
 
 
+def rank_memory(world: World) -> tuple[float | None, str]:
+    """Bytes this rank may take (None: unknown): its GPU's free memory, or its node's available
+    memory (MemAvailable, or the job's cgroup limit) shared by the ranks on that node
+    (world.local_size: ranks on other nodes do not count); and a note saying it is shared."""
+    if world.device.type == "cuda":
+        return torch.cuda.mem_get_info(world.device)[0], ""
+    memory = available_memory()
+    return (None if memory is None else memory / world.local_size,
+            f" (this node's memory is shared by its {world.local_size} ranks)" * (
+                world.local_size > 1))
+
+
 def check_memory(world: World, start: Params, num_clients: int) -> None:
     """Refuse a population whose private state cannot fit in this rank's memory, before it is
     allocated: a row for every client the rank hosts, which PrivateTable reserves at once (a
@@ -40,13 +52,7 @@ def check_memory(world: World, start: Params, num_clients: int) -> None:
     for placing them (placement.hosted). The ranks of a node share its memory."""
     rows = min(num_clients, math.ceil(num_clients / world.size / UNIT) * UNIT)
     row = PrivateTable.row_bytes(start)
-    if world.device.type == "cuda":
-        have, shared = torch.cuda.mem_get_info(world.device)[0], ""
-    else:
-        memory = available_memory()
-        have = None if memory is None else memory / world.local_size
-        shared = f" (this node's memory is shared by its {world.local_size} ranks)" * (
-            world.local_size > 1)
+    have, shared = rank_memory(world)
     refuse_unless_fits(rows * row + 8 * num_clients, have,
                        f"data.num_clients={num_clients:,}: the private state of the "
                        f"{rows:,} clients a rank hosts ({row:,} bytes each once trained) and "

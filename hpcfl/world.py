@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ log = logging.getLogger("hpcfl")
 
 # Slurm sends SIGTERM at the time limit and on preemption, and --signal=USR1/USR2@T before it.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+TIMED_OUT = 4  # exit code of a run stopped by the watchdog (hpcfl.cli)
 
 
 def _import_mpi():
@@ -54,6 +56,42 @@ def deterministic_kernels() -> None:
     torch.use_deterministic_algorithms(True)
 
 
+class _Arrivals:
+    """Who has reached round `rnd`'s Allreduce, for the watchdog's line. Every rank sends its
+    note to rank 0, which answers each note once it has it: rank 0 learns who arrived, the
+    others whether rank 0 did, and no rank sends to one that has not just shown it is alive (a
+    send to a dead node can end a process inside MPI, with MPI's message instead of ours).
+    2 (size - 1) messages of 8 bytes a round."""
+
+    def __init__(self, comm, rank: int, size: int, rnd: int):
+        self.comm, self.rank = comm, rank
+        self.note, self.got = np.array([rnd], np.int64), np.zeros((size, 1), np.int64)
+        self.waiting = {r: comm.Irecv(self.got[r], source=r)
+                        for r in (range(1, size) if rank == 0 else [0])}
+        self.sent = [] if rank == 0 else [comm.Isend(self.note, dest=0)]
+
+    def poll(self) -> None:
+        for r, request in list(self.waiting.items()):
+            if request.Test():
+                del self.waiting[r]
+                if self.rank == 0:
+                    self.sent.append(self.comm.Isend(self.note, dest=r))
+
+    def silent(self) -> list[int]:
+        return sorted(self.waiting)
+
+    def finish(self) -> None:
+        """After the Allreduce, which every rank reached: every note was sent, so the waits
+        end now."""
+        for r, request in list(self.waiting.items()):
+            request.Wait()
+            del self.waiting[r]
+            if self.rank == 0:
+                self.sent.append(self.comm.Isend(self.note, dest=r))
+        for request in self.sent:
+            request.Wait()
+
+
 class World:
     """rank / size / node-local rank / device of this process, and the run's collectives."""
 
@@ -72,6 +110,7 @@ class World:
         self._set_threads(threads)
         self.device = self.agree(lambda: self._pick_device(device))  # e.g. no CUDA on one node
         self.stop_requested = False
+        self.timeout_s = 0.0  # the watchdog, off until watch_collectives
 
     def _check_slurm(self) -> None:
         # srun starting N tasks that each see a smaller world means srun and the MPI library
@@ -134,20 +173,65 @@ class World:
         for s, h in getattr(self, "_previous_handlers", {}).items():
             signal.signal(s, h)
 
-    def allreduce_sum_(self, buf: torch.Tensor) -> None:
+    def watch_collectives(self, seconds: float) -> None:
+        """The watchdog (train.collective_timeout_s; 0: off): a collective of the run that has
+        not finished after `seconds` stops every rank with one line (exit code 4) instead of
+        waiting forever for a node that died or a link that was cut. Collective: every rank."""
+        if self.comm is None or not seconds:
+            return
+        self.timeout_s = seconds
+        # the round's arrival notes travel apart from the run's own messages (a checkpoint's
+        # Recv takes any tag)
+        self._notes = self.comm.Dup()
+        self._hosts = self.comm.allgather(socket.gethostname())
+
+    def allreduce_sum_(self, buf: torch.Tensor, rnd: int = 0) -> None:
         """Sum `buf` (float32, contiguous) over all ranks, in place: the one collective of a
-        round. Staged through host memory: the pip MPI wheels are not CUDA-aware and segfault on
-        device pointers."""
+        round (`rnd`). Staged through host memory: the pip MPI wheels are not CUDA-aware and
+        segfault on device pointers."""
         if self.comm is None:
             return
         host = self.staging(buf) if buf.is_cuda else buf.detach()
         if buf.is_cuda:
             host.copy_(buf)  # waits for the round's kernels; then a DMA into pinned memory
-        self.comm.Allreduce(self.MPI.IN_PLACE, host.numpy(), op=self.MPI.SUM)
+        if self.timeout_s:
+            self._watched_allreduce(host.numpy(), rnd)
+        else:
+            self.comm.Allreduce(self.MPI.IN_PLACE, host.numpy(), op=self.MPI.SUM)
         if buf.is_cuda:
             # Queued on the stream: what follows on the device sees the sum. The next write to
             # `host` is next round's copy above, queued behind this one.
             buf.copy_(host, non_blocking=True)
+
+    def _watched_allreduce(self, arr: np.ndarray, rnd: int) -> None:
+        """The round's Allreduce under the watchdog: nonblocking, beside the arrival notes that
+        name, if it cannot finish, the ranks that never reached it."""
+        arrivals = _Arrivals(self._notes, self.rank, self.size, rnd)
+        reduced = self.comm.Iallreduce(self.MPI.IN_PLACE, arr, op=self.MPI.SUM)
+        self._wait(reduced, f"round {rnd}: the Allreduce", arrivals)
+        arrivals.finish()
+
+    def _wait(self, request, what: str, arrivals: "_Arrivals") -> None:
+        """Poll `request` until it completes or the watchdog's time is up; then abort every
+        rank with one line: rank 0 names the ranks it has not heard from; another rank does so
+        only if rank 0 is one of them, else it leaves the line to rank 0 (a job's log gets one
+        line, not one per rank) and aborts by itself only after twice the time."""
+        start, nap = time.monotonic(), 1e-5
+        while not request.Test():
+            arrivals.poll()
+            waited = time.monotonic() - start
+            silent = arrivals.silent()
+            if waited > self.timeout_s and (self.rank == 0 or 0 in silent
+                                             or waited > 2 * self.timeout_s):
+                names = ", ".join(f"rank {r} ({self._hosts[r]})" for r in silent) or (
+                    "none (every rank reached it)" if self.rank == 0 else
+                    f"none that rank {self.rank} knows of (rank 0 reached it)")
+                self.abort(TIMED_OUT, f"hpcfl: {what} did not finish within {self.timeout_s:g} "
+                           f"s (train.collective_timeout_s); not heard from: {names}; every "
+                           "rank stopped: rerun the same command to resume from the last "
+                           "checkpoint")
+            time.sleep(nap)  # short naps first: a healthy round finishes within microseconds
+            nap = min(2 * nap, 0.01)
 
     def staging(self, buf: torch.Tensor) -> torch.Tensor:
         """The pinned (page-locked) host buffer through which a CUDA buffer like `buf` is

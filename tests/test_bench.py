@@ -140,3 +140,26 @@ def test_the_suite_keeps_its_budget_and_writes_its_table_and_file(tmp_path):
             assert "tests marked gpu: no CUDA device here" in skipped
         assert f.attrs["auto_mode"] in ("sequential", "vectorized")
     assert_documented(tmp_path / "tmp" / "suite.h5", "suite")  # its cells and scaling too
+
+
+def test_bench_allreduce_times_the_round_buffer_of_a_workload(capsys):
+    """python -m hpcfl.bench allreduce (docs/testbed.md measures it across the testbed's nodes),
+    in this process: one rank, the default run's HyperFL buffer (its hypernetwork in float64
+    plus the round's 4 slots)."""
+    import re
+
+    from hpcfl.bench import main
+    from hpcfl.config import load_config
+    from hpcfl.data import load_federated
+    from hpcfl.loop import build
+
+    cfg = load_config(None, ["train.device=cpu"])
+    numel = sum(v.numel() for v in build(cfg, load_federated(cfg.data, 0), torch.device("cpu"))
+                .init_shared().values())
+    assert main(["allreduce", "--repeat", "3"]) == 0
+    out = capsys.readouterr().out
+    m = re.fullmatch(r"digits-hyperfl: ([\d.]+) MB, 1 rank\(s\) on \S+: median [\d.]+ ms, "
+                     r"fastest [\d.]+ ms, [\d.]+ GB/s\n", out)
+    assert m and float(m[1]) == round((numel + 4) * 8 / 1e6, 2), out
+    assert main(["allreduce", "cifar100"]) == 2
+    assert "'cifar100' is not one of" in capsys.readouterr().err
