@@ -76,6 +76,10 @@ class RoundBuffer:
         """One client's upload (flat), added with its weight. Scalars are added in place: a
         tensor built from them would be a host-to-device copy, which waits for the device."""
         self.upload.add_(upload, alpha=weight)
+        self.count(weight, loss)
+
+    def count(self, weight: float, loss: float | torch.Tensor) -> None:
+        """One client's slots (its upload added otherwise)."""
         self.slots[Slot.LOSS].add_(loss)
         self.slots[Slot.CLIENTS].add_(1.0)
         self.slots[Slot.WEIGHT].add_(weight)
