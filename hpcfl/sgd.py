@@ -120,39 +120,45 @@ class Record:
         self.H[:, self.t] = h
         self.t += 1
 
-    def _combined(self, members: list[int], scales: list[float],
-                  rows: list[list[float]]) -> Params:
-        """sum_i (scales[i] W_0 + sum_s rows[i][s] G_is h_is^T), and the biases, by name."""
-        total = self.G.shape[1]
-        w = torch.zeros(len(members), total, dtype=torch.float64)
-        for i, r in enumerate(rows):
-            w[i, :len(r)] = torch.tensor(r, dtype=torch.float64)
-        if members == list(range(self.G.shape[0])):
-            G, H = self.G.flatten(0, 1), self.H.flatten(0, 1)  # views: no copy
-        else:
-            G, H = (torch.cat([t[m] for m in members]) for t in (self.G, self.H))
-        with torch.autocast(self.W0.device.type, enabled=False):  # engine.dtype: not the sum
-            weight, bias = factored.combine(self.W0, self.b0, sum(scales), G, H,
-                                            w.flatten().to(self.W0.device, self.W0.dtype))
-        return self.heads.layers(weight, bias)
-
-    def upload(self, weights: list[float], members: list[int] | None = None) -> Params:
-        """sum_i weights[i] (W_T - W_0) over the clients (or those in `members`), each at its
-        own step count T, and the same for the biases: one product."""
-        members = list(range(len(self.steps))) if members is None else members
-        T = [self.steps[m] for m in members]
-        return self._combined(members, [n * (self.a[t] - 1) for n, t in zip(weights, T)],
-                              [[n * x for x in self.w[t]] for n, t in zip(weights, T)])
-
     def trained(self, member: int = 0) -> Params:
         """A client's layers after the phase, formed (tests, and what a defense sees)."""
         t = self.steps[member]
-        return self._combined([member], [self.a[t]], [self.w[t]])
+        return combined([(self, member, self.a[t], self.w[t])])
 
     def momentum(self, member: int = 0) -> Params:
         """A client's momentum buffers of the layers after the phase, formed (tests)."""
         c, q = factored.buffer_coefficients(self.phase, self.lr, self.steps[member])
-        return self._combined([member], [c[-1]], [q[-1]])
+        return combined([(self, member, c[-1], q[-1])])
+
+
+def upload(parts: list[tuple[Record, int, float]]) -> Params:
+    """sum over (record, member, weight) of weight (W_T - W_0), W_T that client's layers after
+    its own step count T, and the same for the biases, by name: one product (a stack's uploads:
+    in sequential mode from one record per client, in vectorized mode from one record)."""
+    return combined([(r, m, n * (r.a[r.steps[m]] - 1), [n * x for x in r.w[r.steps[m]]])
+                     for r, m, n in parts])
+
+
+def combined(parts: list[tuple[Record, int, float, list[float]]]) -> Params:
+    """sum over (record, member, scale, w) of scale W_0 + sum_s w[s] G_s h_s^T, and the
+    biases, by name (algorithms.factored.combine): the members' recorded steps end to end, one
+    product. The records share W_0 and b_0 (the round's Heads.base)."""
+    first = parts[0][0]
+    if all(r is first for r, *_ in parts) and [m for _, m, *_ in parts] == list(
+            range(first.G.shape[0])):  # a whole stack in its order: its rows as they are
+        G, H = first.G.flatten(0, 1), first.H.flatten(0, 1)  # views: no copy
+        w = torch.zeros(len(parts), first.G.shape[1], dtype=torch.float64)
+        for i, (*_, row) in enumerate(parts):
+            w[i, :len(row)] = torch.tensor(row, dtype=torch.float64)
+    else:  # each member's own steps only
+        G = torch.cat([r.G[m, :r.steps[m]] for r, m, *_ in parts])
+        H = torch.cat([r.H[m, :r.steps[m]] for r, m, *_ in parts])
+        w = torch.tensor([x for *_, row in parts for x in row], dtype=torch.float64)
+    W0, b0 = first.W0, first.b0
+    with torch.autocast(W0.device.type, enabled=False):  # engine.dtype: not for the sum
+        weight, bias = factored.combine(W0, b0, sum(p[2] for p in parts), G, H,
+                                        w.flatten().to(W0.device, W0.dtype))
+    return first.heads.layers(weight, bias)
 
 
 class PhaseSGD:

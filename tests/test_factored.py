@@ -21,7 +21,7 @@ from hpcfl.data.transforms import model_inputs
 from hpcfl.engine import RoundSpec, train_client, train_cohort
 from hpcfl.privacy.attacks import Knowledge, Problem
 from hpcfl.privacy.attacks.hypernet import adapt
-from hpcfl.sgd import THETA, PhaseSGD, Record
+from hpcfl.sgd import THETA, PhaseSGD, Record, upload
 
 OUT, HIDDEN, LR = 40, 8, 0.1
 # the worst cases measured over CASES, float32, relative to the tensor's largest entry (see
@@ -104,9 +104,9 @@ def mismatch(steps: list[int], bias: bool) -> dict[str, float]:
         opt.step(params, {THETA: g if stacked else g[0], "T": gT if stacked else gT[0]},
                  h if stacked else h[0], active if stacked else None)
     weights = [3.0, 5.0, 7.0][:n]
-    total = record.upload(weights)
+    total = upload([(record, i, w) for i, w in enumerate(weights)])
     for i, (_, state, momentum) in enumerate(refs):
-        formed, buf, up = record.trained(i), record.momentum(i), record.upload([1.0], [i])
+        formed, buf, up = record.trained(i), record.momentum(i), upload([(record, i, 1.0)])
         for k in momentum:
             out["weights"] = max(out["weights"], rel(formed[k], state[k]))
             out["momentum"] = max(out["momentum"], rel(buf[k], momentum[k]))

@@ -21,6 +21,7 @@ from torch.func import vmap
 from ..algorithms import Algorithm, Params
 from ..data import ClientData
 from ..data.transforms import model_inputs
+from ..sgd import upload
 from .client import SampleTransform, Trained, minibatches, run_client, train_client
 from .compiled import compile_unavailable
 from .round import ROUND_DTYPE, RoundBuffer, RoundSpec, Slot
@@ -104,17 +105,19 @@ def train_cohort(algo: Algorithm, spec: RoundSpec, shared: Params, private: dict
     from `shared`, stack by stack; update their private state in place; return the round's
     buffer, ready for the Allreduce. Clients are trained with the defense's per-sample
     transform where it has one. A hypernetwork's factored heads (Phase.factored) are added as
-    one product per stack (per client in sequential mode: a stack's sum, in float32, is the
-    same on any rank count); every other tensor's upload is added one client at a time. A
-    defense that sees uploads gets each client's, formed once, and it is added as it returns
-    it (docs/factored.md)."""
+    one product per stack, in either mode (a stack's sum, in float32, is the same on any rank
+    count); every other tensor's upload is added one client at a time. A defense that sees
+    uploads gets each client's, formed once, and it is added as it returns it
+    (docs/factored.md)."""
     buf = RoundBuffer.zeros(sum(v.numel() for v in shared.values()), device)
     sums = unflatten(buf.upload, shared)  # views, by name
     # the factored layers' shared weights stacked once per round, read by every client
     bases = {k: p.factored.base(shared) for k, p in enumerate(algo.phases()) if p.factored}
     formed = defense is not None and defense.sees_upload()
 
-    def add(cid: int, w: float, trained: Trained, member: int) -> None:
+    def add(cid: int, trained: Trained, member: int) -> None:
+        """A client's private state back, its upload added: all of it where the defense sees
+        uploads (the factored layers' formed, once), else all but the factored layers."""
         state, loss, record = trained
         if spec.mode != "sequential":  # the loss stays on the device: no wait here
             state, loss = {**shared, **{n: v[member] for n, v in state.items()}}, loss[member]
@@ -122,40 +125,38 @@ def train_cohort(algo: Algorithm, spec: RoundSpec, shared: Params, private: dict
         private[cid] = {n: state[n].detach() for n in private[cid]}
         factored = record.heads.names if record is not None else ()
         up = algo.upload({k: v for k, v in shared.items() if k not in factored}, state)
-        if not formed:  # the factored layers are added with the stack's (add_stack)
+        if not formed:  # the factored layers: the stack's product (below)
             for k, v in up.items():
-                sums[k].add_(v.detach(), alpha=w)
-            buf.count(w, loss)
+                sums[k].add_(v.detach(), alpha=weight[cid])
+            buf.count(weight[cid], loss)
             return
-        if record is not None:  # formed once, at the client's end
-            up.update(record.upload([1.0], [member]))
+        if record is not None:
+            up.update(upload([(record, member, 1.0)]))
             state = {**state, **{k: shared[k] + up[k] for k in factored}}
         up = defense.upload(up, ClientUpload(cid, spec.round, data[cid], start, state))
-        buf.add(flatten(up, shared.keys()).detach(), w, loss)
-
-    def add_stack(members, trained: Trained) -> None:
-        if trained.record is not None and not formed:  # one product for the stack
-            up = trained.record.upload([weight[c] for c in members])
-            for k, v in up.items():
-                sums[k].add_(v)
+        buf.add(flatten(up, shared.keys()).detach(), weight[cid], loss)
 
     def per_sample(cids: list[int]) -> SampleTransform | None:
         return defense.per_sample(spec.round, cids, device) if defense is not None else None
 
     weight = dict(zip(spec.cohort, spec.weights))
     for members in spec.trained_together():
-        if spec.mode == "sequential":
+        if spec.mode == "sequential":  # one after another
+            parts = []
             for cid in members:
                 trained = run_client(algo, {**shared, **private[cid]}, data[cid], spec, cid,
                                      per_sample([cid]), bases)
-                add(cid, weight[cid], trained, 0)
-                add_stack([cid], trained)
-            continue
-        trained = run_stack(algo, shared, private, data, list(members), spec,
-                            per_sample(list(members)), bases)
-        for i, cid in enumerate(members):
-            add(cid, weight[cid], trained, i)
-        add_stack(members, trained)
+                add(cid, trained, 0)
+                parts.append((trained.record, 0, weight[cid]))
+        else:
+            trained = run_stack(algo, shared, private, data, list(members), spec,
+                                per_sample(list(members)), bases)
+            for i, cid in enumerate(members):
+                add(cid, trained, i)
+            parts = [(trained.record, i, weight[cid]) for i, cid in enumerate(members)]
+        if not formed and parts[0][0] is not None:  # the stack's factored layers: one product
+            for k, v in upload(parts).items():
+                sums[k].add_(v)
     return buf
 
 

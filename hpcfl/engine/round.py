@@ -33,7 +33,7 @@ class RoundSpec:
     compile: bool = False
 
     def trained_together(self) -> list[tuple[int, ...]]:
-        """The members' stacks (one client each in sequential mode)."""
+        """The members' stacks (placement.stacks)."""
         if self.stacks is not None:
             return list(self.stacks)
         return stacks(list(self.cohort), self.stack_size, self.mode)
