@@ -131,15 +131,17 @@ class Record:
         return combined([(self, member, c[-1], q[-1])])
 
 
-def upload(parts: list[tuple[Record, int, float]]) -> Params:
+def upload(parts: list[tuple[Record, int, float]], out: torch.Tensor | None = None) -> Params:
     """sum over (record, member, weight) of weight (W_T - W_0), W_T that client's layers after
     its own step count T, and the same for the biases, by name: one product (a stack's uploads:
-    in sequential mode from one record per client, in vectorized mode from one record)."""
+    in sequential mode from one record per client, in vectorized mode from one record). `out`:
+    where to write the weights' (reused, a fresh 55 MB tensor costs its page faults again)."""
     return combined([(r, m, n * (r.a[r.steps[m]] - 1), [n * x for x in r.w[r.steps[m]]])
-                     for r, m, n in parts])
+                     for r, m, n in parts], out)
 
 
-def combined(parts: list[tuple[Record, int, float, list[float]]]) -> Params:
+def combined(parts: list[tuple[Record, int, float, list[float]]],
+             out: torch.Tensor | None = None) -> Params:
     """sum over (record, member, scale, w) of scale W_0 + sum_s w[s] G_s h_s^T, and the
     biases, by name (algorithms.factored.combine): the members' recorded steps end to end, one
     product. The records share W_0 and b_0 (the round's Heads.base)."""
@@ -157,7 +159,7 @@ def combined(parts: list[tuple[Record, int, float, list[float]]]) -> Params:
     W0, b0 = first.W0, first.b0
     with torch.autocast(W0.device.type, enabled=False):  # engine.dtype: not for the sum
         weight, bias = factored.combine(W0, b0, sum(p[2] for p in parts), G, H,
-                                        w.flatten().to(W0.device, W0.dtype))
+                                        w.flatten().to(W0.device, W0.dtype), out)
     return first.heads.layers(weight, bias)
 
 

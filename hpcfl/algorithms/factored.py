@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from .base import Phase
 
@@ -76,10 +77,9 @@ def theta(W0: Tensor, b0: Tensor | None, a: Tensor | float, history: History,
     biases), a = a_t, the steps recorded so far with w = w_t's and the input h. Differentiable
     in h and in the history; under vmap with W_0 shared, W_0 h is one product for the stack."""
     beta = float(b0 is not None)
-    out = W0 @ h
-    if b0 is not None:
-        out = out + b0
-    out = a * out
+    # F.linear, not W0 @ h: under vmap its backward, g @ W0 for the stack, is one well-shaped
+    # product (W0^T @ g^T took 35x longer on a CPU)
+    out = a * F.linear(h, W0, b0)
     for G, H, w in history:
         out = out + (w * (H @ h + beta)) @ G
     return out
@@ -99,12 +99,12 @@ def sq_norm(g: Tensor, h: Tensor, biased: bool) -> Tensor:
     return g.pow(2).sum(-1) * (h.pow(2).sum(-1) + float(biased))
 
 
-def combine(W0: Tensor, b0: Tensor | None, scale: float, G: Tensor, H: Tensor,
-            w: Tensor) -> tuple[Tensor, Tensor | None]:
+def combine(W0: Tensor, b0: Tensor | None, scale: float, G: Tensor, H: Tensor, w: Tensor,
+            out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """scale W_0 + sum_s w_s G_s h_s^T and scale b_0 + sum_s w_s G_s: a client's weights
     (scale a_T, w its w_T), its upload (a_T - 1), its momentum buffer (c_T, q_T); or, with the
     rows of several clients and w_s times each one's aggregation weight, their weighted sum.
-    G (s, outputs), H (s, hidden), w (s,): one product."""
-    weight = torch.addmm(W0, G.T, w[:, None] * H, beta=scale)
+    G (s, outputs), H (s, hidden), w (s,): one product (the weights' into `out` if given)."""
+    weight = torch.addmm(W0, G.T, w[:, None] * H, beta=scale, out=out)
     bias = torch.addmv(b0, G.T, w, beta=scale) if b0 is not None else None
     return weight, bias
