@@ -114,9 +114,9 @@ def train_cohort(algo: Algorithm, spec: RoundSpec, shared: Params, private: dict
     # the factored layers' shared weights stacked once per round, read by every client
     bases = {k: p.factored.base(shared) for k, p in enumerate(algo.phases()) if p.factored}
     formed = defense is not None and defense.sees_upload()
-    # every stack's product written into one buffer (a fresh 55 MB tensor per stack costs its
-    # page faults again: 120 ms on a 2-core VM, 6x the time to read it)
-    out = torch.empty_like(next(iter(bases.values()))[0]) if bases and not formed else None
+    # every stack's product written into one buffer, made at the first (a fresh 55 MB tensor
+    # per stack costs its page faults again: 120 ms on a 2-core VM, 6x the time to read it)
+    out: list[torch.Tensor] = []
 
     def add(cid: int, trained: Trained, member: int) -> None:
         """A client's private state back, its upload added: all of it where the defense sees
@@ -158,7 +158,8 @@ def train_cohort(algo: Algorithm, spec: RoundSpec, shared: Params, private: dict
                 add(cid, trained, i)
             parts = [(trained.record, i, weight[cid]) for i, cid in enumerate(members)]
         if not formed and parts[0][0] is not None:  # the stack's factored layers: one product
-            for k, v in upload(parts, out).items():
+            out = out or [torch.empty_like(parts[0][0].W0)]
+            for k, v in upload(parts, out[0]).items():
                 add_into(sums[k], v)
     return buf
 
