@@ -4,10 +4,11 @@
   units of UNIT ids and balanced by count (`hosted`).
 - Training: a round's cohort, sorted, is cut into stacks of at most engine.stack_size clients
   (`stacks`; auto: the cohort in 16 near-equal stacks; in sequential mode at least 16 and at
-  most 8 clients each), a cut that depends on the cohort alone; the stacks are then dealt to ranks to balance their
-  samples (`deal`). A member's private state travels from its host to the rank that trains it
-  and back (loop.train_round): every rank works, whatever the population, and results do not
-  depend on the rank count. An evaluation is dealt the same way (population.evaluate).
+  most 8 clients each), a cut that depends on the cohort alone; the stacks are then dealt to
+  ranks to balance their samples (`deal`). A member's private state travels from its host to
+  the rank that trains it and back (loop.train_round): every rank works, whatever the
+  population, and results do not depend on the rank count. An evaluation is dealt the same
+  way (population.evaluate).
 """
 from __future__ import annotations
 

@@ -101,11 +101,14 @@ class Record:
         self.H = self.W0.new_zeros(n, total, hidden)
         self.t = 0
 
-    def factors(self) -> dict[str, torch.Tensor]:
-        """What algorithms.factored.theta reads at this step (keys of DIMS)."""
+    def factors(self, whole: bool = False) -> dict[str, torch.Tensor]:
+        """What algorithms.factored.theta reads at this step (keys of DIMS): the steps so far,
+        or with `whole` the room for all of them, the rest at coefficient 0 (the same shapes at
+        every step, for a compiled step: CUDA graphs record one per shape)."""
         t = self.t
-        G, H = self.G[:, :t], self.H[:, :t]
-        out = {"W0": self.W0, "a": self.table[t, 0], "w": self.table[t, 1:t + 1],
+        end = self.G.shape[1] if whole else t
+        G, H = self.G[:, :end], self.H[:, :end]
+        out = {"W0": self.W0, "a": self.table[t, 0], "w": self.table[t, 1:end + 1],
                "G": G if self.stacked else G[0], "H": H if self.stacked else H[0]}
         if self.b0 is not None:
             out["b0"] = self.b0

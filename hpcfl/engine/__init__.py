@@ -202,6 +202,5 @@ def evaluate_stack(algo: Algorithm, shared: Params, private: Params,
 
 __all__ = ["ROUND_DTYPE", "ClientUpload", "DefenseHooks", "RoundBuffer", "RoundSpec",
            "SampleTransform", "Slot", "compile_unavailable", "evaluate_client", "evaluate_stack",
-           "flatten", "minibatches", "precision",
-           "resolve_mode", "run_client", "run_stack", "train_client", "train_cohort", "train_stacked",
-           "unflatten"]
+           "flatten", "minibatches", "precision", "resolve_mode", "run_client", "run_stack",
+           "train_client", "train_cohort", "train_stacked", "unflatten"]

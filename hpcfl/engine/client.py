@@ -189,7 +189,8 @@ def run_client(algo: Algorithm, params: Params, data: ClientData, spec: RoundSpe
                                   dp_noise(phase.dp, trainable, noise) if phase.dp else None)
                 loss = loss.mean()
             else:
-                grads, loss = step(trainable, frozen, opt.record.factors() if heads else {},
+                factors = opt.record.factors(spec.compile) if heads else {}
+                grads, loss = step(trainable, frozen, factors,
                                    xb, data.y_train[idx])
             opt.step(trainable, grads,
                      algo.rank_one_input({**frozen, **trainable}) if heads else None)

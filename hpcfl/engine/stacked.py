@@ -135,7 +135,8 @@ def run_stack(algo: Algorithm, shared: Params, private: dict[int, Params],
                     phase.dp, trainable, noise, active_rows[s]) if phase.dp else None)
                 loss = (loss * weight[:, s]).sum(1) / weight[:, s].sum(1).clamp(min=1)
             else:
-                grads, loss = step(trainable, frozen, opt.record.factors() if heads else {},
+                factors = opt.record.factors(spec.compile) if heads else {}
+                grads, loss = step(trainable, frozen, factors,
                                    xb, y[rows], weight[:, s])
             opt.step(trainable, grads,
                      rank_one_input({**frozen, **trainable}) if heads else None, active[:, s])
