@@ -258,11 +258,13 @@ class EngineConfig:
                     "device type: sequential on cpu, the faster there in python -m hpcfl.bench "
                     "digits-hyperfl; vectorized on cuda, not yet measured)",
                     choices=("auto", "sequential", "vectorized"))
-    stack_size: int = opt(0, "vectorized: the round's cohort, sorted, is cut into stacks of at "
-                          "most this many clients that train together (one vmap), dealt to the "
-                          "ranks to balance them; the cut depends on the cohort alone, so the "
-                          "results do not depend on the rank count, but they do on this value "
-                          "(last bits); 0 = auto: the cohort in 16 stacks", min=0)
+    stack_size: int = opt(0, "the round's cohort, sorted, is cut into stacks of at most this "
+                          "many clients, dealt to the ranks to balance them, that train "
+                          "together (vectorized: one vmap; sequential: one after another) and "
+                          "sum their hypernetwork uploads as one product; the cut depends on "
+                          "the cohort alone, so the results do not depend on the rank count, "
+                          "but they do on this value (last bits); 0 = auto: the cohort in 16 "
+                          "stacks (sequential: at least 16, of at most 8 clients)", min=0)
     dtype: str = opt("fp32", "arithmetic of local training: fp32, tf32 (CUDA), bf16 "
                      "(autocast, for GPUs); evaluation stays fp32; bit-for-bit "
                      "reproducibility holds within one setting",

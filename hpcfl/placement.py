@@ -3,12 +3,12 @@
 - Hosting: rank r keeps the private state of a contiguous block of client ids, made of whole
   units of UNIT ids and balanced by count (`hosted`).
 - Training: a round's cohort, sorted, is cut into stacks of at most engine.stack_size clients
-  (`stacks`; auto: the cohort in 16 near-equal stacks, one client each in sequential mode), a
-  cut that depends on the cohort alone; the stacks are then dealt to ranks to balance their
-  samples (`deal_stacks`). A member's private state travels from its host to the rank that
-  trains it and back (loop.train_round): every rank works, whatever the population, and results
-  do not depend on the rank count. An evaluation (population.evaluate) and an attack's targets
-  (hpcfl.attack) are dealt the same way.
+  (`stacks`; auto: the cohort in 16 near-equal stacks; in sequential mode at least 16 and at
+  most 8 clients each), a cut that depends on the cohort alone; the stacks are then dealt to
+  ranks to balance their samples (`deal_stacks`). A member's private state travels from its host
+  to the rank that trains it and back (loop.train_round): every rank works, whatever the
+  population, and results do not depend on the rank count. An evaluation (population.evaluate)
+  and an attack's targets (hpcfl.attack) are dealt the same way.
 """
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ import numpy as np
 
 UNIT = 256  # client ids hosted together
 AUTO_STACKS = 16  # engine.stack_size=0: the cohort in this many stacks
+# sequential mode, engine.stack_size=0: at most this many clients per stack (and at least
+# AUTO_STACKS stacks), whose factored uploads are summed as one product (docs/factored.md)
+AUTO_SEQUENTIAL_STACK = 8
 
 
 def balanced_blocks(sizes, parts: int, unit: int = 1) -> list[range]:
@@ -52,14 +55,17 @@ def host_of(cids, blocks: list[range]) -> np.ndarray:
 
 def stacks(cohort: list[int], stack_size: int, mode: str) -> list[tuple[int, ...]]:
     """The sorted cohort cut into contiguous stacks of near-equal size, at most `stack_size`
-    (0: AUTO_STACKS stacks; sequential mode: one client each)."""
+    (0: AUTO_STACKS stacks; in sequential mode at least AUTO_STACKS, of at most
+    AUTO_SEQUENTIAL_STACK clients)."""
     m = len(cohort)
     if m == 0:
         return []
-    if mode == "sequential":
-        count = m
+    if stack_size:
+        count = math.ceil(m / stack_size)
+    elif mode == "sequential":
+        count = min(m, max(AUTO_STACKS, math.ceil(m / AUTO_SEQUENTIAL_STACK)))
     else:
-        count = min(m, AUTO_STACKS) if stack_size == 0 else math.ceil(m / stack_size)
+        count = min(m, AUTO_STACKS)
     return [tuple(int(c) for c in part) for part in np.array_split(sorted(cohort), count)]
 
 

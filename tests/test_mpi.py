@@ -19,7 +19,9 @@ SMALL = ["data.num_clients=10", "train.rounds=3", "train.local_epochs=1",
 
 # Every configuration compared across rank counts: name -> overrides of SMALL.
 ACROSS_RANKS = {
-    "hyperfl": ["algorithm.name=hyperfl"],
+    # HyperFL in sequential stacks of 3 (3+3+2+2 clients, dealt to 1, 2, 3 ranks): each stack's
+    # factored upload is one product (docs/factored.md).
+    "hyperfl": ["algorithm.name=hyperfl", "engine.mode=sequential", "engine.stack_size=3"],
     "fedavg": ["algorithm.name=fedavg"],
     "vectorized": ["train.rounds=2", "engine.mode=vectorized"],  # HyperFL, the default stacks
     **{a: [f"algorithm.name={a}", "privacy.sample_clip=0.5"]

@@ -44,6 +44,10 @@ def test_stacks_are_cut_from_the_cohort_alone():
     assert stacks(cohort, 3, "vectorized") == [(3, 5, 7), (9, 12), (30, 41)]
     assert stacks(cohort, 0, "sequential") == [(c,) for c in sorted(cohort)]
     assert len(stacks(list(range(100)), 0, "vectorized")) == 16
+    # sequential: at least 16 stacks (the ranks' balance), at most 8 clients each
+    assert [len(stacks(list(range(m)), 0, "sequential")) for m in (20, 100, 1000)] == [16, 16,
+                                                                                      125]
+    assert stacks(cohort, 3, "sequential") == stacks(cohort, 3, "vectorized")
     assert deal([5.0, 9.0, 1.0, 4.0], 2) == [1, 0, 0, 1]  # heaviest first to the least loaded
 
 

@@ -7,6 +7,7 @@ its phases, the round sums its uploads with one Allreduce.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,48 @@ class DPSGD:
 
 
 @dataclass(frozen=True)
+class Heads:
+    """Linear layers that all read one vector h per client (Algorithm.rank_one_input) and
+    whose outputs, end to end, are tensors of the model: a hypernetwork's heads. `targets`:
+    each generated tensor's name and shape, in order; `weights`, `biases` (() without biases):
+    each target's layer in the shared state. A phase trains them in factored form
+    (hpcfl.algorithms.factored): no client holds a copy of them."""
+    targets: tuple[tuple[str, tuple[int, ...]], ...]
+    weights: tuple[str, ...]
+    biases: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (*self.weights, *self.biases)
+
+    @property
+    def biased(self) -> bool:
+        return bool(self.biases)
+
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for _, s in self.targets]
+
+    def base(self, shared: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W_0 (all outputs, hidden) and b_0 (None without biases): the layers stacked."""
+        return (torch.cat([shared[w].detach() for w in self.weights]),
+                torch.cat([shared[b].detach() for b in self.biases]) if self.biases else None)
+
+    def split(self, flat: torch.Tensor) -> Params:
+        """The generated tensors, named and shaped, from their values end to end (the last
+        dim; views)."""
+        lead = flat.shape[:-1]
+        return {name: part.view(*lead, *shape) for (name, shape), part in
+                zip(self.targets, flat.split(self.sizes(), dim=-1))}
+
+    def layers(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Params:
+        """Stacked (outputs, hidden) and (outputs,) tensors cut back into the layers' names."""
+        out = dict(zip(self.weights, weight.split(self.sizes())))
+        if bias is not None:
+            out.update(zip(self.biases, bias.split(self.sizes())))
+        return out
+
+
+@dataclass(frozen=True)
 class Phase:
     """One stage of a client's local training: which tensors move, and the SGD that moves them.
 
@@ -44,13 +87,18 @@ class Phase:
     grad_clip: float = 0.0  # clip_grad_norm_'s max norm per parameter group; 0: no clipping
     param_group_lrs: tuple[float, ...] = ()  # one learning rate per group; () = lr for every group
     dp: DPSGD | None = None
-    # (weight, bias) of Linear layers applied to the one vector Algorithm.rank_one_input gives
-    # per client: the weight's gradient is rank one, trained without forming it (hpcfl.sgd)
-    rank_one: tuple[tuple[str, str], ...] = ()
+    # Linear layers fed one vector per client, trained in factored form (Heads): all in one
+    # parameter group, at one learning rate
+    factored: Heads | None = None
 
     def __post_init__(self):
-        if self.dp and self.rank_one:
-            raise ValueError("a phase with DP-SGD needs every gradient per sample: no rank_one")
+        if self.dp and self.factored:
+            raise ValueError("a phase with DP-SGD needs every gradient per sample: not factored")
+        if self.factored:
+            group = [g for g in self.param_groups if self.factored.names[0] in g]
+            lrs = {lr for n, lr in zip(self.names, self.lrs) if n in self.factored.names}
+            if len(group) != 1 or not set(self.factored.names) <= set(group[0]) or len(lrs) > 1:
+                raise ValueError("factored layers: one parameter group, one learning rate")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -88,7 +136,8 @@ class Algorithm:
         raise NotImplementedError
 
     def rank_one_input(self, params: Params) -> torch.Tensor:
-        """The input vector of the phases' rank_one layers (see Phase), from a client's state."""
+        """The one input vector of the phases' factored layers (Phase.factored: each weight's
+        gradient is rank one), from a client's state."""
         raise NotImplementedError
 
     def precompute(self, phase: Phase):

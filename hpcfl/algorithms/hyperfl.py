@@ -6,7 +6,8 @@ h(.; phi) generates its feature extractor theta_i = h(v_i; phi). Per round a cli
   1. trains only its head for `head_epochs` epoch(s) (SGD, lr = head_lr),
   2. trains its copy of phi together with v_i for `local_epochs` epochs (SGD, lr = train.lr,
      gradient norms of phi and of v_i clipped to grad_clip separately), theta_i regenerated from
-     h(v_i; phi) at every step,
+     h(v_i; phi) at every step (phi's heads in factored form: algorithms.factored; no client
+     holds a copy of them),
 and uploads only the change of phi; the server averages it weighted by training-set size.
 v_i, the head and theta_i never leave the client.
 """
@@ -20,7 +21,7 @@ from torch.func import functional_call
 
 from ..config import RunConfig
 from ..models import HyperNetwork, build_model
-from .base import Algorithm, Params, Phase, clone, rest_of
+from .base import Algorithm, Heads, Params, Phase, clone, rest_of
 
 HYPER, EXTRACTOR = "hypernet.", "extractor."
 HEADS = HYPER + "heads."
@@ -39,6 +40,12 @@ class Layout:
     @property
     def biased(self) -> bool:
         return all(b is not None for _, b in self.heads.values())
+
+    def factored(self) -> Heads:
+        """The heads as the phase trains them, in factored form (Phase.factored)."""
+        return Heads(tuple((t, tuple(s)) for t, s in self.shapes.items()),
+                     tuple(w for w, _ in self.heads.values()),
+                     tuple(b for _, b in self.heads.values()) if self.biased else ())
 
 
 class HyperFL(Algorithm):
@@ -70,7 +77,7 @@ class HyperFL(Algorithm):
             Phase(param_groups=(tuple(self.initial_shared), ("embedding",)), lr=t.lr,
                   momentum=t.momentum, weight_decay=t.weight_decay, epochs=t.local_epochs,
                   steps=t.local_steps, grad_clip=a.grad_clip,
-                  rank_one=tuple((w, b) for w, b in self.layout().heads.values() if b)),
+                  factored=self.layout().factored()),
         ]
         if a.head_epochs == 0:
             self._phases.pop(0)

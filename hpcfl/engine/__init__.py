@@ -21,10 +21,11 @@ from torch.func import vmap
 from ..algorithms import Algorithm, Params
 from ..data import ClientData
 from ..data.transforms import model_inputs
-from .client import SampleTransform, minibatches, train_client
+from ..sgd import upload
+from .client import SampleTransform, Trained, minibatches, run_client, train_client
 from .compiled import compile_unavailable
-from .round import ROUND_DTYPE, RoundBuffer, RoundSpec, Slot
-from .stacked import train_stacked
+from .round import ROUND_DTYPE, RoundBuffer, RoundSpec, Slot, add_into
+from .stacked import run_stack, train_stacked
 
 AUTO_MODE = {"cpu": "sequential", "cuda": "vectorized"}  # see resolve_mode
 
@@ -53,6 +54,11 @@ class DefenseHooks:
 
     def upload(self, upload: Params, client: ClientUpload) -> Params:
         return upload
+
+    def sees_upload(self) -> bool:
+        """Whether `upload` is overridden: then the engine forms every client's upload (a
+        hypernetwork's factored heads are otherwise summed as one product, never formed)."""
+        return type(self).upload is not DefenseHooks.upload
 
 
 def flatten(params: Params, names) -> torch.Tensor:
@@ -97,34 +103,64 @@ def train_cohort(algo: Algorithm, spec: RoundSpec, shared: Params, private: dict
                  defense: DefenseHooks | None = None) -> RoundBuffer:
     """Train this rank's members of the cohort (spec.cohort, their private state in `private`)
     from `shared`, stack by stack; update their private state in place; return the round's
-    buffer, ready for the Allreduce. Uploads are added one client at a time in stack order,
-    whatever the mode, each first through the defense's upload hook, and trained with its
-    per-sample transform where it has one."""
+    buffer, ready for the Allreduce. Clients are trained with the defense's per-sample
+    transform where it has one. A hypernetwork's factored heads (Phase.factored) are added as
+    one product per stack, in either mode (a stack's sum, in float32, is the same on any rank
+    count); every other tensor's upload is added one client at a time. A defense that sees
+    uploads gets each client's, formed once, and it is added as it returns it
+    (docs/factored.md)."""
     buf = RoundBuffer.zeros(sum(v.numel() for v in shared.values()), device)
+    sums = unflatten(buf.upload, shared)  # views, by name
+    # the factored layers' shared weights stacked once per round, read by every client
+    bases = {k: p.factored.base(shared) for k, p in enumerate(algo.phases()) if p.factored}
+    formed = defense is not None and defense.sees_upload()
+    # every stack's product written into one buffer, made at the first (a fresh 55 MB tensor
+    # per stack costs its page faults again: 120 ms on a 2-core VM, 6x the time to read it)
+    out: list[torch.Tensor] = []
 
-    def add(cid: int, w: float, trained: Params, loss: float | torch.Tensor) -> None:
+    def add(cid: int, trained: Trained, member: int) -> None:
+        """A client's private state back, its upload added: all of it where the defense sees
+        uploads (the factored layers' formed, once), else all but the factored layers."""
+        state, loss, record = trained
+        if spec.mode != "sequential":  # the loss stays on the device: no wait here
+            state, loss = {**shared, **{n: v[member] for n, v in state.items()}}, loss[member]
         start = {**shared, **private[cid]}
-        private[cid] = {n: trained[n].detach() for n in private[cid]}
-        up = algo.upload(shared, trained)
-        if defense is not None:
-            up = defense.upload(up, ClientUpload(cid, spec.round, data[cid], start, trained))
-        buf.add(flatten(up, shared.keys()).detach(), w, loss)
+        private[cid] = {n: state[n].detach() for n in private[cid]}
+        factored = record.heads.names if record is not None else ()
+        up = algo.upload({k: v for k, v in shared.items() if k not in factored}, state)
+        if not formed:  # the factored layers: the stack's product (below)
+            for k, v in up.items():
+                add_into(sums[k], v.detach(), weight[cid])
+            buf.count(weight[cid], loss)
+            return
+        if record is not None:
+            up.update(upload([(record, member, 1.0)]))
+            state = {**state, **{k: shared[k] + up[k] for k in factored}}
+        up = defense.upload(up, ClientUpload(cid, spec.round, data[cid], start, state))
+        buf.add(flatten(up, shared.keys()).detach(), weight[cid], loss)
 
     def per_sample(cids: list[int]) -> SampleTransform | None:
         return defense.per_sample(spec.round, cids, device) if defense is not None else None
 
     weight = dict(zip(spec.cohort, spec.weights))
     for members in spec.trained_together():
-        if spec.mode == "sequential":
+        if spec.mode == "sequential":  # one after another
+            parts = []
             for cid in members:
-                add(cid, weight[cid], *train_client(algo, {**shared, **private[cid]}, data[cid],
-                                                    spec, cid, per_sample([cid])))
-            continue
-        stacked, losses = train_stacked(algo, shared, private, data, list(members), spec,
-                                        per_sample(list(members)))
-        for i, cid in enumerate(members):  # the loss stays on the device: no wait here
-            add(cid, weight[cid], {**shared, **{n: v[i] for n, v in stacked.items()}},
-                losses[i])
+                trained = run_client(algo, {**shared, **private[cid]}, data[cid], spec, cid,
+                                     per_sample([cid]), bases)
+                add(cid, trained, 0)
+                parts.append((trained.record, 0, weight[cid]))
+        else:
+            trained = run_stack(algo, shared, private, data, list(members), spec,
+                                per_sample(list(members)), bases)
+            for i, cid in enumerate(members):
+                add(cid, trained, i)
+            parts = [(trained.record, i, weight[cid]) for i, cid in enumerate(members)]
+        if not formed and parts[0][0] is not None:  # the stack's factored layers: one product
+            out = out or [torch.empty_like(parts[0][0].W0)]
+            for k, v in upload(parts, out[0]).items():
+                add_into(sums[k], v)
     return buf
 
 
@@ -166,5 +202,5 @@ def evaluate_stack(algo: Algorithm, shared: Params, private: Params,
 
 __all__ = ["ROUND_DTYPE", "ClientUpload", "DefenseHooks", "RoundBuffer", "RoundSpec",
            "SampleTransform", "Slot", "compile_unavailable", "evaluate_client", "evaluate_stack",
-           "flatten", "minibatches", "precision",
-           "resolve_mode", "train_client", "train_cohort", "train_stacked", "unflatten"]
+           "flatten", "minibatches", "precision", "resolve_mode", "run_client", "run_stack",
+           "train_client", "train_cohort", "train_stacked", "unflatten"]

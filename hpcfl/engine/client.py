@@ -7,24 +7,33 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch.func import grad_and_value, vmap
 
 from ..algorithms import DPSGD, Algorithm, Params, Phase
+from ..algorithms.base import Heads
+from ..algorithms import factored
 from ..data import ClientData
 from ..data.transforms import crop_flip_draws, model_inputs
-from ..sgd import PhaseSGD
+from ..sgd import THETA, PhaseSGD, Record
 from ..streams import Stream, torch_stream
 from .compiled import local_step
 from .round import RoundSpec
+
+
+def num_steps(n: int, batch_size: int, phase: Phase) -> int:
+    """How many minibatches `minibatches` gives."""
+    return phase.steps or phase.epochs * math.ceil(n / batch_size)
 
 
 def minibatches(n: int, batch_size: int, phase: Phase,
                 gen: torch.Generator) -> Iterator[torch.Tensor]:
     """Index batches: reshuffled every epoch, last batch of an epoch possibly smaller (as a
     DataLoader with shuffle=True); `phase.steps` batches if set, else `phase.epochs` epochs."""
-    steps = phase.steps or phase.epochs * math.ceil(n / batch_size)
+    steps = num_steps(n, batch_size, phase)
     done = 0
     while done < steps:
         perm = torch.randperm(n, generator=gen)
@@ -71,10 +80,10 @@ def per_sample_step(algo: Algorithm):
 
 def per_sample_phase(phase: Phase, clip: SampleTransform | None) -> Phase | None:
     """The phase as trained from per-sample gradients (DP-SGD, or a defense's per-sample clip
-    of tensors it trains), without the rank-one shortcut; None if it needs none."""
+    of tensors it trains), its layers dense, not factored; None if it needs none."""
     if phase.dp is None and (clip is None or not clip.touches(phase.names)):
         return None
-    return replace(phase, rank_one=())
+    return replace(phase, factored=None)
 
 
 class SampleTransform:
@@ -106,34 +115,67 @@ def phase_batches(data: ClientData, spec: RoundSpec, phase: Phase, cid: int, k: 
     return sizes, torch.cat(batches).to(device), draws
 
 
-def train_client(algo: Algorithm, params: Params, data: ClientData, spec: RoundSpec, cid: int,
-                 clip: SampleTransform | None = None) -> tuple[Params, float]:
-    """Run every phase of client `cid`'s local training in round spec.round; returns the
-    trained state and the mean minibatch loss of the last phase. `clip`: a defense's transform
-    of per-sample gradients. No step reads a number back from the device (tests/test_host_syncs):
-    the loss is read once, at the end."""
-    def loss_fn(trainable, frozen, x, y):
-        return F.cross_entropy(algo.forward({**frozen, **trainable}, x), y)
+class Trained(NamedTuple):
+    """A client's (or a stack's) local training: its state (stacked along dim 0 for a stack;
+    the factored layers as they were, untrained), its last phase's mean loss (a stack's: per
+    client), and the record of its factored phase (hpcfl.sgd.Record; None without one)."""
+    state: Params
+    loss: float | torch.Tensor
+    record: Record | None
 
+
+def model_params(algo: Algorithm, heads: Heads | None):
+    """(trainable, frozen, factors) -> the forward's parameters; with a factored phase (heads),
+    the layers' outputs read from the record's factors (algorithms.factored.theta) plus THETA's
+    zero, whose gradient is their output gradient g."""
+    def params(trainable: Params, frozen: Params, factors: Params) -> Params:
+        out = {**frozen, **trainable}
+        if heads is not None:
+            f = factors
+            flat = factored.theta(f["W0"], f.get("b0"), f["a"], [(f["G"], f["H"], f["w"])],
+                         algo.rank_one_input(out))
+            out.update(heads.split(flat + trainable[THETA]))
+        return out
+    return params
+
+
+def run_client(algo: Algorithm, params: Params, data: ClientData, spec: RoundSpec, cid: int,
+               clip: SampleTransform | None = None, bases: dict | None = None) -> Trained:
+    """Run every phase of client `cid`'s local training in round spec.round (see Trained).
+    `clip`: a defense's transform of per-sample gradients; `bases`: Heads.base of the shared
+    state by phase index, made once per round (else here). No step reads a number back from
+    the device (tests/test_host_syncs): the loss is read once, at the end."""
     dev = data.y_train.device
-    step = local_step(algo, "client", lambda: grad_and_value(loss_fn), spec.compile, dev)
     dp_step = per_sample_step(algo)  # eager, compiled or not (engine.compiled)
     params = dict(params)
     losses: list[torch.Tensor] = []
+    record = None
     for k, phase in enumerate(algo.phases()):
         per_sample = per_sample_phase(phase, clip)
         phase = per_sample or phase
+        heads = phase.factored
         # Copies, updated in place below; the caller's tensors (the shared state) stay intact.
-        trainable = {n: params[n].detach().clone() for n in phase.names}
+        # The factored layers are not copied: the record stands for them.
+        trainable = {n: params[n].detach().clone() for n in phase.names
+                     if heads is None or n not in heads.names}
         frozen = {n: v for n, v in params.items() if n not in trainable}
         if (pre := algo.precompute(phase)) is not None:
             frozen = pre(frozen)
-        opt = PhaseSGD(phase)
-        rank_one = {n: trainable[n] for n in opt.rank_one}
+        sizes, order, draws = phase_batches(data, spec, phase, cid, k, dev)
+        if heads is not None:
+            record = Record(heads, (bases or {}).get(k) or heads.base(params), phase,
+                            [len(sizes)])
+            trainable[THETA] = record.W0.new_zeros(record.W0.shape[0])
+        opt = PhaseSGD(phase, record=record if heads is not None else None)
+        model = model_params(algo, heads)
+
+        def loss_fn(trainable, frozen, factors, x, y):
+            return F.cross_entropy(algo.forward(model(trainable, frozen, factors), x), y)
+        step = local_step(algo, ("client", heads is not None), lambda: grad_and_value(loss_fn),
+                          spec.compile, dev)
         losses = []
         noise = (torch_stream(spec.seed, Stream.DP_NOISE, spec.round, cid, k, device=dev)
                  if phase.dp else None)
-        sizes, order, draws = phase_batches(data, spec, phase, cid, k, dev)
         end = 0
         for size in sizes:
             idx, end = order[end:end + size], end + size
@@ -146,11 +188,21 @@ def train_client(algo: Algorithm, params: Params, data: ClientData, spec: RoundS
                 grads = privatize(grads, torch.ones(size, device=dev), phase.dp,
                                   dp_noise(phase.dp, trainable, noise) if phase.dp else None)
                 loss = loss.mean()
-            else:  # rank-one weights enter as constants: no gradient of theirs is formed
-                grads, loss = step({n: trainable[n] for n in opt.dense}, {**frozen, **rank_one},
+            else:
+                factors = opt.record.factors(spec.compile) if heads else {}
+                grads, loss = step(trainable, frozen, factors,
                                    xb, data.y_train[idx])
             opt.step(trainable, grads,
-                     algo.rank_one_input({**frozen, **trainable}) if rank_one else None)
+                     algo.rank_one_input({**frozen, **trainable}) if heads else None)
             losses.append(loss.detach())
+        trainable.pop(THETA, None)
         params.update(trainable)
-    return params, torch.stack(losses).mean().item()
+    return Trained(params, torch.stack(losses).mean().item(), record)
+
+
+def train_client(algo: Algorithm, params: Params, data: ClientData, spec: RoundSpec, cid: int,
+                 clip: SampleTransform | None = None) -> tuple[Params, float]:
+    """run_client, with the factored layers' trained values formed (the dense state: an
+    attack's upload, tests); returns the trained state and the last phase's mean loss."""
+    state, loss, record = run_client(algo, params, data, spec, cid, clip)
+    return ({**state, **record.trained()} if record is not None else state), loss

@@ -11,6 +11,17 @@ from ..placement import stacks
 
 # float64: the sum must not depend on how clients are spread over ranks (docs/cluster.md, MPI).
 ROUND_DTYPE = torch.float64
+CHUNK = 1 << 18  # entries per add_into: its float64 copy of them stays in the CPU's cache
+
+
+def add_into(total: torch.Tensor, part: torch.Tensor, alpha: float = 1.0) -> None:
+    """total += alpha * part, total float64 and part float32, a chunk at a time: torch makes a
+    float64 copy of `part` first, which written whole and read back costs 8x the add itself on
+    a CPU (250 ms against 32 ms for 15M entries on a 2-core VM). Each entry is exact: part's
+    value times an integer weight fits in float64."""
+    total, part = total.view(-1), part.reshape(-1)
+    for i in range(0, total.numel(), CHUNK):
+        total[i:i + CHUNK].add_(part[i:i + CHUNK], alpha=alpha)
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,7 @@ class RoundSpec:
     compile: bool = False
 
     def trained_together(self) -> list[tuple[int, ...]]:
-        """The members' stacks (one client each in sequential mode)."""
+        """The members' stacks (placement.stacks)."""
         if self.stacks is not None:
             return list(self.stacks)
         return stacks(list(self.cohort), self.stack_size, self.mode)
@@ -75,7 +86,11 @@ class RoundBuffer:
     def add(self, upload: torch.Tensor, weight: float, loss: float | torch.Tensor) -> None:
         """One client's upload (flat), added with its weight. Scalars are added in place: a
         tensor built from them would be a host-to-device copy, which waits for the device."""
-        self.upload.add_(upload, alpha=weight)
+        add_into(self.upload, upload, weight)
+        self.count(weight, loss)
+
+    def count(self, weight: float, loss: float | torch.Tensor) -> None:
+        """One client's slots (its upload added otherwise)."""
         self.slots[Slot.LOSS].add_(loss)
         self.slots[Slot.CLIENTS].add_(1.0)
         self.slots[Slot.WEIGHT].add_(weight)

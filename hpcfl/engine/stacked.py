@@ -13,12 +13,12 @@ from torch.func import grad_and_value, vmap
 from ..algorithms import DPSGD, Algorithm, Params, Phase
 from ..data import ClientData
 from ..data.transforms import crop_flip_draws, model_inputs
-from ..sgd import PhaseSGD
+from ..sgd import THETA, PhaseSGD, Record
 from ..streams import Stream, torch_stream
 from .compiled import local_step
 from .round import RoundSpec
-from .client import (SampleTransform, dp_noise, minibatches, per_sample_phase, per_sample_step,
-                     privatize)
+from .client import (SampleTransform, Trained, dp_noise, minibatches, model_params, num_steps,
+                     per_sample_phase, per_sample_step, privatize)
 
 
 def schedules(data: dict[int, ClientData] | list[ClientData], cids: list[int], spec: RoundSpec,
@@ -60,11 +60,12 @@ def stack_noise(dp: DPSGD, stacked: Params, gens: list[torch.Generator],
     return {n: torch.stack([d[n] for d in draws]) for n in dp.names}
 
 
-def train_stacked(algo: Algorithm, shared: Params, private: dict[int, Params],
-                  data: dict[int, ClientData], cids: list[int], spec: RoundSpec,
-                  clip: SampleTransform | None = None) -> tuple[Params, torch.Tensor]:
-    """Train clients `cids` together in round spec.round. Returns their trained state stacked
-    along dim 0 (every tensor that training changed) and each client's last-phase mean loss.
+def run_stack(algo: Algorithm, shared: Params, private: dict[int, Params],
+              data: dict[int, ClientData], cids: list[int], spec: RoundSpec,
+              clip: SampleTransform | None = None, bases: dict | None = None) -> Trained:
+    """Train clients `cids` together in round spec.round: their trained state stacked along
+    dim 0 (every tensor that training changed, the factored layers aside: see Trained), each
+    client's last-phase mean loss, the factored phase's record. `bases` as for run_client.
     No step reads a number back from the device (tests/test_host_syncs)."""
     clients = [data[c] for c in cids]  # gathered once (data may gather a client when asked)
     x = torch.cat([c.x_train for c in clients])
@@ -73,32 +74,46 @@ def train_stacked(algo: Algorithm, shared: Params, private: dict[int, Params],
                            device=y.device).cumsum(0)
     stacked = {n: torch.stack([private[c][n] for c in cids]) for n in private[cids[0]]}
 
-    def loss_fn(trainable, frozen, x, y, w):
-        ce = F.cross_entropy(algo.forward({**frozen, **trainable}, x), y, reduction="none")
-        # The mean over the batch's real samples (a finished client's padded step has none).
-        return (ce * w).sum() / w.sum().clamp(min=1)
+    def weighted(heads):
+        model = model_params(algo, heads)
 
+        def loss_fn(trainable, frozen, factors, x, y, w):
+            ce = F.cross_entropy(algo.forward(model(trainable, frozen, factors), x), y,
+                                 reduction="none")
+            # The mean over the batch's real samples (a finished client's padded step has none).
+            return (ce * w).sum() / w.sum().clamp(min=1)
+        return loss_fn
+
+    record = None
     for k, phase in enumerate(algo.phases()):
         per_sample = per_sample_phase(phase, clip)
         phase = per_sample or phase
+        heads = phase.factored
         idx, weight, active, draws = schedules(clients, cids, spec, phase, k, y.device)
         # the schedule's columns on the host, for the DP noise of each step (read back once)
         active_rows = active.T.tolist() if phase.dp else None
         # A shared tensor gets one copy per client once it is trained; until then all clients
-        # read the same one (vmap in_dims None).
+        # read the same one (vmap in_dims None). The factored layers get none: the record
+        # stands for them.
         trainable = {n: (stacked[n] if n in stacked else
                          shared[n].expand(len(cids), *shared[n].shape)).clone()
-                     for n in phase.names}
+                     for n in phase.names if heads is None or n not in heads.names}
         frozen = {n: v for n, v in {**shared, **stacked}.items() if n not in trainable}
         frozen_dims = {n: 0 if n in stacked else None for n in frozen}
         if (pre := algo.precompute(phase)) is not None:
             frozen = vmap(pre, in_dims=(frozen_dims,))(frozen)
             frozen_dims = {n: 0 for n in frozen}
-        opt = PhaseSGD(phase, stacked=True)
-        rank_one = {n: trainable[n] for n in opt.rank_one}
-        dims = {**frozen_dims, **dict.fromkeys(rank_one, 0)}
-        step = local_step(algo, ("stacked", tuple(sorted(dims.items()))),
-                          lambda: vmap(grad_and_value(loss_fn), in_dims=(0, dims, 0, 0, 0)),
+        factor_dims = {}
+        if heads is not None:
+            steps = [num_steps(c.num_train, spec.batch_size, phase) for c in clients]
+            record = Record(heads, (bases or {}).get(k) or heads.base(shared), phase, steps,
+                            stacked=True)
+            trainable[THETA] = record.W0.new_zeros(len(cids), record.W0.shape[0])
+            factor_dims = {n: Record.DIMS[n] for n in record.factors()}  # in the same order
+        opt = PhaseSGD(phase, stacked=True, record=record if heads is not None else None)
+        step = local_step(algo, ("stacked", tuple(sorted(frozen_dims.items())), heads is not None),
+                          lambda: vmap(grad_and_value(weighted(heads)),
+                                       in_dims=(0, frozen_dims, factor_dims, 0, 0, 0)),
                           spec.compile, y.device)
         # eager, compiled or not (engine.compiled)
         dp_step = vmap(per_sample_step(algo), in_dims=(0, frozen_dims, 0, 0))
@@ -120,11 +135,25 @@ def train_stacked(algo: Algorithm, shared: Params, private: dict[int, Params],
                     phase.dp, trainable, noise, active_rows[s]) if phase.dp else None)
                 loss = (loss * weight[:, s]).sum(1) / weight[:, s].sum(1).clamp(min=1)
             else:
-                grads, loss = step({n: trainable[n] for n in opt.dense}, {**frozen, **rank_one},
+                factors = opt.record.factors(spec.compile) if heads else {}
+                grads, loss = step(trainable, frozen, factors,
                                    xb, y[rows], weight[:, s])
             opt.step(trainable, grads,
-                     rank_one_input({**frozen, **trainable}) if rank_one else None, active[:, s])
+                     rank_one_input({**frozen, **trainable}) if heads else None, active[:, s])
             losses += loss.detach() * active[:, s]
         losses /= active.sum(1)
+        trainable.pop(THETA, None)
         stacked.update(trainable)
+    return Trained(stacked, losses, record)
+
+
+def train_stacked(algo: Algorithm, shared: Params, private: dict[int, Params],
+                  data: dict[int, ClientData], cids: list[int], spec: RoundSpec,
+                  clip: SampleTransform | None = None) -> tuple[Params, torch.Tensor]:
+    """run_stack, with every client's factored layers formed and stacked (tests); returns the
+    stacked trained state and each client's last-phase mean loss."""
+    stacked, losses, record = run_stack(algo, shared, private, data, cids, spec, clip)
+    if record is not None:
+        formed = [record.trained(i) for i in range(len(cids))]
+        stacked.update({n: torch.stack([f[n] for f in formed]) for n in formed[0]})
     return stacked, losses

@@ -9,10 +9,11 @@ weights is taken out (a scalar multiple of them, `decay`), the trunk's update is
 v = R_T^T r_t / |r_t|^2 exactly (the trunk always has a bias; the heads need none), then
 h = relu(T v + t) and theta = W h + b: the server knows the extractor the client trained.
 
-Several steps are simulated exactly, through the hypernetwork, but in factored form: SGD with
-momentum and weight decay keeps every head's weight as W_t = a_t W_0 + sum_s w_ts G_s h_s^T, with
-G_s the step's clipped extractor gradient and scalar coefficients a_t, w_ts that depend on the
-learning rate, momentum and weight decay alone (`coefficients`). A step then costs two
+Several steps are simulated exactly, through the hypernetwork, but in factored form, with the
+engine's own code (hpcfl.algorithms.factored): SGD with momentum and weight decay keeps every
+head's weight as W_t = a_t W_0 + sum_s w_ts G_s h_s^T, with G_s the step's clipped extractor
+gradient and scalar coefficients a_t, w_ts that depend on the learning rate, momentum and weight
+decay alone (`coefficients`). A step then costs two
 matrix-vector products with W_0 (theta = a_t W_0 h_t + ..., and the gradient of h) instead of
 forming, clipping and stepping a dense gradient of all 13.7M hypernetwork weights; the candidate
 upload is compared with the observed one without ever being formed (`Observed`). After one step
@@ -27,27 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ...algorithms import Phase
+from ...algorithms import Phase, factored
+from ...algorithms.factored import coefficients
 from ...algorithms.hyperfl import Layout
 from .common import Knowledge, Params, Problem, label_loss
 
 Tensor = torch.Tensor
 BLOCK = 16  # steps' gradients stacked together (a step reads every earlier one)
-
-
-def coefficients(phase: Phase, lr: float, steps: int) -> tuple[list[float], list[list[float]]]:
-    """SGD (torch.optim.SGD: momentum, weight decay) on a weight W_0 that receives gradients
-    X_0, X_1, ... leaves W_t = a[t] W_0 + sum_{s<t} w[t][s] X_s: the scalars a and w, t = 0 ..
-    steps. Exact for any gradients, since weight decay and momentum act linearly."""
-    mu, wd = phase.momentum, phase.weight_decay
-    a, w = [1.0], [[]]
-    c, q = 0.0, []  # the momentum buffer's coefficients of W_0 and of each X_s
-    for t in range(steps):
-        c = mu * c + wd * a[t]
-        q = [mu * qs + wd * ws for qs, ws in zip(q, w[t])] + [1.0]
-        a.append(a[t] - lr * c)
-        w.append([ws - lr * qs for ws, qs in zip(w[t] + [0.0], q)])
-    return a, w
 
 
 def rel_error(got: Params | Tensor, want: Params | Tensor) -> float:
@@ -216,15 +203,14 @@ class HypernetProblem(Problem):
 
         buf: dict[str, Tensor] = {}
         for i, b in enumerate(self.know.batches(len(x), self.steps)):
-            earlier = list(zip(stacked(), torch.stack(H).split(BLOCK))) if i else []
             w = torch.tensor(o.w[i], dtype=T.dtype, device=T.device).split(BLOCK)
+            earlier = ([(Gj, Hj, wj) for (Gj, Hj), wj in
+                        zip(zip(stacked(), torch.stack(H).split(BLOCK)), w)] if i else [])
             if i == 0:
                 h, flat = start
             else:
                 h = torch.zeros_like(t) if v is None else net.h(v, (T, t))
-                flat = o.a[i] * (net.W0 @ h + (net.b0 if net.b0 is not None else 0))
-                for wj, (Gj, Hj) in zip(w, earlier):  # sum_s w_is G_s (h_s . h + 1)
-                    flat = flat + (wj * (Hj @ h + bias)) @ Gj
+                flat = factored.theta(net.W0, net.b0, o.a[i], earlier, h)
             if not flat.requires_grad:  # a constant start: still the variable of the loss
                 flat = flat.detach().requires_grad_()
             loss = label_loss(self.know.forward({**net.theta(flat), **head}, x[b]), y[b])
@@ -233,13 +219,11 @@ class HypernetProblem(Problem):
             if v is None:  # h stays 0: neither the trunk nor v gets a gradient
                 gT, gt, gv = torch.zeros_like(T), torch.zeros_like(t), None
             else:
-                dh = o.a[i] * (net.W0.T @ g)
-                for wj, (Gj, Hj) in zip(w, earlier):  # + sum_s w_is h_s (G_s . g)
-                    dh = dh + (wj * (Gj @ g)) @ Hj
+                dh = factored.pull_back(net.W0, o.a[i], earlier, g)
                 gt = dh * (T @ v + t > 0)  # relu'
                 gT, gv = torch.outer(gt, v), T.T @ gt
             if ph.grad_clip > 0:  # clip_grad_norm_ per group: the hypernetwork, the embedding
-                sq = g.pow(2).sum() * (h.pow(2).sum() + bias) + gT.pow(2).sum() + gt.pow(2).sum()
+                sq = factored.sq_norm(g, h, bias > 0) + gT.pow(2).sum() + gt.pow(2).sum()
                 scale = torch.clamp(ph.grad_clip / (sq.sqrt() + 1e-6), max=1.0)
                 if gv is not None:
                     vscale = torch.clamp(ph.grad_clip / (gv.norm() + 1e-6), max=1.0)
