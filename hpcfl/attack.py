@@ -33,8 +33,8 @@ from .cli import Command
 from .lock import lock_output
 from .loop import (build, prepare_defense, provenance, round_spec, run, sample_cohort,
                    to_device)
-from .privacy.attacks import (Knowledge, Problem, analytic, dlg, gifd, gradient_from_update,
-                              idlg_label, inverting_gradients)
+from .privacy.attacks import (Knowledge, Problem, Reconstruction, analytic, dlg, gifd,
+                              gradient_from_update, idlg_label, inverting_gradients)
 from .privacy.attacks.common import total_variation
 from .privacy.attacks.hypernet import HypernetProblem, adapt, rel_error
 from .privacy.defenses import Defense, build_defense
@@ -217,18 +217,19 @@ def attack_client(cfg: RunConfig, algo, state: tuple[dict, dict], target: Target
     if empty:
         log.warning("client %d: its upload carries none of its %d target image(s) (every "
                     "image's gradient is below float32 resolution; HyperFL: its head epoch fit "
-                    "them); nothing to invert: left out of the means", cid, len(sim.y))
-    seed = cfg.train.seed
-    if a.name == "dlg":
-        rec = dlg(p, a, seed, bar)
-    elif a.name == "gifd":
-        rec = gifd(p, a, prior, seed, bar)
+                    "them): not attacked; scored as a mid-gray guess, left out of the means",
+                    cid, len(sim.y))
+        rec = Reconstruction((0.5 - client.mean) / client.std * torch.ones_like(sim.x), None,
+                             float("nan"))
+        if bar is not None:
+            bar.update(iterations(a, prior))
     else:
-        rec = inverting_gradients(p, a, seed, bar)
+        rec = run_attack(p, a, prior, (cfg.train.seed, bar), basin_start(sim, a, client,
+                                                                           cfg.train.seed))
     found = (p.errors(algo, truth_state, rec.unknown)
              if isinstance(p, HypernetProblem) else {})
     found.update(unknown_errors(p, rec.unknown, truth_state))
-    if p.hint is not None:
+    if p.hint is not None and not empty:
         true = analytic.layer_input(algo, sim.last, p.hint.layer)(sim.x)
         found["feature_rel_error"] = p.hint.error(true)
     truth = to_unit(sim.x, client.mean, client.std)
@@ -236,7 +237,8 @@ def attack_client(cfg: RunConfig, algo, state: tuple[dict, dict], target: Target
     scores = image_scores(x, truth)
     order = np.argsort(scores["matched"])  # reconstructions in the order of their truths
     return dict(psnr=scores["psnr"].mean(), ssim=scores["ssim"].mean(),
-                label_acc=(np.nan if p.hint is not None and p.hint.surrogate  # no label
+                label_acc=(np.nan if rec.labels is None or (p.hint is not None and
+                                                             p.hint.surrogate)  # no label
                            else label_accuracy(rec.labels, sim.y)), loss=rec.loss,
                 truth_loss=truth_loss(p, a, sim.x, sim.y, truth_state),
                 **{k: found.get(k, np.nan) for k in RECOVERY}, images=len(sim.y),
@@ -244,6 +246,28 @@ def attack_client(cfg: RunConfig, algo, state: tuple[dict, dict], target: Target
                 share=sim.share, invisible=sim.invisible, index=sim.index,
                 reconstruction=(x[order] * 255).round().astype(np.uint8),
                 truth=(truth * 255).round().astype(np.uint8))
+
+
+def run_attack(p: Problem, a: AttackConfig, prior: Generator | None, run: tuple,
+               start: torch.Tensor | None) -> Reconstruction:
+    """attack.name on problem p; `run`: the seed and the progress bar."""
+    seed, bar = run
+    if a.name == "dlg":
+        return dlg(p, a, seed, bar)
+    if a.name == "gifd":
+        return gifd(p, a, prior, seed, bar)
+    return inverting_gradients(p, a, seed, bar, start=start)
+
+
+def basin_start(sim: Round, a: AttackConfig, client, seed: int) -> torch.Tensor | None:
+    """attack.basin > 0: the true images plus Gaussian noise of std attack.basin in [0, 1]
+    pixels, boxed to valid pixels (where the basin test starts); else None (random images)."""
+    if a.basin <= 0:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(sim.x.shape, generator=gen).to(sim.x.device) * a.basin / client.std
+    return torch.max(torch.min(sim.x + noise, (1 - client.mean) / client.std),
+                     (0 - client.mean) / client.std)
 
 
 def unknown_errors(p: Problem, final: dict, truth: dict) -> dict[str, float]:
@@ -254,7 +278,8 @@ def unknown_errors(p: Problem, final: dict, truth: dict) -> dict[str, float]:
         return {}
     want = {k: truth[k] for k in names}
     return {"head_rel_error": rel_error({k: p.guess[k] for k in names}, want),
-            "head_rel_error_final": rel_error({k: final[k] for k in names}, want)}
+            "head_rel_error_final": rel_error({k: final.get(k, p.guess[k]) for k in names},
+                                              want)}
 
 
 def save_grid(path: Path, truth: np.ndarray, rec: np.ndarray, scale: int = 4) -> None:
@@ -335,6 +360,9 @@ def attack(cfg: RunConfig, world: World) -> str | None:
     # Each rank attacks a contiguous share of the targets and reads only their data.
     mine = [int(c) for c in np.array_split(targets, world.size)[world.rank]]
     algo = build(cfg, data, world.device)
+    if a.basin > 0 and a.name != "ig":
+        raise ConfigError("attack.basin: the basin test starts Inverting Gradients near the "
+                          "truth; it needs attack.name=ig")
     if not algo.init_shared():
         raise ConfigError(f"algorithm.name={cfg.algorithm.name} uploads nothing: there is "
                           "nothing to attack")

@@ -119,6 +119,10 @@ class AlgorithmConfig:
     hypernet_bias: bool = opt(True, "hyperfl: the hypernetwork's output layers have biases "
                               "(official); false: without, so that the upload carries no "
                               "generated tensor's gradient as such (see README, Attacks)")
+    fedavg_init: str = opt("own", "fedavg: own (the model's init) or hyperfl (the extractor "
+                           "HyperFL's hypernetwork generates for a client before training, and "
+                           "HyperFL's head: the weight-scale control of docs/privacy-verdict.md)",
+                           choices=("own", "hyperfl"))
 
 
 @dataclass
@@ -271,6 +275,8 @@ class AttackConfig:
                          "the first Linear layer (its features; with several images, the space "
                          "they lie in) as a term of the loss, and a single image's label")
     feature_weight: float = opt(1.0, "weight of the analytic feature term in the loss", min=0)
+    basin: float = opt(0.0, "ig: > 0: the basin test: start from the true images plus Gaussian "
+                       "noise of this std (pixels in [0, 1]) instead of random images", min=0)
     adaptive: bool = opt(True, "use what the upload's structure gives away before optimizing "
                          "(hyperfl, hyperfl_lpm: recover the client's generated extractor from "
                          "the hypernetwork's update, then invert that extractor); false: the "

@@ -16,17 +16,20 @@ from .common import Problem, Reconstruction, optimizer, step_schedule, total_var
 
 
 def inverting_gradients(p: Problem, a: AttackConfig, seed: int = 0, bar=None,
-                        signed: bool = True) -> Reconstruction:
+                        signed: bool = True, start: torch.Tensor | None = None
+                        ) -> Reconstruction:
     """Reconstruct the client's images (normalized, like the model's inputs) with
     `a.iterations` steps per restart; `bar` (progress.progress) counts iterations. The kept
-    candidate is the one whose loss was lowest, at the point where that loss was measured."""
+    candidate is the one whose loss was lowest, at the point where that loss was measured.
+    `start`: the images every restart starts from instead of random ones (the basin test)."""
     know = p.know
     dev = p.know.low.device
     n = p.num_images if p.labels is None else len(p.labels)
     best = Reconstruction(None, None, float("inf"))
     gen = torch.Generator().manual_seed(seed)
     for _ in range(a.restarts):
-        x = torch.randn(n, *know.shape, generator=gen).to(dev).requires_grad_()
+        x = torch.randn(n, *know.shape, generator=gen).to(dev)
+        x = (x if start is None else start.detach().clone()).requires_grad_()
         y = (torch.randn(n, p.num_classes, generator=gen).to(dev).requires_grad_()
              if p.labels is None else p.labels)
         unknown = p.unknowns(frozen=a.unknowns_lr == 0)
