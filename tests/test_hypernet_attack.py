@@ -191,7 +191,14 @@ def test_fedsgd_white_box_reads_extractor_features_and_label_and_names_an_empty_
         assert g["label_acc"][0] == 1.0
         assert g.attrs["mean_psnr"] == pytest.approx(g["psnr"][0])
         assert f"PSNR {g['psnr'][0]:.2f} dB" in line
+        g_psnr = g["psnr"][0]
     assert "2 client(s), 2 target image(s), 1 with an empty upload left out of the means" in line
+    # the verdict table's row of this run (analysis.privacy_verdict)
+    from analysis.privacy_verdict import collect, table
+    row = table(collect([str(tmp_path)])).iloc[0]
+    assert (row.setup, row.protocol, row.visible, row.empty_targets) == (
+        "HyperFL white-box", "FedSGD B=1", 0.5, 1)
+    assert row.psnr == pytest.approx(g_psnr) and row.feature_error <= 1e-4
 
 
 def test_fedsgd_under_the_server_threat_needs_neither_head_nor_label(tmp_path):
