@@ -205,3 +205,19 @@ def test_the_fc_features_are_read_exactly_off_one_fedavg_step():
     true = analytic.layer_input(algo, know.params, layer)(model_inputs(one, one.x_train))
     hint = analytic.FeatureHint(layer, lambda x: x, found, 1.0)
     assert found.shape == true.shape == (1, 576) and hint.error(true) <= 1e-4
+
+
+def test_a_fedavg_steps_labels_come_from_its_head_bias_gradient():
+    """One step of a batch of 4 (breaching's bias-corrected rule): the multiset of the labels."""
+    from hpcfl.privacy.attacks.analytic import batch_labels
+    from hpcfl.victim import Target, simulate
+    cfg = load_config(None, ["data.name=digits", "data.partition=iid", "data.num_clients=20",
+                             "algorithm.name=fedavg", "train.batch_size=4",
+                             "train.local_steps=1", "train.lr=0.1"])
+    data = load_federated(cfg.data, 0)
+    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    shared = algo.init_shared()
+    for cid in range(4):
+        sim = simulate(algo, (shared, {}), Target(RoundSpec(1, 0, 4), cid, data.clients[cid], 10))
+        grad = gradient_from_update(sim.upload, shared, 0.1, cfg.train.weight_decay)
+        assert batch_labels(grad["head.bias"], 4).tolist() == sorted(sim.y.tolist()), cid

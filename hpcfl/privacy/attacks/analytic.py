@@ -13,7 +13,8 @@ upload: `hypernet_gradient`).
 Labels: for one image, knowing the rest of the network from the layer on (white-box HyperFL:
 the private head; FedAvg: all of it), the class c whose loss gives the layer's bias gradient
 the direction of the observed one (`labels_through`) is the label; that needs no sign
-assumption on the features. FedAvg's own head gives it directly (common.idlg_label).
+assumption on the features. FedAvg's own head gives it directly (common.idlg_label), and
+for several images their multiset (`batch_labels`, breaching's bias-corrected rule).
 
 Without the head (HyperFL under the server threat), one image's step still tells the gradient
 at the head's input: the layer's bias gradient through the known activation (`head_signal`).
@@ -186,6 +187,23 @@ def surrogate_head(signal: Tensor, head: Params) -> tuple[Params, Tensor]:
             torch.tensor([1], device=signal.device))
 
 
+def batch_labels(bias_grad: Tensor, images: int) -> Tensor:
+    """The labels of a batch of `images` from its last layer's bias gradient, mean over the
+    batch of p_i - e_(y_i) (breaching's "bias-corrected" rule): every class whose entry is
+    negative, then, each class taken raising its entry by one image's mean share m, the most
+    negative again until there are as many labels as images."""
+    g = bias_grad.detach().double().flatten().clone()
+    negative = torch.nonzero(g < 0).flatten()
+    labels = negative[g[negative].argsort()][:images].tolist()
+    m = g[g < 0].sum() / images
+    g[labels] -= m
+    while len(labels) < images:
+        c = int(g.argmin())
+        labels.append(c)
+        g[c] -= m
+    return torch.tensor(sorted(labels), device=bias_grad.device)
+
+
 def attach(p: Problem, algo, gradient: Params, weight: float) -> None:
     """Give `p` what its upload says in closed form when it is one local step and the
     extractor is known (FedAvg; HyperFL read through its hypernetwork): the feature hint of the
@@ -212,7 +230,11 @@ def attach(p: Problem, algo, gradient: Params, weight: float) -> None:
     if not torch.isfinite(found).all():
         return  # no gradient reached the layer
     p.hint = FeatureHint(layer, layer_input(algo, params, layer), found, weight)
-    if p.num_images != 1 or p.labels is not None:
+    if p.labels is not None:
+        return
+    if p.num_images > 1:  # several images: their labels from an uploaded head (FedAvg)
+        if not isinstance(p, HypernetProblem) and "head.bias" in g:
+            p.labels = batch_labels(g["head.bias"], p.num_images)
         return
     if known:
         p.labels = labels_through(algo, params, layer, found, g[layer + ".bias"],
