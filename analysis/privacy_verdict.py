@@ -94,6 +94,17 @@ def basin(df: pd.DataFrame) -> pd.DataFrame:
     return b.sort_values(["order", "basin"])[["setup", "basin", "psnr", "returned", "images"]]
 
 
+def markdown(t: pd.DataFrame) -> str:
+    """A table as Markdown, numbers to 3 significant digits (NaN as a dash)."""
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "-" if np.isnan(v) else f"{v:.3g}"
+        return str(v)
+    lines = ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in t.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def figure(t: pd.DataFrame, b: pd.DataFrame, out: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -135,17 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dirs", nargs="+", help="folders (or files) of results files")
     p.add_argument("--out", help="write the figure here (PNG)")
     p.add_argument("--csv", help="write the table here")
+    p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     args = p.parse_args(argv)
     df = collect(args.dirs)
     if df.empty:
         print("no results file with /privacy/ig", file=sys.stderr)
         return 2
     t, b = table(df), basin(df)
-    with pd.option_context("display.width", 200, "display.max_rows", 500):
-        print(t.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-        if len(b):
-            print()
-            print(b.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    for part in (t, b) if len(b) else (t,):
+        print(markdown(part) if args.markdown else part.to_string(
+            index=False, float_format=lambda v: f"{v:.3g}"))
+        print()
     if args.csv:
         pd.concat([t.assign(kind="table"), b.assign(kind="basin")]).to_csv(args.csv, index=False)
     if args.out:

@@ -226,7 +226,8 @@ def attack_client(cfg: RunConfig, algo, state: tuple[dict, dict], target: Target
              if isinstance(p, HypernetProblem) else {})
     found.update(unknown_errors(p, rec.unknown, truth_state))
     if p.hint is not None and not empty:
-        true = analytic.layer_input(algo, sim.last, p.hint.layer)(sim.x)
+        # of the visible images: an invisible one is in no upload, nor are its features
+        true = analytic.layer_input(algo, sim.last, p.hint.layer)(sim.x[~sim.invisible])
         found["feature_rel_error"] = p.hint.error(true)
     truth = to_unit(sim.x, client.mean, client.std)
     x = to_unit(rec.x, client.mean, client.std)

@@ -10,9 +10,11 @@ point() { python -m hpcfl.sweep "jobs/privacy/verdict_$1.yaml" --index "$2" || e
 # verdict_digits: point p at 200 iterations is index 2p, at 2,000 index 2p + 1
 for i in 0 4 6 2 8 10 14 16 12 18; do point digits $i; done
 for i in 0 1 2 3 4 5 6 7 8 9; do point basin $i; done
+for i in 0 1 2 3; do point basin_far $i; done
 for i in 1 5 7 3 9; do point digits $i; done
 for i in 0 2 3 1 4; do point official $i; done
 for i in 0 2 3 5 7 8 1 4 6 9; do point photos $i; done
 for i in 11 15 17 13 19; do point digits $i; done
 for i in 10 11 12 13 14; do point basin $i; done
+for i in 4 5; do point basin_far $i; done
 for i in 0 1 2; do point 24k $i; done
