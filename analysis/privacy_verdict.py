@@ -30,7 +30,8 @@ def setup(cfg: dict) -> str:
         return SETUPS[1] if cfg.get("algorithm.fedavg_init") == "hyperfl" else SETUPS[0]
     if not cfg.get("algorithm.hypernet_bias", True):
         return SETUPS[4]
-    return SETUPS[3] if cfg["attack.threat"] == "white-box" else SETUPS[2]
+    name = SETUPS[3] if cfg["attack.threat"] == "white-box" else SETUPS[2]
+    return name + (" (no head epoch)" if cfg.get("algorithm.head_epochs", 1) == 0 else "")
 
 
 def protocol(cfg: dict) -> str:
@@ -60,6 +61,7 @@ def collect(dirs: list[str]) -> pd.DataFrame:
                 per_image = np.repeat(full, g["images"][:])
                 rows.append(dict(
                     data=cfg["data.name"], protocol=protocol(cfg), setup=setup(cfg),
+                    round=cfg["attack.round"],
                     iterations=cfg["attack.iterations"], basin=cfg.get("attack.basin", 0.0),
                     psnr=finite_mean(g["psnr"][:][full]), ssim=finite_mean(g["ssim"][:][full]),
                     label_acc=finite_mean(g["label_acc"][:][full]),
@@ -78,19 +80,24 @@ def collect(dirs: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def order(name: str) -> int:
+    """A setup's place in the table (its base setup's: the longest one it starts with)."""
+    return max((len(s), i) for i, s in enumerate(SETUPS) if name.startswith(s))[1]
+
+
 def table(df: pd.DataFrame) -> pd.DataFrame:
     """The verdict table: attacks from random images, ordered by data, protocol, setup, budget."""
     t = df[df.basin == 0].copy()
-    t["order"] = t.setup.map(SETUPS.index)
-    t = t.sort_values(["data", "protocol", "order", "iterations"])
-    return t[["data", "protocol", "setup", "iterations", "psnr", "ssim", "label_acc", "visible",
+    t["order"] = t.setup.map(order)
+    t = t.sort_values(["data", "protocol", "round", "order", "iterations"])
+    return t[["data", "protocol", "round", "setup", "iterations", "psnr", "ssim", "label_acc", "visible",
               "feature_error", "theta_error", "images", "empty_targets"]]
 
 
 def basin(df: pd.DataFrame) -> pd.DataFrame:
     """The basin test: per setup and noise level, the PSNR and the share of images returned."""
     b = df[df.basin > 0].copy()
-    b["order"] = b.setup.map(SETUPS.index)
+    b["order"] = b.setup.map(order)
     return b.sort_values(["order", "basin"])[["setup", "basin", "psnr", "returned", "images"]]
 
 
@@ -105,38 +112,54 @@ def markdown(t: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def style(name: str) -> dict:
+    """One colour per base setup in every panel; dashed, squares without HyperFL's head
+    epoch."""
+    other = "no head epoch" in name
+    return dict(color=f"C{order(name)}", linestyle="--" if other else "-",
+                marker="s" if other else "o", label=name)
+
+
 def figure(t: pd.DataFrame, b: pd.DataFrame, out: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
-    panels = list(t.groupby(["data", "protocol"]).groups)
+    panels = list(t.groupby(["data", "protocol", "round"]).groups)
     n = len(panels) + (1 if len(b) else 0)
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
-    for ax, (data, proto) in zip(axes[0], panels):
-        part = t[(t.data == data) & (t.protocol == proto)]
-        for name in SETUPS:
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.6), squeeze=False)
+    handles = {}
+    for ax, (data, proto, rnd) in zip(axes[0], panels):
+        part = t[(t.data == data) & (t.protocol == proto) & (t["round"] == rnd)]
+        for name in sorted(set(part.setup), key=order):
             s = part[part.setup == name]
-            if len(s):
-                ax.plot(s.iterations, s.psnr, "o-", label=name)
+            handles[name] = ax.plot(s.iterations, s.psnr, **style(name))[0]
         ax.set_xscale("log")
-        ax.set_title(f"{data}, {proto}", fontsize=9)
+        ticks = sorted(set(part.iterations))
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{v:,}" for v in ticks])
+        ax.set_xlim(min(ticks) / 1.5, max(ticks) * 1.5)
+        ax.set_title(f"{data}, {proto}, round {rnd}", fontsize=9)
+        ax.set_ylim(5, max(40, float(part.psnr.max()) + 3))
         ax.set_xlabel("IG iterations")
-        ax.set_ylabel("PSNR of visible targets (dB)")
+        ax.set_ylabel("PSNR, targets with their images (dB)", fontsize=8)
         ax.grid(alpha=0.3)
     if len(b):
         ax = axes[0][-1]
-        for name in SETUPS:
+        for name in sorted(set(b.setup), key=order):
             s = b[b.setup == name]
-            if len(s):
-                ax.plot(s.basin, s.returned, "o-", label=name)
+            handles[name] = ax.plot(s.basin, s.returned, **style(name))[0]
         ax.set_xscale("log")
-        ax.set_title(f"basin test (digits, FedSGD B=1)", fontsize=9)
-        ax.set_xlabel("start: truth + noise of std (pixels in [0, 1])")
-        ax.set_ylabel(f"images returned (PSNR >= {RETURNED:.0f} dB)")
+        ax.set_title("basin test (digits, FedSGD B=1, round 2)", fontsize=9)
+        ax.set_xlabel("start: truth + noise of std (pixels in [0, 1])", fontsize=8)
+        ax.set_ylabel(f"share of images returned (>= {RETURNED:.0f} dB)", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    names = sorted(handles, key=lambda k: (order(k), k))
+    fig.legend([handles[k] for k in names], names, loc="lower center", ncol=len(names),
+               fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(out, dpi=120)
 
 
