@@ -123,3 +123,13 @@ def test_a_round_1_attack_writes_the_run_only_under_its_lock(tmp_path, capsys):
     assert main(args) == 0
     with h5py.File(tmp_path / "r1.h5") as f:
         assert f["privacy/ig/psnr"].shape == (1,)
+
+
+def test_the_recorded_multi_step_is_what_the_attack_did(tmp_path):
+    """DLG matches one gradient whatever attack.multi_step says: /privacy records false, not the
+    config's true (the old record said true)."""
+    assert main(["attack.name=dlg", "attack.iterations=2", "train.local_steps=2",
+                 "output.progress=none", f"output.dir={tmp_path}", "output.name=d"]) == 0
+    with h5py.File(tmp_path / "d.h5") as f:
+        assert "multi_step: true" in f["privacy/dlg"].attrs["config"]
+        assert not f["privacy/dlg"].attrs["multi_step"]
