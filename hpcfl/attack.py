@@ -187,6 +187,9 @@ def truth_loss(p: Problem, a: AttackConfig, x: torch.Tensor, y: torch.Tensor,
     simulation knows): far below the attack's own final loss, the upload identifies the images
     and the optimizer did not find them; near it, the objective cannot tell them apart."""
     unknown = {k: state[k].detach().clone().requires_grad_() for k in p.guess}
+    if p.hint is not None and p.hint.surrogate:
+        y = p.labels  # the surrogate head's own label: with it, not the true one, it sends the
+        # upload's gradient back (a true label 0 would send it reversed, a distance of 2)
     if a.name == "dlg":
         return float(p.distance(x, y, unknown, "euclidean") + p.penalty(x))
     return float(p.distance(x, y, unknown) + a.tv * total_variation(x) + p.penalty(x))
