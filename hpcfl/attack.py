@@ -4,58 +4,60 @@ Trains the run to the round before `attack.round` (with the run's own code, `hpc
 a rerun reuses its checkpoint), lets the engine train the first `attack.clients` clients of that
 round's cohort exactly as the run does, and attacks each client's upload with what an
 honest-but-curious server knows: the architecture, the round's shared state, the client's
-local training recipe (phases, steps, learning rates) and its number of images. Under
+local training recipe (phases, steps, learning rates, batch size). The targets are the images
+of the uploaded phase's batches (hpcfl.victim), not the client's whole data. Under
 `attack.threat=server` the client's private state (HyperFL's embedding and head) is unknown:
 the attacker starts from the common initial value and optimizes it with the images; under
-`white-box` it is known. Writes /privacy/<attack.name>/ into the run's results file, a PNG of
-truth (top) against reconstruction (bottom) beside it, and prints one summary line. The run is
-left checkpointed at the round before (round 0 for an attack of round 1) under its own name
-(hpcfl.loop.default_name unless output.name is set): `python -m hpcfl.main` of the same config
-finishes it in that file (docs/cluster.md, "Attack, then finish the run").
+`white-box` it is known (as the attacked phase starts). Writes /privacy/<attack.name>/ into the
+run's results file, a PNG of truth (top) against reconstruction (bottom) beside it, and prints
+one summary line. A target whose upload carries none of its images (each image's gradient
+below float32 resolution) is named and left out of the means. The run is left checkpointed at
+the round before (round 0 for an attack of round 1) under its own name (hpcfl.loop.default_name
+unless output.name is set): `python -m hpcfl.main` of the same config finishes it in that file
+(docs/cluster.md, "Attack, then finish the run").
 
-With no arguments: one FedAvg client holding one photograph takes one local step, and Inverting
-Gradients attacks it.
+With no arguments: FedSGD, one local step on one digit of a FedAvg client, attacked by
+Inverting Gradients (docs/privacy-verdict.md).
 """
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 from .config import (AttackConfig, ConfigError, RunConfig, check_same_experiment, describe,
                      is_plugin, load_config, parse_stored)
-from .data import ClientData, load_federated
+from .data import load_federated
 from .cli import Command
-from .data.transforms import model_inputs
-from .engine import ClientUpload, RoundSpec, train_client
 from .lock import lock_output
 from .loop import build, default_name, prepare_defense, round_spec, run, sample_cohort, to_device
 from .placement import deal_stacks
-from .privacy.attacks import (Knowledge, Problem, attack_class, dlg, gifd, gradient_from_update,
-                              idlg_label, inverting_gradients)
+from .privacy.attacks import (Knowledge, Problem, Reconstruction, analytic, attack_class, dlg,
+                              gifd, gradient_from_update, idlg_label, inverting_gradients)
 from .privacy.attacks.common import total_variation
-from .privacy.attacks.hypernet import HypernetProblem, adapt
+from .privacy.attacks.hypernet import HypernetProblem, adapt, rel_error
 from .privacy.defenses import Defense, build_defense
 from .privacy.generator import Generator, load_generator
-from .privacy.metrics import LPIPS_NOTE, image_scores, label_accuracy, to_unit
+from .privacy.metrics import image_scores, label_accuracy, to_unit
 from .progress import progress
 from .private import PrivateTable
 from .store import NotResults, checkpoint_paths, load_checkpoint, read_results
+from .attack_record import RECOVERY, means, write
+from .victim import Round, Target, simulate, target_count
 from .world import World
 
 log = logging.getLogger("hpcfl")
-# What the adaptive attack read off a hypernetwork upload, against the truth (NaN otherwise).
-RECOVERY = ("theta_rel_error", "h_rel_error", "theta_rel_error_final")
-# The no-argument attack: 20 photos over 10 clients, so each holds one training photo.
-DEFAULT = ["data.name=photos", "data.partition=iid", "data.num_clients=10",
-           "data.test_fraction=0.5", "algorithm.name=fedavg", "train.local_epochs=1",
-           "train.lr=0.1"]
+# The no-argument attack: FedSGD's protocol, one local step on one image, of the first of 20
+# clients of ~67 real digits each (with algorithm.name=X: that method's upload). Its image is
+# visible in the upload for every method (HyperFL's head epoch fits some images so well that
+# their gradient is 0; photos clients of 1-5 images are all fit so: docs/privacy-verdict.md).
+DEFAULT = ["data.name=digits", "data.partition=iid", "data.num_clients=20",
+           "algorithm.name=fedavg", "train.batch_size=1", "train.local_steps=1", "train.lr=0.1",
+           "attack.iterations=2000"]
 USAGE = """usage: python -m hpcfl.attack [CONFIG.yaml] [section.key=value ...]
 
 Attacks the uploads of attack.clients clients in round attack.round of the run the config
@@ -137,45 +139,41 @@ def load_prior(cfg: RunConfig, shape: tuple, device: torch.device) -> Generator:
     return gen
 
 
-def client_upload(target: Target, algo, shared: dict, private: dict,
-                  defense: Defense | None) -> dict:
-    """The target client trained in its round as the run trains it (the engine's own code):
-    what the server receives from it (after the run's defense)."""
-    spec, cid, client = target.spec, target.client, target.data
-    state = {**shared, **private}
-    clip = defense.per_sample(spec.round, [cid], client.y_train.device) if defense else None
-    trained, _ = train_client(algo, dict(state), client, spec, cid, clip)
-    upload = algo.upload(shared, trained)
-    if defense is None:
-        return upload
-    return defense.upload(upload, ClientUpload(cid, spec.round, client, state, trained))
-
-
-def problem_for(cfg: RunConfig, algo, upload: dict, shared: dict, private: dict,
-                target: Target, defense: Defense | None) -> Problem:
+def problem_for(cfg: RunConfig, algo, sim: Round, shared: dict, target: Target,
+                defense: Defense | None) -> tuple[Problem, dict]:
     """What the attack inverts, knowing what an honest-but-curious server knows; with
-    attack.adaptive, through the structure of the upload where the algorithm has one."""
+    attack.adaptive, through the structure of the upload where the algorithm has one; with
+    attack.analytic, with what one step's upload gives in closed form. Also returns the
+    client's true state where the attack's simulation starts (for the scores).
+
+    White-box knows the client's private state when the attacked phase starts; the server
+    guesses it from the public initial value, and simulates the earlier phases (HyperFL's head
+    epoch) from there when their images are all targets, else optimizes that state directly."""
     a, t = cfg.attack, cfg.train
-    state, client, cid = {**shared, **private}, target.data, target.client
-    # server: the client's private state is unknown; the attacker starts from its public init
+    client, cid = target.data, target.client
+    phases = tuple(algo.phases())
+    whole = a.threat == "server" and sim.covered and len(phases) > 1
+    state = sim.before if whole else sim.last
     guess = {} if a.threat == "white-box" else to_device(algo.init_client(cid),
                                                          client.y_train.device)
     # The attack that breaks Soteria: match every uploaded tensor but those the defense hides.
     hidden = defense.defended if a.mute_defended_layer and defense is not None else ()
-    matched = tuple(k for k in upload if k not in hidden)
+    matched = tuple(k for k in sim.upload if k not in hidden)
     know = Knowledge(algo.forward, {**state, **guess}, matched,
                      tuple(client.x_train.shape[1:]), (0 - client.mean) / client.std,
-                     (1 - client.mean) / client.std, phases=tuple(algo.phases()),
+                     (1 - client.mean) / client.std, phases=phases if whole else phases[-1:],
                      batch_size=t.batch_size)
-    grad = gradient_from_update(upload, shared, t.lr, t.weight_decay)
+    grad = gradient_from_update(sim.upload, shared, t.lr, t.weight_decay)
     multi = a.multi_step and a.name != "dlg"  # DLG matches one gradient
-    n = client.num_train
+    n = len(sim.y)
     labels = idlg_label(grad) if n == 1 and "head.weight" in grad else None
-    p = Problem(know, [(upload if multi else grad)[k] for k in matched], n, target.num_classes,
-                labels, guess, multi)
+    p = Problem(know, [(sim.upload if multi else grad)[k] for k in matched], n,
+                target.num_classes, labels, guess, multi)
     if a.adaptive and hasattr(algo, "layout"):
-        return adapt(p, algo, upload, shared)
-    return p
+        p = adapt(p, algo, sim.upload, shared)
+    if a.analytic:
+        analytic.attach(p, algo, {k: grad[k] for k in matched}, a.feature_weight)
+    return p, state
 
 
 def truth_loss(p: Problem, a: AttackConfig, x: torch.Tensor, y: torch.Tensor,
@@ -184,9 +182,12 @@ def truth_loss(p: Problem, a: AttackConfig, x: torch.Tensor, y: torch.Tensor,
     simulation knows): far below the attack's own final loss, the upload identifies the images
     and the optimizer did not find them; near it, the objective cannot tell them apart."""
     unknown = {k: state[k].detach().clone().requires_grad_() for k in p.guess}
+    if p.hint is not None and p.hint.surrogate:
+        y = p.labels  # the surrogate head's own label: with it, not the true one, it sends the
+        # upload's gradient back (a true label 0 would send it reversed, a distance of 2)
     if a.name == "dlg":
-        return float(p.distance(x, y, unknown, "euclidean"))
-    return float(p.distance(x, y, unknown) + a.tv * total_variation(x))
+        return float(p.distance(x, y, unknown, "euclidean") + p.penalty(x))
+    return float(p.distance(x, y, unknown) + a.tv * total_variation(x) + p.penalty(x))
 
 
 def iterations(a: AttackConfig, generator: Generator | None) -> int:
@@ -197,16 +198,6 @@ def iterations(a: AttackConfig, generator: Generator | None) -> int:
     return a.iterations * (1 if a.name == "dlg" else a.restarts)
 
 
-@dataclass
-class Target:
-    """One attacked client: its round (the run's RoundSpec of attack.round), id, data and the
-    dataset's number of classes."""
-    spec: RoundSpec
-    client: int
-    data: ClientData
-    num_classes: int
-
-
 def attack_client(cfg: RunConfig, algo, state: tuple[dict, dict], target: Target,
                   defense: Defense | None = None, prior: Generator | None = None,
                   bar=None) -> dict:
@@ -214,63 +205,78 @@ def attack_client(cfg: RunConfig, algo, state: tuple[dict, dict], target: Target
     the shared state and the client's private state at the start of the round."""
     a, (shared, private) = cfg.attack, state
     client, cid = target.data, target.client
-    upload = client_upload(target, algo, shared, private, defense)
-    p = problem_for(cfg, algo, upload, shared, private, target, defense)
-    if isinstance(p, HypernetProblem) and p.observed.empty():
-        log.warning("client %d: its upload carries no gradient, only weight decay (its loss was "
-                    "0 at every step: its head epoch fit its %d image(s)); nothing to invert",
-                    cid, client.num_train)
-    seed = cfg.train.seed
-    if is_plugin(a.name):
-        rec = attack_class(a.name)(a, seed).reconstruct(p, bar)
-    elif a.name == "dlg":
-        rec = dlg(p, a, seed, bar)
-    elif a.name == "gifd":
-        rec = gifd(p, a, prior, seed, bar)
+    sim = simulate(algo, (shared, private), target, defense)
+    p, truth_state = problem_for(cfg, algo, sim, shared, target, defense)
+    empty = sim.empty or (isinstance(p, HypernetProblem) and p.observed.empty())
+    if empty:
+        log.warning("client %d: its upload carries none of its %d target image(s) (every "
+                    "image's gradient is below float32 resolution; HyperFL: its head epoch fit "
+                    "them): not attacked; scored as a mid-gray guess, left out of the means",
+                    cid, len(sim.y))
+        rec = Reconstruction((0.5 - client.mean) / client.std * torch.ones_like(sim.x), None,
+                             float("nan"))
+        if bar is not None:
+            bar.update(iterations(a, prior))
     else:
-        rec = inverting_gradients(p, a, seed, bar)
-    found = (p.errors(algo, {**shared, **private}, rec.unknown)
+        rec = run_attack(p, a, prior, (cfg.train.seed, bar), basin_start(sim, a, client,
+                                                                           cfg.train.seed))
+    found = (p.errors(algo, truth_state, rec.unknown)
              if isinstance(p, HypernetProblem) else {})
-    x_true = model_inputs(client, client.x_train)
-    truth = to_unit(x_true, client.mean, client.std)
+    found.update(unknown_errors(p, rec.unknown, truth_state))
+    if p.hint is not None and not empty:
+        # of the visible images: an invisible one is in no upload, nor are its features
+        true = analytic.layer_input(algo, sim.last, p.hint.layer)(sim.x[~sim.invisible])
+        found["feature_rel_error"] = p.hint.error(true)
+    truth = to_unit(sim.x, client.mean, client.std)
     x = to_unit(rec.x, client.mean, client.std)
     scores = image_scores(x, truth)
+    order = np.argsort(scores["matched"])  # reconstructions in the order of their truths
     return dict(psnr=scores["psnr"].mean(), ssim=scores["ssim"].mean(),
-                label_acc=label_accuracy(rec.labels, client.y_train), loss=rec.loss,
-                truth_loss=truth_loss(p, a, x_true, client.y_train, {**shared, **private}),
-                **{k: found.get(k, np.nan) for k in RECOVERY},
-                reconstruction=(x[np.argsort(scores["matched"])] * 255).round().astype(np.uint8),
+                label_acc=(np.nan if rec.labels is None or (p.hint is not None and
+                                                             p.hint.surrogate)  # no label
+                           else label_accuracy(rec.labels, sim.y)), loss=rec.loss,
+                truth_loss=truth_loss(p, a, sim.x, sim.y, truth_state),
+                **{k: found.get(k, np.nan) for k in RECOVERY}, images=len(sim.y),
+                empty=empty, multi_step=p.multi_step, image_psnr=scores["psnr"][order],
+                share=sim.share, invisible=sim.invisible, index=sim.index,
+                reconstruction=(x[order] * 255).round().astype(np.uint8),
                 truth=(truth * 255).round().astype(np.uint8))
 
 
-def save_grid(path: Path, truth: np.ndarray, rec: np.ndarray, scale: int = 4) -> None:
-    """Truth on the top row, reconstruction below, each image scaled up."""
-    from PIL import Image
+def run_attack(p: Problem, a: AttackConfig, prior: Generator | None, run: tuple,
+               start: torch.Tensor | None) -> Reconstruction:
+    """attack.name on problem p; `run`: the seed and the progress bar."""
+    seed, bar = run
+    if is_plugin(a.name):
+        return attack_class(a.name)(a, seed).reconstruct(p, bar)
+    if a.name == "dlg":
+        return dlg(p, a, seed, bar)
+    if a.name == "gifd":
+        return gifd(p, a, prior, seed, bar)
+    return inverting_gradients(p, a, seed, bar, start=start)
 
-    rows = [np.concatenate(list(imgs.transpose(0, 2, 3, 1)), axis=1) for imgs in (truth, rec)]
-    grid = np.concatenate(rows, axis=0)
-    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+def basin_start(sim: Round, a: AttackConfig, client, seed: int) -> torch.Tensor | None:
+    """attack.basin > 0: the true images plus Gaussian noise of std attack.basin in [0, 1]
+    pixels, boxed to valid pixels (where the basin test starts); else None (random images)."""
+    if a.basin <= 0:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(sim.x.shape, generator=gen).to(sim.x.device) * a.basin / client.std
+    return torch.max(torch.min(sim.x + noise, (1 - client.mean) / client.std),
+                     (0 - client.mean) / client.std)
 
 
-def write(path: Path, cfg: RunConfig, results: list[dict]) -> Path:
-    a = cfg.attack
-    with h5py.File(path, "r+", locking=False) as f:
-        if f"privacy/{a.name}" in f:
-            del f[f"privacy/{a.name}"]
-        g = f.require_group("privacy").create_group(a.name)
-        for key in ("psnr", "ssim", "label_acc", "loss", "truth_loss", *RECOVERY):
-            g[key] = np.array([r[key] for r in results], dtype="f8")
-        g["reconstruction"] = np.concatenate([r["reconstruction"] for r in results])
-        g["truth"] = np.concatenate([r["truth"] for r in results])
-        g["targets"] = np.array([r["client"] for r in results], dtype="i8")
-        g.attrs.update(config=cfg.to_yaml(), round=a.round, threat=a.threat,
-                       defense=cfg.privacy.defense,
-                       multi_step=a.multi_step, adaptive=a.adaptive, lpips=LPIPS_NOTE)
-    png = path.with_name(f"{path.stem}-{a.name.replace(':', '.')}-r{a.round}.png")
-    save_grid(png, np.concatenate([r["truth"] for r in results]),
-              np.concatenate([r["reconstruction"] for r in results]))
-    return png
+def unknown_errors(p: Problem, final: dict, truth: dict) -> dict[str, float]:
+    """How far the unknown private tensors besides the embedding (HyperFL's head) were from the
+    client's at the start (the guess) and at the end of the attack."""
+    names = [k for k in p.guess if k != "embedding"]
+    if not names:
+        return {}
+    want = {k: truth[k] for k in names}
+    return {"head_rel_error": rel_error({k: p.guess[k] for k in names}, want),
+            "head_rel_error_final": rel_error({k: final.get(k, p.guess[k]) for k in names},
+                                              want)}
 
 
 def attack(cfg: RunConfig, world: World) -> str | None:
@@ -301,10 +307,18 @@ def attack(cfg: RunConfig, world: World) -> str | None:
     dealt = deal_stacks([(c,) for c in targets], data.num_train, world.size)
     mine = sorted(c for s in dealt.of(world.rank) for c in s)
     algo = build(cfg, data, world.device)
-    if a.name == "idlg" and (cfg.algorithm.name == "hyperfl" or
-                             any(data.num_train[c] != 1 for c in targets)):
+    if a.basin > 0 and a.name != "ig":
+        raise ConfigError("attack.basin: the basin test starts Inverting Gradients near the "
+                          "truth; it needs attack.name=ig")
+    if not algo.init_shared():
+        raise ConfigError(f"algorithm.name={cfg.algorithm.name} uploads nothing: there is "
+                          "nothing to attack")
+    last = algo.phases()[-1]
+    if a.name == "idlg" and (cfg.algorithm.name == "hyperfl" or any(
+            target_count(last, data.num_train[c], cfg.train.batch_size) != 1 for c in targets)):
         raise ConfigError("attack.name=idlg reads the label of one image from the last "
-                          "layer's gradient: it needs clients of one training image and an "
+                          "layer's gradient: it needs uploads of one image (one step of "
+                          "train.batch_size=1, or clients of one training image) and an "
                           "algorithm that uploads the head (not hyperfl)")
     prepare_defense(defense, cfg, world, algo, data.num_classes)
     prior = load_prior(cfg, data.shape, world.device) if a.name == "gifd" else None
@@ -328,10 +342,11 @@ def attack(cfg: RunConfig, world: World) -> str | None:
         png = write(path, cfg, results)
     finally:
         lock.release()
-    mean = {k: float(np.mean([r[k] for r in results])) for k in ("psnr", "ssim", "label_acc")}
+    mean, empty = means(results), sum(r["empty"] for r in results)
+    left = f", {empty} with an empty upload left out of the means" if empty else ""
     return (f"{a.name} on {cfg.algorithm.name} ({a.threat}), {cfg.data.name}, round {a.round}, "
-            f"{len(targets)} client(s) of {data.num_train[targets[0]]} image(s)"
-            f"{f' on {world.size} ranks' if world.size > 1 else ''}: PSNR "
+            f"{len(targets)} client(s), {sum(r['images'] for r in results)} target image(s)"
+            f"{left}{f' on {world.size} ranks' if world.size > 1 else ''}: PSNR "
             f"{mean['psnr']:.2f} dB, SSIM {mean['ssim']:.3f}, label accuracy "
             f"{mean['label_acc']:.2f} in {time.perf_counter() - t0:.0f} s -> {path}, {png}")
 

@@ -165,6 +165,10 @@ class AlgorithmConfig:
     hypernet_bias: bool = opt(True, "hyperfl: the hypernetwork's output layers have biases "
                               "(official); false: without, so that the upload carries no "
                               "generated tensor's gradient as such (docs/attacks.md)")
+    fedavg_init: str = opt("own", "fedavg: own (the model's init) or hyperfl (the extractor "
+                           "HyperFL's hypernetwork generates for a client before training, and "
+                           "HyperFL's head: the weight-scale control of docs/privacy-verdict.md)",
+                           choices=("own", "hyperfl"))
 
 
 @dataclass
@@ -331,6 +335,18 @@ class AttackConfig:
                                     "out of the matching loss (the attack that breaks Soteria)")
     multi_step: bool = opt(True, "match the whole local update by simulating the client's local "
                            "training; false: the single-gradient shortcut (update / lr)")
+    unknowns_lr: float = opt(1e-3, "Adam step size of the tensors the server does not know "
+                             "(HyperFL's embedding and head under the server threat); 0: frozen "
+                             "where the upload or the public init put them", min=0)
+    unknowns_schedule: str = opt("constant", "the unknowns' step size over the iterations: "
+                                 "constant, or images (the images' schedule)",
+                                 choices=("constant", "images"))
+    analytic: bool = opt(True, "use what one step's upload gives in closed form: the input of "
+                         "the first Linear layer (its features; with several images, the space "
+                         "they lie in) as a term of the loss, and a single image's label")
+    feature_weight: float = opt(1.0, "weight of the analytic feature term in the loss", min=0)
+    basin: float = opt(0.0, "ig: > 0: the basin test: start from the true images plus Gaussian "
+                       "noise of this std (pixels in [0, 1]) instead of random images", min=0)
     adaptive: bool = opt(True, "use what the upload's structure gives away before optimizing "
                          "(hyperfl, hyperfl_lpm: recover the client's generated extractor from "
                          "the hypernetwork's update, then invert that extractor); false: the "

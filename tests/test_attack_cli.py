@@ -8,7 +8,7 @@ import numpy as np
 
 from hpcfl.attack import DEFAULT, main
 from hpcfl.config import load_config
-from hpcfl.data.builtin import load_photos
+from hpcfl.data import load_federated
 from hpcfl.loop import default_name
 from hpcfl.privacy.metrics import psnr
 
@@ -20,17 +20,21 @@ def test_the_no_argument_attack_runs_and_records_what_it_found(tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip().splitlines()[-1]
-    assert line.startswith("ig on fedavg") and "PSNR" in line
+    assert line.startswith("ig on fedavg (server), digits, round 1, 1 client(s), 1 target image")
     path = tmp_path / "runs" / f"{default_name(load_config(None, DEFAULT))}.h5"
     with h5py.File(path) as f:
         g = f["privacy/ig"]
         psnr, truth, rec = g["psnr"][:], g["truth"][:], g["reconstruction"][:]
         assert g["label_acc"][:].tolist() == [1.0]  # iDLG reads a single image's label
+        assert g["invisible"][:].tolist() == [False] and g["images"][:].tolist() == [1]
+        assert g["feature_rel_error"][0] <= 1e-4  # one step of one image: exact
         assert "attack:" in g.attrs["config"] and g.attrs["round"] == 1
+        index = g["index"][:]
     assert f"{psnr[0]:.2f} dB" in line and 5 < psnr[0] < 100
-    photos = load_photos()[0].numpy()
-    assert truth.shape == rec.shape == (1, 3, 32, 32) and truth.dtype == np.uint8
-    assert any(np.array_equal(truth[0], p) for p in photos)  # the client's own photo
+    cfg = load_config(None, DEFAULT)
+    own = load_federated(cfg.data, 0).clients[0].x_train[index].numpy()
+    assert truth.shape == rec.shape == (1, 1, 8, 8) and truth.dtype == np.uint8
+    assert np.array_equal(truth, (own * 255).round().astype(np.uint8))  # the client's own digit
     assert path.with_name(f"{path.stem}-ig-r1.png").stat().st_size > 0
 
 
@@ -43,18 +47,18 @@ def test_an_attack_on_a_later_hyperfl_round_trains_to_it_first(tmp_path, capsys)
         assert list(f["metrics/round"][:]) == [1, 2]  # trained to the round before
         g = f["privacy/ig"]
         assert g["psnr"].shape == (2,) and g.attrs["threat"] == "server"
-        n = f["clients/num_samples"][:]
-        assert len(g["truth"]) == sum(n[g["targets"][:]])  # every image of both clients
+        # the targets: the 2 steps' batches of 50 of each client (of ~225 images)
+        assert g["images"][:].tolist() == [100, 100] and len(g["truth"]) == 200
         # each client's PSNR is its stored images' (matched in order), up to their uint8
         # rounding, and tells a real reconstruction from nothing
-        bounds = np.cumsum([0, *n[g["targets"][:]]])
+        bounds = np.cumsum([0, *g["images"][:]])
         for k, recorded in enumerate(g["psnr"][:]):
             rec, truth = (g[name][bounds[k]:bounds[k + 1]] / 255.0
                           for name in ("reconstruction", "truth"))
             again = np.mean([psnr(r, t) for r, t in zip(rec, truth)])
             assert abs(again - recorded) < 0.05 and 3 < recorded < 40, (again, recorded)
     out = capsys.readouterr().out
-    assert "ig on hyperfl (server), digits, round 3, 2 client(s)" in out
+    assert "ig on hyperfl (server), digits, round 3, 2 client(s), 200 target image(s)" in out
     # a second attack of the same round reuses the trained run, white-box this time
     assert main([QUICKSTART, *args, "attack.threat=white-box"]) == 0
     with h5py.File(tmp_path / "h.h5") as f:
@@ -120,3 +124,13 @@ def test_a_round_1_attack_writes_the_run_only_under_its_lock(tmp_path, capsys):
     assert main(args) == 0
     with h5py.File(tmp_path / "r1.h5") as f:
         assert f["privacy/ig/psnr"].shape == (1,)
+
+
+def test_the_recorded_multi_step_is_what_the_attack_did(tmp_path):
+    """DLG matches one gradient whatever attack.multi_step says: /privacy records false, not the
+    config's true (the old record said true)."""
+    assert main(["attack.name=dlg", "attack.iterations=2", "train.local_steps=2",
+                 "output.progress=none", f"output.dir={tmp_path}", "output.name=d"]) == 0
+    with h5py.File(tmp_path / "d.h5") as f:
+        assert "multi_step: true" in f["privacy/dlg"].attrs["config"]
+        assert not f["privacy/dlg"].attrs["multi_step"]

@@ -148,3 +148,76 @@ def test_an_attack_whose_every_loss_is_nan_still_returns_a_candidate():
     better = kept.keep(x + 1, y, 0.5)
     assert better.loss == 0.5 and torch.equal(better.x, x + 1)
     assert better.keep(x, y, float("nan")) is better
+
+
+def test_the_targets_are_the_attacked_steps_batches():
+    """FedAvg, a client of 68 digits, 2 local steps of batch 4: the targets are those 8 images,
+    drawn from the run's batch-order stream, in the order the client used them, and in that
+    order they reproduce its upload."""
+    from hpcfl.streams import Stream, torch_stream
+    from hpcfl.victim import Target, simulate
+    cfg = load_config(None, ["data.name=digits", "data.partition=iid", "data.num_clients=20",
+                             "algorithm.name=fedavg", "train.batch_size=4",
+                             "train.local_steps=2", "train.lr=0.1"])
+    data = load_federated(cfg.data, 0)
+    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    shared, c = algo.init_shared(), data.clients[3]
+    sim = simulate(algo, (shared, {}), Target(RoundSpec(1, 0, 4), 3, c, 10))
+    order = torch.randperm(c.num_train, generator=torch_stream(0, Stream.BATCH_ORDER, 1, 3, 0))
+    assert c.num_train == 68 and sim.index.tolist() == order[:8].tolist()
+    assert torch.equal(sim.x, model_inputs(c, c.x_train[order[:8]]))
+    assert not sim.covered and not sim.invisible.any()
+    assert sim.share[:4].sum() == pytest.approx(1) and sim.share[4:].sum() == pytest.approx(1)
+    know = Knowledge(algo.forward, shared, tuple(sim.upload), data.shape, c.mean, c.std,
+                     phases=tuple(algo.phases()), batch_size=4)
+    for got, want in zip(know.update(sim.x, sim.y), sim.upload.values()):
+        assert (got - want).abs().max() <= 1e-6
+
+
+def test_idlg_needs_no_non_negative_features():
+    """Leaky ReLU features that are mostly negative (here all): the row sum of the last layer's
+    weight gradient is largest, not smallest, for the true class; its bias gradient, and without
+    a bias its row norm, still give the label."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.LeakyReLU())
+    nn.init.constant_(body[1].bias, -20.0)
+    head = nn.Linear(16, 10)
+    x, y = load_digits()
+    for i in range(5):
+        f = body(x[i:i + 1])
+        assert (f < 0).all()
+        loss = nn.functional.cross_entropy(head(f), y[i:i + 1])
+        gw, gb = torch.autograd.grad(loss, [head.weight, head.bias])
+        assert idlg_label({"head.weight": gw, "head.bias": gb}).tolist() == [int(y[i])]
+        assert idlg_label({"head.weight": gw}).tolist() == [int(y[i])]
+
+
+def test_the_fc_features_are_read_exactly_off_one_fedavg_step():
+    """One image, one step: the first Linear layer's input (the flattened conv features) from
+    its weight row / bias entry, against the true ones."""
+    from hpcfl.privacy.attacks import analytic
+    know, grad, one, _ = fedavg_single_step("photos")
+    layer = analytic.first_linear({k: v.shape for k, v in grad.items()})
+    assert layer == "extractor.fc1"
+    found = analytic.features(grad[layer + ".weight"], grad[layer + ".bias"], 1)
+    cfg = load_config(None, ["data.name=photos", "algorithm.name=fedavg"])
+    algo = build_algorithm(cfg, (3, 32, 32), 10)
+    true = analytic.layer_input(algo, know.params, layer)(model_inputs(one, one.x_train))
+    hint = analytic.FeatureHint(layer, lambda x: x, found, 1.0)
+    assert found.shape == true.shape == (1, 576) and hint.error(true) <= 1e-4
+
+
+def test_a_fedavg_steps_labels_come_from_its_head_bias_gradient():
+    """One step of a batch of 4 (breaching's bias-corrected rule): the multiset of the labels."""
+    from hpcfl.privacy.attacks.analytic import batch_labels
+    from hpcfl.victim import Target, simulate
+    cfg = load_config(None, ["data.name=digits", "data.partition=iid", "data.num_clients=20",
+                             "algorithm.name=fedavg", "train.batch_size=4",
+                             "train.local_steps=1", "train.lr=0.1"])
+    data = load_federated(cfg.data, 0)
+    algo = build_algorithm(cfg, data.shape, data.num_classes)
+    shared = algo.init_shared()
+    for cid in range(4):
+        sim = simulate(algo, (shared, {}), Target(RoundSpec(1, 0, 4), cid, data.clients[cid], 10))
+        grad = gradient_from_update(sim.upload, shared, 0.1, cfg.train.weight_decay)
+        assert batch_labels(grad["head.bias"], 4).tolist() == sorted(sim.y.tolist()), cid

@@ -113,3 +113,34 @@ def test_gifd_maps_labels_when_the_generators_classes_differ(tmp_path):
     assert r.x.shape == (1, 1, 8, 8) and r.labels.tolist() == [2]
     assert 0 <= r.x.min() and r.x.max() <= 1
     assert r.loss < 0.3 * first.loss
+
+
+def test_each_gifd_stage_starts_from_the_features_the_stage_before_optimized():
+    """Stage 2 starts from stage 1's optimized 4x4 features carried one stage forward, not from
+    the latent's again (which would throw stage 1's search away)."""
+    from hpcfl.config import AttackConfig
+    from hpcfl.privacy.attacks import Knowledge, Problem, gifd
+    from hpcfl.privacy.generator import Generator
+
+    class Recording(Generator):
+        def finish(self, h, k):
+            seen.setdefault(k, []).append(h.detach().clone())
+            return super().finish(h, k)
+
+    seen: dict[int, list] = {}
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    know = Knowledge(lambda p, x: torch.func.functional_call(model, p, (x,)), params,
+                     tuple(params), (1, 8, 8), torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+    gen = Recording((1, 8, 8), 10, 8, 4).eval().requires_grad_(False)
+    target = know.gradient(torch.rand(1, 1, 8, 8), torch.tensor([2]))
+    gifd(Problem(know, target, 1, 10, torch.tensor([2]), multi_step=False),
+         AttackConfig(iterations=30, radius=10.0), gen)
+    stage1, stage2 = seen[1][10:], seen[2]  # seen[1][:10]: stage 0's images, made from h_1
+    assert len(stage1) == len(stage2) == 10
+    assert not torch.equal(stage1[-1], stage1[0])  # stage 1 moved its features
+    # one more step of stage 1 separates its last candidate from where stage 2 starts
+    moved = (stage2[0] - gen.blocks[0](stage1[-1])).abs().max()
+    assert moved < (stage2[0] - gen.blocks[0](stage1[0])).abs().max()
+    assert moved <= 0.5 * (stage1[-1] - stage1[0]).abs().max()

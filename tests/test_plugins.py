@@ -124,14 +124,14 @@ def test_every_command_checks_a_users_class(plugins, tmp_path, capsys):
 
 
 def test_a_users_attack_writes_its_results_into_the_run(plugins, tmp_path, capsys):
-    """The no-argument attack's run (one photo per client), attacked by the user's Blank."""
+    """The no-argument attack's run (one step on one digit), attacked by the user's Blank."""
     assert attack(["attack.name=mydef:Blank", f"output.dir={tmp_path}",
                    "output.progress=none"]) == 0
     assert capsys.readouterr().out.startswith("mydef:Blank on fedavg")
     (path,) = [p for p in tmp_path.glob("*.h5") if ".ckpt" not in p.name]
     with h5py.File(path) as f:
         g = f["privacy/mydef:Blank"]
-        assert g["reconstruction"].shape == g["truth"].shape == (1, 3, 32, 32)
+        assert g["reconstruction"].shape == g["truth"].shape == (1, 1, 8, 8)
         assert set(g["reconstruction"][:].flat) <= {127, 128}  # Blank's mid-grey
     assert (tmp_path / f"{path.stem}-mydef.Blank-r1.png").exists()
 

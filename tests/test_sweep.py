@@ -81,6 +81,15 @@ def test_every_sweep_in_jobs_lists_valid_points(path):
     assert len({c.output.name for c in configs}) == len(points) > 1
 
 
+@pytest.mark.parametrize("path", sorted(JOBS.glob("privacy/verdict_*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_verdict_sweep_lists_valid_points_attacking_round_2(path):
+    spec, points = load_sweep(str(path))
+    configs = [point_config(str(path), spec, q, i) for i, q in enumerate(points)]
+    assert len({c.output.name for c in configs}) == len(points) > 1
+    assert spec["attack"] and all(c.attack.round == 2 for c in configs)
+
+
 def test_the_paper_sweep_is_the_paper_files_at_three_seeds():
     path = JOBS / "paper" / "sweep.yaml"
     spec, points = load_sweep(str(path))

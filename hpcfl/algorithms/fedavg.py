@@ -24,6 +24,8 @@ class FedAvg(Algorithm):
             model, trained = self.build(cfg, shape, num_classes)
         params = dict(model.named_parameters())
         self.initial = clone({k: params[k] for k in trained})
+        if cfg.algorithm.fedavg_init == "hyperfl":
+            self.initial.update(hyperfl_weights(cfg, shape, num_classes, self.initial))
         self.constants = rest_of(model, self.initial)
         self.model = model.to("meta")  # only its structure is used, through functional_call
         t = cfg.train
@@ -58,6 +60,20 @@ class FedAvg(Algorithm):
 
     def phases(self) -> list[Phase]:
         return self._phases
+
+
+def hyperfl_weights(cfg: RunConfig, shape, num_classes: int, names) -> Params:
+    """The weights HyperFL starts a client with, for those of `names` it has: the extractor its
+    hypernetwork generates from the common initial embedding, and its head (FedAvg on them is
+    the weight-scale control: HyperFL's generated weights are far larger than a default init)."""
+    from dataclasses import replace
+
+    from .hyperfl import HyperFL
+    hyper = HyperFL(replace(cfg, algorithm=replace(cfg.algorithm, name="hyperfl")), shape,
+                    num_classes)
+    state = {**hyper.init_shared(), **hyper.init_client(0)}
+    weights = {**hyper.extractor_weights(state), **state}
+    return {k: weights[k].detach().clone() for k in names if k in weights}
 
 
 class FedAvgAdapter(FedAvg):

@@ -54,6 +54,10 @@ class Generator(nn.Module):
             h = block(h)
         return h
 
+    def advance(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        """The feature map after stage k from the one after stage k - 1 (k >= 2)."""
+        return self.blocks[k - 2](h)
+
     def finish(self, h: torch.Tensor, k: int) -> torch.Tensor:
         """The image from the feature map after stage k."""
         for block in self.blocks[k - 1:]:

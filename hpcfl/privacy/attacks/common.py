@@ -111,6 +111,13 @@ class Problem:
     labels: torch.Tensor | None = None
     guess: Params = field(default_factory=dict)
     multi_step: bool = True
+    # What the upload says of the images' features in closed form (analytic.FeatureHint): a
+    # term of every attack's loss, 0 where the candidate's features are the recovered ones.
+    hint: object | None = None
+
+    def penalty(self, x: torch.Tensor) -> torch.Tensor | float:
+        """The feature term of the loss at candidate images x (0 without a hint)."""
+        return self.hint.loss(x) if self.hint is not None else 0.0
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, unknown: Params) -> list[torch.Tensor]:
         """What the client would have uploaded (or its gradient) for candidate batch (x, y)."""
@@ -123,9 +130,10 @@ class Problem:
         got, want = self.observe(x, y, unknown), [t.detach() for t in self.target]
         return (cosine_distance if kind == "cosine" else euclidean)(got, want)
 
-    def unknowns(self) -> Params:
-        """Fresh leaves for the unknown tensors, starting from the guess."""
-        return {k: v.detach().clone().requires_grad_() for k, v in self.guess.items()}
+    def unknowns(self, frozen: bool = False) -> Params:
+        """Fresh leaves for the unknown tensors, starting from the guess (constants if
+        `frozen`)."""
+        return {k: v.detach().clone().requires_grad_(not frozen) for k, v in self.guess.items()}
 
 
 @dataclass
@@ -183,8 +191,34 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
             + (x[..., 1:, :] - x[..., :-1, :]).abs().mean())
 
 
-def idlg_label(gradient: Params, last_weight: str = "head.weight") -> torch.Tensor:
-    """iDLG (Zhao et al. 2020): for one image, the true class is the row of the last layer's
-    weight gradient with the smallest (the only negative) sum, since the layer's inputs are
-    non-negative after a ReLU-type activation."""
-    return gradient[last_weight].sum(dim=1).argmin().view(1)
+def idlg_label(gradient: Params, last: str = "head") -> torch.Tensor:
+    """iDLG (Zhao et al. 2020) for one image, without its assumption that the last layer's
+    inputs f are non-negative (every model here uses leaky ReLU): the layer's gradients are
+    db = p - e_y and dW = (p - e_y) f^T, so the true class is the one entry of db below 0;
+    without a bias, the row of dW with the largest norm (|p_y - 1| = sum of the other p_c)."""
+    if f"{last}.bias" in gradient:
+        return gradient[f"{last}.bias"].argmin().view(1)
+    return gradient[f"{last}.weight"].norm(dim=1).argmax().view(1)
+
+
+def optimizer(a, images: list[torch.Tensor], labels: list[torch.Tensor], unknown: Params,
+              images_factor) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """Adam over the candidate images and soft labels (step size a.lr, schedule images_factor
+    of the iteration) and the unknown tensors (their own step size a.unknowns_lr and schedule
+    a.unknowns_schedule: constant, or the images'; none with a.unknowns_lr = 0: frozen). The
+    unknowns start exactly where the upload put them (HyperFL's embedding) or from a public
+    guess; at the images' step size Adam moves each of their entries by ~a.lr per iteration,
+    and a recovery of 1e-7 would be lost in the first iterations."""
+    groups = [{"params": images + labels, "lr": a.lr}]
+    factors = [images_factor]
+    if unknown and a.unknowns_lr > 0:
+        groups.append({"params": list(unknown.values()), "lr": a.unknowns_lr})
+        factors.append(images_factor if a.unknowns_schedule == "images" else (lambda i: 1.0))
+    opt = torch.optim.Adam(groups)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factors)
+
+
+def step_schedule(iterations: int):
+    """Inverting Gradients' schedule: x0.1 at 3/8, 5/8 and 7/8 of the iterations."""
+    marks = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+    return lambda i: 0.1 ** sum(i >= m for m in marks)

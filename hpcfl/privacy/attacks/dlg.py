@@ -17,14 +17,15 @@ def dlg(p: Problem, a: AttackConfig, seed: int = 0, bar=None) -> Reconstruction:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(p.num_images, *p.know.shape, generator=gen).to(dev).requires_grad_()
     y = torch.randn(p.num_images, p.num_classes, generator=gen).to(dev).requires_grad_()
-    unknown = p.unknowns()
-    opt = torch.optim.LBFGS([x, y, *unknown.values()], lr=a.lr)
+    # L-BFGS has one step size: the unknowns take it, or stay frozen (attack.unknowns_lr=0)
+    unknown = p.unknowns(frozen=a.unknowns_lr == 0)
+    opt = torch.optim.LBFGS([x, y, *[t for t in unknown.values() if t.requires_grad]], lr=a.lr)
     best = Reconstruction(None, None, float("inf"))
 
     def closure():
         nonlocal best
         opt.zero_grad()
-        loss = p.distance(x, y, unknown, "euclidean")
+        loss = p.distance(x, y, unknown, "euclidean") + p.penalty(x)
         loss.backward()
         best = best.keep(x, y, loss.item(), unknown)  # where this loss was
         return loss

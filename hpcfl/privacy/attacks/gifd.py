@@ -1,7 +1,8 @@
 """A GAN-prior attack in the spirit of GIFD (Fang et al., ICCV 2023; github
 ffhibnese/GIFD_Gradient_Inversion_Attack): the candidate images are a generator's outputs. Stage 0
 optimizes the latent (kept on the sphere of its initial norm); stage k then optimizes the
-feature map after the generator's k-th stage, projected after every step onto an l1 ball around
+feature map after the generator's k-th stage, starting from stage k - 1's optimized one carried
+one stage forward, projected after every step onto an l1 ball around
 where it started, of radius `radius * k * ||h_k||_1` (the reference code's absolute radii 1000,
 2000, ... were tuned for BigGAN/StyleGAN feature sizes; this scales them to any generator). The
 loss is Inverting Gradients' (cosine gradient distance + TV) with Adam and the ILO learning-rate
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from ...config import AttackConfig
 from ..generator import Generator
-from .common import Problem, Reconstruction, total_variation
+from .common import Problem, Reconstruction, optimizer, total_variation
 
 
 def project_l1(delta: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
@@ -50,7 +51,8 @@ def ramp(t: float) -> float:
 def gifd(p: Problem, a: AttackConfig, generator: Generator, seed: int = 0,
          bar=None) -> Reconstruction:
     """Reconstruct the client's images from p.target (as inverting_gradients) with the
-    generator as the prior; `a.iterations` are shared by its stages."""
+    generator as the prior; `a.iterations` are shared by its stages. Stage k starts from the
+    features stage k - 1 optimized (its latent's for k = 1), carried one stage forward."""
     dev = p.know.low.device
     labels, num_classes = p.labels, p.num_classes
     n = p.num_images if labels is None else len(labels)
@@ -70,8 +72,8 @@ def gifd(p: Problem, a: AttackConfig, generator: Generator, seed: int = 0,
         y = (torch.randn(n, num_classes, generator=gen).to(dev).requires_grad_()
              if labels is None else labels)
         mix = torch.zeros(n, generator.num_classes, device=dev, requires_grad=not same_classes)
-        unknown = p.unknowns()
-        free = list(unknown.values()) + ([y] if labels is None else [])
+        unknown = p.unknowns(frozen=a.unknowns_lr == 0)
+        soft = [y] if labels is None else []
 
         def classes() -> torch.Tensor:
             if not same_classes:
@@ -79,22 +81,24 @@ def gifd(p: Problem, a: AttackConfig, generator: Generator, seed: int = 0,
             return (F.one_hot(labels, num_classes).float() if labels is not None
                     else F.softmax(y, -1))
 
+        var = z
         for k in range(stages):
             if k == 0:
-                var, start = z, None
+                start = None
                 image = lambda: generator(z, classes())  # noqa: E731
             else:
                 with torch.no_grad():
-                    start = generator.features(z, classes(), k)
+                    start = (generator.features(z, classes(), 1) if k == 1
+                             else generator.advance(var, k))
                 var = start.clone().requires_grad_()
                 r = a.radius * k * start.flatten(1).abs().sum(1)
                 image = lambda: generator.finish(var, k)  # noqa: E731,B023
-            params = [var, *free, *([mix] if k == 0 and not same_classes else [])]
-            opt = torch.optim.Adam(params, lr=a.lr)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: ramp(i / per_stage))
+            images = [var, *([mix] if k == 0 and not same_classes else [])]
+            opt, sched = optimizer(a, images, soft, unknown,
+                                   lambda i: ramp(i / per_stage))  # noqa: B023
             for _ in range(per_stage):
                 x = to_inputs(image())
-                loss = p.distance(x, y, unknown) + a.tv * total_variation(x)
+                loss = p.distance(x, y, unknown) + a.tv * total_variation(x) + p.penalty(x)
                 best = best.keep(x, y, loss.item(), unknown)  # before the step
                 opt.zero_grad()
                 loss.backward()
@@ -109,4 +113,5 @@ def gifd(p: Problem, a: AttackConfig, generator: Generator, seed: int = 0,
                     bar.update()
             if k == 0:
                 z = z.detach()
+            var = var.detach()
     return best
