@@ -260,9 +260,12 @@ def test_a_cut_link_ends_the_round_by_the_watchdog_with_one_line(testbed):
         t0 = time.time()
         line, seen = read_until(proc.stderr, r"^hpcfl:", 30)
         assert time.time() - t0 <= 3 + 10, seen
+        # the cut falls at a random point of a round: before rank 1's arrival note reached
+        # rank 0 (rank 1 is named) or after it, with the Allreduce's data still on the link
         assert re.fullmatch(r"hpcfl: round \d+: the Allreduce did not finish within 3 s "
-                            r"\(train.collective_timeout_s\); not heard from: rank 1 \(ci4\); "
-                            r"every rank stopped: .*\n", line), seen
+                            r"\(train.collective_timeout_s\); not heard from: (rank 1 \(ci4\)|"
+                            r"none \(every rank reached it\)); every rank stopped: .*\n",
+                            line), seen
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
