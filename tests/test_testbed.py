@@ -184,7 +184,8 @@ def test_a_node_killed_during_a_round_ends_its_job_within_60_s_with_one_line(tes
 
 
 def test_the_2_node_batch_run_gives_the_numbers_of_one_rank_bit_for_bit(testbed, jobs,
-                                                                          reference):
+                                                                          request):
+    reference = request.getfixturevalue("reference")  # after the testbed, which may skip
     state = testbed.wait(jobs["two"], 240)
     assert state == "COMPLETED", testbed.log(jobs["two"])
     path = testbed.dir / "runs" / "two.h5"
@@ -224,7 +225,8 @@ def test_every_per_host_path_sees_its_own_node(testbed):
 
 
 def test_the_run_resumes_on_the_remaining_node_to_the_numbers_of_one_that_never_stopped(
-        testbed, jobs, reference):
+        testbed, jobs, request):
+    reference = request.getfixturevalue("reference")
     resumed = jobs["resumed"]
     assert testbed.wait(resumed, 240) == "COMPLETED", testbed.log(resumed)
     path = testbed.dir / "runs" / "lost.h5"
