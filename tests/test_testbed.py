@@ -184,7 +184,8 @@ def test_a_node_killed_during_a_round_ends_its_job_within_60_s_with_one_line(tes
 
 
 def test_the_2_node_batch_run_gives_the_numbers_of_one_rank_bit_for_bit(testbed, jobs,
-                                                                          reference):
+                                                                          request):
+    reference = request.getfixturevalue("reference")  # after the testbed, which may skip
     state = testbed.wait(jobs["two"], 240)
     assert state == "COMPLETED", testbed.log(jobs["two"])
     path = testbed.dir / "runs" / "two.h5"
@@ -224,7 +225,8 @@ def test_every_per_host_path_sees_its_own_node(testbed):
 
 
 def test_the_run_resumes_on_the_remaining_node_to_the_numbers_of_one_that_never_stopped(
-        testbed, jobs, reference):
+        testbed, jobs, request):
+    reference = request.getfixturevalue("reference")
     resumed = jobs["resumed"]
     assert testbed.wait(resumed, 240) == "COMPLETED", testbed.log(resumed)
     path = testbed.dir / "runs" / "lost.h5"
@@ -260,9 +262,12 @@ def test_a_cut_link_ends_the_round_by_the_watchdog_with_one_line(testbed):
         t0 = time.time()
         line, seen = read_until(proc.stderr, r"^hpcfl:", 30)
         assert time.time() - t0 <= 3 + 10, seen
+        # the cut falls at a random point of a round: before rank 1's arrival note reached
+        # rank 0 (rank 1 is named) or after it, with the Allreduce's data still on the link
         assert re.fullmatch(r"hpcfl: round \d+: the Allreduce did not finish within 3 s "
-                            r"\(train.collective_timeout_s\); not heard from: rank 1 \(ci4\); "
-                            r"every rank stopped: .*\n", line), seen
+                            r"\(train.collective_timeout_s\); not heard from: (rank 1 \(ci4\)|"
+                            r"none \(every rank reached it\)); every rank stopped: .*\n",
+                            line), seen
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
