@@ -31,6 +31,7 @@ def pytest_xdist_auto_num_workers(config):
 # The tests that take tens of seconds (pytest --durations), started first so that the xdist
 # workers finish together instead of one of them starting the default run at the end.
 LONG = ("test_main.py::test_default_run_reaches_090",
+        "test_testbed.py::",
         "test_attack_cli.py::test_the_no_argument_attack",
         "test_compile.py::test_a_compiled_local_step",
         "test_hypernet_attack.py::test_the_adaptive_attack_beats",

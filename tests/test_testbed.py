@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTBED = ROOT / "slurm" / "testbed" / "testbed"
 RUN, QUICKSTART = str(ROOT / "slurm" / "run.sbatch"), str(ROOT / "jobs" / "quickstart.yaml")
 LOOP = str(ROOT / "tests" / "slurm" / "allreduce_loop.py")
+# One xdist worker runs the module: one testbed, brought up once (its fixture is the module's).
+pytestmark = [pytest.mark.xdist_group("testbed"), pytest.mark.timeout(600)]
 NAME = "ci"  # nodes ci1..ci4; apart from a user's testbed (tb) and the local one-node Slurm
 STATE = Path("/run/hpcfl-testbed") / NAME
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HPCFL_TESTBED=NAME,
