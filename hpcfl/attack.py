@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import (AttackConfig, ConfigError, RunConfig, check_same_experiment, describe,
-                     is_plugin, load_config, parse_stored)
+from .config import (AttackConfig, ConfigError, RunConfig, describe, is_plugin, load_config,
+                     parse_stored)
+from .experiment import check_same_experiment
 from .data import load_federated
 from .cli import Command
 from .lock import lock_output

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import hashlib
 import importlib
 import math
 import re
@@ -562,28 +561,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"output.name: {name!r} must be a plain file name without '/'")
 
 
-def resumable(key: str, algorithm: str) -> bool:
-    """Whether a resumed run of `algorithm` may change `key` (RESUMABLE)."""
-    if key == "train.rounds" and algorithm in DP_ALGORITHMS:
-        return False
-    return key in RESUMABLE or f"{key.split('.')[0]}.*" in RESUMABLE
-
-
-def check_same_experiment(stored: RunConfig, now: RunConfig, where) -> None:
-    """One line naming every key that differs between the config stored in `where` (a
-    checkpoint, a results file) and the requested one, and that a resumed run may not change
-    (RESUMABLE): a run that goes on, or is reported done, in an existing file must be the
-    experiment that file holds."""
-    old, new = stored.to_dict(), now.to_dict()
-    changed = [f"{sec}.{key}: {new[sec][key]!r} differs from {value!r}"
-               for sec, keys in old.items() for key, value in keys.items()
-               if new[sec][key] != value and not resumable(f"{sec}.{key}", now.algorithm.name)]
-    if changed:
-        raise ConfigError(f"{', '.join(changed)} in {where}; a rerun into an existing results "
-                          "file must be the same experiment: choose another output.name (or "
-                          "output.dir), or set output.overwrite=true to replace it")
-
-
 def parse_stored(text: str, where) -> RunConfig:
     """The config a file stores (YAML), in today's types and names, unchecked beyond its keys
     and values: a stored module:Class is not imported (the reader may not have it)."""
@@ -596,14 +573,6 @@ def parse_stored(text: str, where) -> RunConfig:
     return cfg
 
 
-def experiment_digest(cfg: RunConfig) -> str:
-    """8 hex digits of the config without its output and attack sections: the same for every
-    command line of one experiment (python -m hpcfl.attack and hpcfl.main of one config, a
-    requeued Slurm job), another for any other."""
-    tree = {sec: keys for sec, keys in cfg.to_dict().items() if sec not in ("output", "attack")}
-    return hashlib.sha256(yaml.safe_dump(tree, sort_keys=True).encode()).hexdigest()[:8]
-
-
 def describe() -> str:
     """Every key with its default and help, for --help."""
     lines = []
@@ -614,57 +583,3 @@ def describe() -> str:
             lines.append(f"  {sec_name}.{name} = {getattr(section, name)!r}{extra}\n"
                          f"      {m['help']}")
     return "\n".join(lines)
-
-
-def available_memory() -> int | None:
-    """Bytes of host memory this process can still take: /proc/meminfo's MemAvailable, or less
-    where its memory cgroup (a Slurm job's --mem) is limited; None where neither is readable."""
-    have = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                have = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    room = _cgroup_room()
-    return room if have is None else have if room is None else min(have, room)
-
-
-def _cgroup_room(root: Path = Path("/")) -> int | None:
-    """The least limit minus usage of this process's memory cgroup and its ancestors (v2, or
-    v1), where the limit is set (Slurm sets it on the job, above the task's cgroup); None:
-    no limit, or none readable. `root`: where /proc and /sys are (a test's folder)."""
-    try:
-        lines = (root / "proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, where = line.split(":", 2)
-        if controllers == "":
-            base, files = root / "sys/fs/cgroup", ("memory.max", "memory.current")
-        elif "memory" in controllers.split(","):
-            base, files = (root / "sys/fs/cgroup/memory",
-                           ("memory.limit_in_bytes", "memory.usage_in_bytes"))
-        else:
-            continue
-        leaf, rooms = base / where.lstrip("/"), []
-        # up to the mount's root, which in a container is the container's own cgroup
-        for folder in [leaf, *(q for q in leaf.parents if q.is_relative_to(base))]:
-            try:
-                limit, used = ((folder / f).read_text().strip() for f in files)
-            except OSError:
-                continue
-            if limit.isdigit() and used.isdigit() and int(limit) < 2 ** 60:  # v1's "no limit"
-                rooms.append(int(limit) - int(used))
-        if rooms:
-            return min(rooms)
-    return None
-
-
-def refuse_unless_fits(need: float, have: float | None, what: str, hint: str) -> None:
-    """One line (ConfigError) when `need` bytes, estimated before anything is allocated, are
-    more than `have` bytes available (None: unknown, nothing refused): better than the crash or
-    the swapping that would follow. `what` says what needs it, `hint` what to do."""
-    if have is not None and need > have:
-        raise ConfigError(f"{what} need about {need / 1e9:,.1f} GB of memory, and "
-                          f"{max(have, 0) / 1e9:,.1f} GB is available; {hint}")

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from . import __version__
 from .algorithms import algorithm_class, build_algorithm
-from .config import ConfigError, RunConfig, experiment_digest
+from .config import ConfigError, RunConfig
+from .experiment import experiment_digest
 from .cli import Diverged
 from .data import load_federated
 from .engine import (ROUND_DTYPE, RoundBuffer, RoundSpec, Slot, compile_unavailable, precision,

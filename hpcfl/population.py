@@ -10,7 +10,8 @@ import math
 import numpy as np
 import torch
 
-from .config import TrainConfig, available_memory, refuse_unless_fits
+from .config import TrainConfig
+from .memory import available_memory, refuse_unless_fits
 from .engine import evaluate_stack
 from .placement import UNIT, Dealt, deal_stacks, host_of, hosted
 from .private import Params, PrivateTable

@@ -14,8 +14,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .config import (DP_ALGORITHMS, ConfigError, RunConfig, check_same_experiment, is_plugin,
-                     parse_stored)
+from .config import DP_ALGORITHMS, ConfigError, RunConfig, is_plugin, parse_stored
+from .experiment import check_same_experiment
 from .oneline import one_line
 from .population import Population
 from .store import (CheckpointError, CheckpointWriter, NotResults, StoredRun, checkpoint_paths,

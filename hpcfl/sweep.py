@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import (ArgumentParser, ConfigError, RunConfig, apply_dict, check_same_experiment,
-                     is_plugin, load_config, load_yaml, parse_override, parse_stored, set_value,
-                     validate)
+from .config import (ArgumentParser, ConfigError, RunConfig, apply_dict, is_plugin, load_config,
+                     load_yaml, parse_override, parse_stored, set_value, validate)
+from .experiment import check_same_experiment
 from .loop import check_classes, run
 from .privacy.attacks import attack_class
 from .cli import Command, requeue_own_job

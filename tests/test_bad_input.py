@@ -363,7 +363,7 @@ def test_a_million_sampled_clients_are_still_accepted(tmp_path, capsys, monkeypa
 def test_the_memory_available_is_the_job_s_cgroup_limit(version, tmp_path):
     """A Slurm job's --mem is a limit on the job's cgroup, above the task's own (no limit
     there): the room is the job's limit minus its usage."""
-    from hpcfl.config import _cgroup_room
+    from hpcfl.memory import _cgroup_room
 
     task = "system.slice/job_7/step_0/task_0"
     if version == "v2":

@@ -11,9 +11,9 @@ import yaml
 import hpcfl
 from hpcfl.attack import main as attack
 from hpcfl.bench import main as bench
-from hpcfl.config import (RESUMABLE, ConfigError, RunConfig, check_same_experiment, describe,
-                          load_config, set_value)
+from hpcfl.config import RESUMABLE, ConfigError, RunConfig, describe, load_config, set_value
 from hpcfl.engine import AUTO_MODE
+from hpcfl.experiment import check_same_experiment
 from hpcfl.loop import default_name
 from hpcfl.main import main
 from hpcfl.store import CHECKPOINT_VERSIONS, SCHEMA_VERSIONS
@@ -104,7 +104,7 @@ def array_suggestions() -> list[tuple[str, int, str]]:
     job files and docs: (where, N, sweep file)."""
     pattern = re.compile(r"--array=0-(\d+)(?:%\d+)?\s+slurm/sweep\.sbatch\s+(\S+\.yaml)")
     found = []
-    for path in [*ROOT.glob("slurm/*"), *ROOT.glob("jobs/**/*.yaml"), *ROOT.glob("docs/*.md"),
+    for path in [*(p for p in ROOT.glob("slurm/**/*") if p.is_file()), *ROOT.glob("jobs/**/*.yaml"), *ROOT.glob("docs/*.md"),
                  ROOT / "README.md"]:
         for m in pattern.finditer(path.read_text()):
             found.append((path.name, int(m.group(1)), m.group(2)))
@@ -165,7 +165,8 @@ def test_the_resume_help_names_exactly_the_keys_a_resume_may_change():
                 allowed.add(f"{section}.{key}")
             except ConfigError:
                 pass
-    assert allowed == {"train.rounds", "train.eval_every", "train.device"} | {
+    assert allowed == {"train.rounds", "train.eval_every", "train.device",
+                       "train.collective_timeout_s"} | {
         f"{s}.{k}" for s in ("engine", "output", "attack") for k in sections[s]}
 
 

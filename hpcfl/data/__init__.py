@@ -11,7 +11,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ..config import ConfigError, DataConfig, available_memory, refuse_unless_fits
+from ..config import ConfigError, DataConfig
+from ..memory import available_memory, refuse_unless_fits
 from . import builtin
 from .files import FILE_DATASETS, PreparedFile
 from .index import ClientIndex, SampledIndex, SplitIndex
