@@ -187,8 +187,8 @@ def truth_loss(p: Problem, a: AttackConfig, x: torch.Tensor, y: torch.Tensor,
         y = p.labels  # the surrogate head's own label: with it, not the true one, it sends the
         # upload's gradient back (a true label 0 would send it reversed, a distance of 2)
     if a.name == "dlg":
-        return float(p.distance(x, y, unknown, "euclidean") + p.penalty(x))
-    return float(p.distance(x, y, unknown) + a.tv * total_variation(x) + p.penalty(x))
+        return float((p.distance(x, y, unknown, "euclidean") + p.penalty(x)).detach())
+    return float((p.distance(x, y, unknown) + a.tv * total_variation(x) + p.penalty(x)).detach())
 
 
 def iterations(a: AttackConfig, generator: Generator | None) -> int:
