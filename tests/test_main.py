@@ -1,5 +1,6 @@
 """End to end: `python -m hpcfl.main` writes the documented results file, and only a run that
 completed says so."""
+import os
 import signal
 import subprocess
 import sys
@@ -85,11 +86,16 @@ def test_interrupted_run_leaves_a_readable_file_not_marked_completed(tmp_path, s
     path = tmp_path / "k.h5"
     proc = subprocess.Popen([sys.executable, "-m", "hpcfl.main", *TINY, "train.rounds=500",
                              f"output.dir={tmp_path}", "output.name=k"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONFAULTHANDLER="1"))
     try:
         wait_for_rows(path, 3, proc)
         proc.send_signal(sig)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # (seen once in a suite: say where it hangs)
+            proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+            pytest.fail(f"still running 60 s after {sig.name}:\n{proc.communicate()[1][-4000:]}")
     finally:
         proc.kill()
     assert proc.returncode != 0
