@@ -87,13 +87,17 @@ def test_interrupted_run_leaves_a_readable_file_not_marked_completed(tmp_path, s
     proc = subprocess.Popen([sys.executable, "-m", "hpcfl.main", *TINY, "train.rounds=500",
                              f"output.dir={tmp_path}", "output.name=k"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+                            env=dict(os.environ, PYTHONFAULTHANDLER="1"),
+                            # SIGINT as at a terminal: a suite started in the background (`&`
+                            # without job control) passes SIGINT on ignored, and Python keeps
+                            # ignoring it (the run then trained on: seen under `nohup ... &`)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for_rows(path, 3, proc)
         proc.send_signal(sig)
         try:
             proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:  # (seen once in a suite: say where it hangs)
+        except subprocess.TimeoutExpired:  # say where it is
             proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
             pytest.fail(f"still running 60 s after {sig.name}:\n{proc.communicate()[1][-4000:]}")
     finally:
