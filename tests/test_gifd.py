@@ -93,18 +93,24 @@ def test_generator_mistakes_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "g.pt").exists()
 
 
+def linear_knowledge(classes: int):
+    """What the attack knows of a one-layer classifier of 8x8 images into `classes`."""
+    from hpcfl.privacy.attacks import Knowledge
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, classes))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    return Knowledge(lambda p, x: torch.func.functional_call(model, p, (x,)), params,
+                     tuple(params), (1, 8, 8), torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+
+
 def test_gifd_maps_labels_when_the_generators_classes_differ(tmp_path):
     """A generator of 10 digit classes attacking a task of 5 classes optimizes a mixture of
     its classes: it finds the image's label, its images stay in the data range, and the
     gradient distance falls (measured: 1.06 after 1 iteration, 0.114 after 30)."""
     from hpcfl.config import AttackConfig
-    from hpcfl.privacy.attacks import Knowledge, Problem, gifd
+    from hpcfl.privacy.attacks import Problem, gifd
     from hpcfl.privacy.generator import Generator
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5))
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    know = Knowledge(lambda p, x: torch.func.functional_call(model, p, (x,)), params,
-                     tuple(params), (1, 8, 8), torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+    know = linear_knowledge(5)
     gen = Generator((1, 8, 8), 10, 8, 4).eval().requires_grad_(False)
     x_true = torch.rand(1, 1, 8, 8)
     target = know.gradient(x_true, torch.tensor([2]))
@@ -119,7 +125,7 @@ def test_each_gifd_stage_starts_from_the_features_the_stage_before_optimized():
     """Stage 2 starts from stage 1's optimized 4x4 features carried one stage forward, not from
     the latent's again (which would throw stage 1's search away)."""
     from hpcfl.config import AttackConfig
-    from hpcfl.privacy.attacks import Knowledge, Problem, gifd
+    from hpcfl.privacy.attacks import Problem, gifd
     from hpcfl.privacy.generator import Generator
 
     class Recording(Generator):
@@ -129,10 +135,7 @@ def test_each_gifd_stage_starts_from_the_features_the_stage_before_optimized():
 
     seen: dict[int, list] = {}
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    know = Knowledge(lambda p, x: torch.func.functional_call(model, p, (x,)), params,
-                     tuple(params), (1, 8, 8), torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+    know = linear_knowledge(10)
     gen = Recording((1, 8, 8), 10, 8, 4).eval().requires_grad_(False)
     target = know.gradient(torch.rand(1, 1, 8, 8), torch.tensor([2]))
     gifd(Problem(know, target, 1, 10, torch.tensor([2]), multi_step=False),
