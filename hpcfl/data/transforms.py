@@ -38,9 +38,14 @@ def model_inputs(data: ClientData, x: torch.Tensor,
                  draws: torch.Tensor | None = None) -> torch.Tensor:
     """A batch as the model sees it. Pixels (uint8 become floats in [0, 1]) are cropped/flipped
     (padding black, as torchvision) and normalized with the dataset's mean and std, as the
-    official transforms; synthetic data is normalized already (crop pads its mean)."""
+    official transforms; synthetic data is normalized already (crop pads its mean). On a CPU
+    the images come channels-last (NHWC): oneDNN's convolutions and max-pooling then run 1.45x
+    faster on the CIFAR CNN (docs/performance.md); the same math, rounded in another order."""
     if x.dtype == torch.uint8:
         x = x.float().div_(255)
     if draws is not None:
         x = crop_flip(x, draws)
-    return x if data.mean is None else (x - data.mean) / data.std
+    x = x if data.mean is None else (x - data.mean) / data.std
+    if x.dim() == 4 and x.device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x

@@ -1,5 +1,9 @@
 """The CNNs of the HyperFL paper (official code: cnn/models/cnn.py, from FedPAC), each split into a
-feature extractor and a classifier head, plus a small variant for 8x8 digits."""
+feature extractor and a classifier head, plus a small variant for 8x8 digits.
+
+The official code applies the activation, then max-pools; here max-pooling comes first. Both
+(leaky) ReLUs are monotone, so the values and gradients are the same (up to which of two tied
+inputs receives the gradient), and the activation then runs on a quarter of the elements."""
 from __future__ import annotations
 
 import torch
@@ -35,9 +39,9 @@ class CifarExtractor(nn.Module):
         self.fc1 = nn.Linear(576, 128)
 
     def forward(self, x):
-        x = F.max_pool2d(F.leaky_relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.leaky_relu(self.conv2(x)), 2)
-        x = F.max_pool2d(F.leaky_relu(self.conv3(x)), 2)
+        x = F.leaky_relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.leaky_relu(F.max_pool2d(self.conv2(x), 2))
+        x = F.leaky_relu(F.max_pool2d(self.conv3(x), 2))
         return F.leaky_relu(self.fc1(x.flatten(1)))
 
 
@@ -52,8 +56,8 @@ class MnistExtractor(nn.Module):
         self.fc1 = nn.Linear(800, 128)
 
     def forward(self, x):
-        x = F.max_pool2d(F.leaky_relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.leaky_relu(self.conv2(x)), 2)
+        x = F.leaky_relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.leaky_relu(F.max_pool2d(self.conv2(x), 2))
         return F.leaky_relu(self.fc1(x.flatten(1)))
 
 
@@ -69,8 +73,8 @@ class DigitsExtractor(nn.Module):
         self.fc1 = nn.Linear(128, 64)
 
     def forward(self, x):
-        x = F.max_pool2d(F.leaky_relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.leaky_relu(self.conv2(x)), 2)
+        x = F.leaky_relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.leaky_relu(F.max_pool2d(self.conv2(x), 2))
         return F.leaky_relu(self.fc1(x.flatten(1)))
 
 
@@ -86,7 +90,7 @@ class PflExtractor(nn.Module):
         self.fc1 = nn.Linear(12544, 128)
 
     def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        x = F.relu(F.max_pool2d(self.conv2(F.relu(self.conv1(x))), 2))
         return F.relu(self.fc1(x.flatten(1)))
 
 
