@@ -297,3 +297,16 @@ def test_the_engine_and_the_attack_simulate_a_client_with_the_same_code(monkeypa
     monkeypatch.setattr(factored, "_scalars", perturbed)
     # 5.5e-6 and 4.6e-4 measured
     assert distance(algo) <= 2e-5 < 1e-4 < distance(dense_path(algo))
+
+
+def test_the_heads_base_is_the_layers_stacked_and_column_major():
+    """W_0 is the heads' weights end to end, stored column-major: its products with one h and
+    one g per step are a dot product per long row (2.4x faster with MKL on a CPU than
+    row-major: docs/performance.md)."""
+    heads = Heads((("x", (3, 2)), ("z", (4,))), ("Wx", "Wz"), ("bx", "bz"))
+    shared = {"Wx": torch.randn(6, HIDDEN), "Wz": torch.randn(4, HIDDEN),
+              "bx": torch.randn(6), "bz": torch.randn(4)}
+    W0, b0 = heads.base(shared)
+    assert W0.shape == (10, HIDDEN) and W0.T.is_contiguous()
+    assert torch.equal(W0, torch.cat([shared["Wx"], shared["Wz"]]))
+    assert torch.equal(b0, torch.cat([shared["bx"], shared["bz"]]))
