@@ -67,9 +67,10 @@ def test_lenet_is_dlgs_for_any_input_shape():
 def official_order(extractor: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The extractor's forward as the official code writes it: activation, then max-pool."""
     F = torch.nn.functional
-    act = F.relu if isinstance(extractor, CNNS["pfl_cnn"][0]) else F.leaky_relu
+    pfl = isinstance(extractor, CNNS["pfl_cnn"][0])
+    act = F.relu if pfl else F.leaky_relu
     convs = [m for m in extractor.children() if isinstance(m, torch.nn.Conv2d)]
-    if isinstance(extractor, CNNS["pfl_cnn"][0]):  # conv relu conv relu pool
+    if pfl:  # conv relu conv relu pool
         x = F.max_pool2d(act(convs[1](act(convs[0](x)))), 2)
     else:
         for conv in convs:

@@ -104,11 +104,9 @@ class Hypernet:
 
     @classmethod
     def of(cls, shared: Params, layout: Layout) -> "Hypernet":
-        heads = layout.heads.values()
-        # column-major, as Heads.base (its products per step 2.4x faster on a CPU)
-        return cls(torch.cat([shared[w].T for w, _ in heads], dim=1).T.detach(),
-                   torch.cat([shared[b] for _, b in heads]).detach() if layout.biased else None,
-                   tuple(shared[k].detach() for k in layout.trunk), layout)
+        # the engine's stacking (Heads.base: W_0 column-major, its products 2.4x faster on a CPU)
+        W0, b0 = layout.factored().base(shared)
+        return cls(W0, b0, tuple(shared[k].detach() for k in layout.trunk), layout)
 
     def h(self, v: Tensor | None, trunk: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """relu(T v + t); v None stands for an embedding whose h is 0 (see Observed)."""
